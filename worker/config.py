@@ -1,0 +1,130 @@
+"""Engine configuration: frozen dataclasses, one per concern, gathered in `EngineConfig`.
+
+Users pass flat keyword options (`LLM(model, max_num_seqs=8, block_size=16)`, like vLLM);
+`EngineConfig.from_options` routes each to the sub-config that owns it and rejects
+unknown names with a ValueError, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A Hugging Face Llama-family directory, or "default" for the embedded SmolLM2.
+    model: str = "default"
+    # "auto": float32 on CPU (exactness, and CPUs lack fast bf16 matmuls), bfloat16 on CUDA.
+    dtype: str = "auto"
+    device: str = "cpu"
+    # None: the model's max_position_embeddings (capped by a sliding window if any).
+    max_model_len: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"invalid device {self.device!r}: use 'cpu' or 'cuda'")
+        if self.dtype != "auto":
+            parse_dtype(self.dtype)
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"invalid max_model_len={self.max_model_len}: must be >= 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if self.device == "cpu" else torch.bfloat16
+        return parse_dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Capacity: an explicit block count wins; else an explicit byte budget; else a fraction
+    # of memory (on CUDA: of the device's total, minus what is already in use, as vLLM's
+    # gpu_memory_utilization; on CPU: of the memory available to the process).
+    num_kv_blocks: Optional[int] = None
+    kv_cache_memory_bytes: Optional[int] = None
+    kv_cache_memory_fraction: Optional[float] = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"invalid block_size={self.block_size}: must be a power of two")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"invalid num_kv_blocks={self.num_kv_blocks}: must be >= 1")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise ValueError("invalid kv_cache_memory_bytes: must be positive")
+        fraction = self.kv_cache_memory_fraction
+        if fraction is not None and not 0 < fraction <= 1:
+            raise ValueError(f"invalid kv_cache_memory_fraction={fraction}: must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    policy: str = "fcfs"
+    max_num_seqs: int = 256
+    # Token budget of one step: decodes count one token each, prefill chunks their length.
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"invalid max_num_seqs={self.max_num_seqs}: must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"invalid max_num_batched_tokens={self.max_num_batched_tokens}: must be >= 1"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Seeds the draw of per-request seeds for requests that give none.
+    seed: int = 0
+
+    @classmethod
+    def from_options(cls, model: str = "default", **options: Any) -> "EngineConfig":
+        """Build from flat options; each name must belong to exactly one sub-config."""
+        groups: dict[str, dict[str, Any]] = {"model": {"model": model}, "cache": {},
+                                             "scheduler": {}}
+        owners = {
+            f.name: group
+            for group, klass in (("model", ModelConfig), ("cache", CacheConfig),
+                                 ("scheduler", SchedulerConfig))
+            for f in dataclasses.fields(klass)
+        }
+        seed = options.pop("seed", 0)
+        for name, value in options.items():
+            if name not in owners:
+                raise ValueError(f"unknown engine option {name!r}; known: {sorted(owners)}")
+            groups[owners[name]][name] = value
+        return cls(
+            model=ModelConfig(**groups["model"]),
+            cache=CacheConfig(**groups["cache"]),
+            scheduler=SchedulerConfig(**groups["scheduler"]),
+            seed=seed,
+        )
