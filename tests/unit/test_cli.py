@@ -1,0 +1,93 @@
+"""The `lmfleet` command line: help, error reporting and `models` (no model is loaded)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from lmfleet.cluster import cli
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lmfleet.cluster.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_top_level_help_lists_commands():
+    r = _run("--help")
+    assert r.returncode == 0, r.stderr
+    assert "usage: lmfleet" in r.stdout
+    for command in ("convert", "models"):
+        assert command in r.stdout
+
+
+@pytest.mark.parametrize("command", ["convert", "models"])
+def test_subcommand_help(command):
+    r = _run(command, "--help")
+    assert r.returncode == 0, r.stderr
+    assert f"usage: lmfleet {command}" in r.stdout
+
+
+def test_convert_help_documents_options():
+    r = _run("convert", "--help")
+    assert "--gguf FILE" in r.stdout and "--out DIR" in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["convert"], "the following arguments are required: --gguf"),
+        (["convert", "--gguf", "/no/such/model.gguf", "--out", "/tmp/x"], "GGUF file not found"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["convert", "--gguf", "x.gguf", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_invocations_print_one_line_and_exit_2(args, message):
+    r = _run(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_non_gguf_file_is_a_usage_error(tmp_path):
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"nope")
+    r = _run("convert", "--gguf", str(fake), "--out", str(tmp_path / "out"), "-q")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: not a GGUF file (bad magic b'nope'): {fake}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_command_prints_help_and_exits_2():
+    r = _run()
+    assert r.returncode == 2
+    assert "usage: lmfleet" in r.stderr
+
+
+def test_models_reports_cache_state(tmp_path):
+    r = _run("models", env={"LMFLEET_CACHE": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert "default (alias SmolLM2-135M-Instruct)" in r.stdout
+    assert str(tmp_path / "models" / "SmolLM2-135M-Instruct") in r.stdout
+    assert "converted: no" in r.stdout
+
+
+def test_main_returns_exit_code_in_process(capsys):
+    assert cli.main(["convert", "--gguf", "/no/such.gguf"]) == 2
+    assert capsys.readouterr().err.startswith("error: GGUF file not found")
+
+
+def test_parser_registers_each_subcommand():
+    parser = cli.build_parser()
+    args = parser.parse_args(["convert", "--gguf", "a.gguf", "--out", "d"])
+    assert args.func is cli._cmd_convert and args.gguf == "a.gguf" and args.out == "d"
+    assert parser.parse_args(["models"]).func is cli._cmd_models
