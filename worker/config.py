@@ -107,7 +107,7 @@ class EngineConfig:
     seed: int = 0
 
     @classmethod
-    def from_options(cls, model: str = "default", **options: Any) -> "EngineConfig":
+    def from_options(cls, model: str = "default", **options: Any) -> EngineConfig:
         """Build from flat options; each name must belong to exactly one sub-config."""
         groups: dict[str, dict[str, Any]] = {"model": {"model": model}, "cache": {},
                                              "scheduler": {}}

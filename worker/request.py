@@ -67,7 +67,9 @@ class Request:
     # Device KV blocks in order: block i holds tokens [i*block_size, (i+1)*block_size).
     block_ids: list[int] = field(default_factory=list)
     # Chained hashes of the full blocks of token_ids computed so far (prefix caching).
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    # How many of block_ids (from the start) are registered in the prefix cache.
+    num_registered_blocks: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+
 from lmfleet.worker.model import default_model as dm
 from lmfleet.worker.model import gguf_convert as gc
-from safetensors import safe_open
 
 pytestmark = pytest.mark.model
 

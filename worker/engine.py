@@ -1,0 +1,150 @@
+"""The synchronous engine core: add_request / abort / step() / has_work().
+
+One `step()` = schedule (which requests, how many tokens each) -> run the model on that
+batch -> append sampled tokens, check stop conditions, free finished requests. It is
+deterministic given the same requests and seeds, and has no asyncio or threads: the
+async wrapper and the gRPC server drive it from their own loop.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Optional
+
+from lmfleet.worker.config import EngineConfig
+from lmfleet.worker.kv.manager import KVCacheManager
+from lmfleet.worker.model.default_model import resolve_model_path
+from lmfleet.worker.model.runner import ModelRunner
+from lmfleet.worker.request import FinishReason, Request, RequestOutput, RequestStatus
+from lmfleet.worker.scheduler.base import make_scheduler
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_dir: Optional[Path] = None) -> None:
+        self.config = config
+        self.model_dir = Path(model_dir) if model_dir else resolve_model_path(config.model.model)
+        self.runner = ModelRunner(config, self.model_dir)
+        self.arch = self.runner.arch
+        self.max_model_len = self.runner.max_model_len
+        self.eos_token_ids = self.arch.eos_token_ids
+        self.kv_manager = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
+                                         config.cache.enable_prefix_caching)
+        self.scheduler = make_scheduler(config.scheduler, self.kv_manager)
+        self.requests: dict[str, Request] = {}
+        self._seed_rng = random.Random(config.seed)
+        # Outputs produced outside step() (aborts), delivered by the next step().
+        self._pending_outputs: list[RequestOutput] = []
+        self.num_generated_tokens = 0
+
+    # ---- admission -------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int]) -> None:
+        """Raise ValueError if this prompt can never run (checked before admission)."""
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: at least one token is required")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens but the model's context is "
+                f"{self.max_model_len} tokens (room for at least one generated token is needed)")
+        vocab = self.arch.vocab_size
+        for token_id in prompt_token_ids:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or not (
+                    0 <= token_id < vocab):
+                raise ValueError(f"prompt token id {token_id!r} is outside the vocabulary "
+                                 f"[0, {vocab})")
+
+    def add_request(self, request: Request) -> Request:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.validate(request.prompt_token_ids)
+        if request.sampling_params.n != 1:
+            raise ValueError("the engine runs one sequence per request; fan out n in the caller")
+        seed = request.sampling_params.seed
+        request.sampling_seed = seed if seed is not None else self._seed_rng.getrandbits(63)
+        self.requests[request.request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV; its final output comes with the next step()."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        self.scheduler.abort(request_id)
+        self.runner.release(request_id)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = FinishReason.ABORT
+        self._pending_outputs.append(self._output(request, []))
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self._pending_outputs) or self.scheduler.has_work()
+
+    # ---- the step ----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return outputs
+        sampled = self.runner.execute(plan.scheduled, self.eos_token_ids)
+        for item in plan.scheduled:
+            request = item.request
+            request.num_computed_tokens += item.num_new_tokens
+            request.num_prefilled_tokens += item.num_new_tokens
+            self.kv_manager.cache_computed_blocks(request)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue  # a prefill chunk that did not reach the end of the prompt
+            request.append_output_token(token.token_id, token.logprobs)
+            self.num_generated_tokens += 1
+            reason = self._stop_reason(request, token.token_id)
+            if reason is not None:
+                self._finish(request, reason)
+            outputs.append(self._output(request, [token.token_id]))
+        return outputs
+
+    def _stop_reason(self, request: Request, token_id: int) -> Optional[FinishReason]:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                return FinishReason.STOP
+            if token_id in params.stop_token_ids:
+                return FinishReason.STOP
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return FinishReason.LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        self.scheduler.finish(request)
+        self.runner.release(request.request_id)
+        del self.requests[request.request_id]
+
+    @staticmethod
+    def _output(request: Request, new_token_ids: list[int]) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=list(request.output_token_ids),
+            new_token_ids=new_token_ids,
+            finish_reason=request.finish_reason.value if request.finish_reason else None,
+            logprobs=list(request.output_logprobs) if request.sampling_params.logprobs
+            is not None else None,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+        )
+
+    # ---- load report -------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_manager.usage

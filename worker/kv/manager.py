@@ -1,0 +1,130 @@
+"""Device KV block accounting for requests: allocation, prefix hits, freeing.
+
+The manager never touches tensors: it decides which block ids hold which tokens. The
+model runner owns the KV tensors and writes each token's K/V at slot
+`block_ids[pos // block_size] * block_size + pos % block_size`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmfleet.worker.kv.block_pool import BlockPool
+from lmfleet.worker.kv.prefix import extend_block_hashes
+from lmfleet.worker.request import Request
+
+
+@dataclass
+class PrefixCacheStats:
+    """Counted in tokens, as vLLM's prefix_cache_queries/hits metrics are."""
+
+    queries: int = 0
+    hits: int = 0
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    block_ids: list[int]
+
+    def num_tokens(self, block_size: int) -> int:
+        return len(self.block_ids) * block_size
+
+
+def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.prefix_stats = PrefixCacheStats()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def find_prefix_hit(self, request: Request) -> PrefixHit:
+        """Longest chain of cached blocks matching the start of the request's tokens.
+
+        At least the last token is always left to compute, since the step that computes
+        it is the one that samples the next token.
+        """
+        if not self.enable_prefix_caching:
+            return PrefixHit([])
+        extend_block_hashes(
+            request.block_hashes, request.token_ids, request.num_tokens, self.block_size
+        )
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        block_ids = []
+        for block_hash in request.block_hashes[:max_hit_blocks]:
+            block_id = self.pool.get_cached_block(block_hash)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+        return PrefixHit(block_ids)
+
+    def can_allocate(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None):
+        return self._num_blocks_needed(request, num_new_tokens, hit) <= self.num_free_blocks
+
+    def allocate(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+        """Make the request's blocks cover `num_new_tokens` more tokens (after any prefix hit,
+        which is applied here: the hit blocks become the request's first blocks and its
+        `num_computed_tokens` moves past them). Returns False, changing nothing, if short.
+        Passing a hit (even an empty one) counts a prefix-cache query in the stats."""
+        if self._num_blocks_needed(request, num_new_tokens, hit) > self.num_free_blocks:
+            return False
+        if hit is not None and self.enable_prefix_caching:
+            self.prefix_stats.queries += request.num_tokens
+            self.prefix_stats.hits += hit.num_tokens(self.block_size)
+        if hit is not None and hit.block_ids:
+            if request.block_ids:
+                raise RuntimeError("a prefix hit applies only to a request without blocks")
+            self.pool.touch(hit.block_ids)
+            request.block_ids = list(hit.block_ids)
+            request.num_computed_tokens = hit.num_tokens(self.block_size)
+            request.num_registered_blocks = len(hit.block_ids)
+        total_tokens = request.num_computed_tokens + num_new_tokens
+        num_missing = blocks_for_tokens(total_tokens, self.block_size) - len(request.block_ids)
+        if num_missing > 0:
+            request.block_ids.extend(self.pool.allocate(num_missing))
+        return True
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Register the request's full blocks whose KV has been computed."""
+        if not self.enable_prefix_caching:
+            return
+        extend_block_hashes(
+            request.block_hashes, request.token_ids, request.num_computed_tokens, self.block_size
+        )
+        num_full = request.num_computed_tokens // self.block_size
+        for index in range(request.num_registered_blocks, num_full):
+            self.pool.cache_block(request.block_ids[index], request.block_hashes[index])
+        request.num_registered_blocks = max(num_full, request.num_registered_blocks)
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks, tail first (see BlockPool.free)."""
+        self.pool.free(reversed(request.block_ids))
+        request.block_ids = []
+        request.num_registered_blocks = 0
+
+    def _num_blocks_needed(self, request: Request, num_new_tokens: int, hit: PrefixHit | None):
+        num_computed = request.num_computed_tokens
+        num_owned = len(request.block_ids)
+        num_revived = 0
+        if hit is not None and hit.block_ids:
+            num_computed = hit.num_tokens(self.block_size)
+            num_owned = len(hit.block_ids)
+            # Hit blocks that are free now leave the free queue when touched.
+            num_revived = sum(1 for b in hit.block_ids if self.pool.ref_counts[b] == 0)
+        needed = blocks_for_tokens(num_computed + num_new_tokens, self.block_size) - num_owned
+        return max(needed, 0) + num_revived

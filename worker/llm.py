@@ -1,0 +1,161 @@
+"""`LLM`: the offline Python API, `LLM(model).generate(prompts, SamplingParams(...))`.
+
+It owns the tokenizer (the engine speaks token ids only), fans out `n` completions as
+separate engine requests, validates everything before admitting anything (so a bad
+prompt in a list leaves the engine untouched) and drives `step()` until all finish.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+from tqdm.auto import tqdm
+
+from lmfleet.worker.config import EngineConfig
+from lmfleet.worker.engine import LLMEngine
+from lmfleet.worker.request import CompletionOutput, Request, RequestOutput
+from lmfleet.worker.sampling_params import SamplingParams
+from lmfleet.worker.tokenizer import load_tokenizer
+
+Prompt = Union[str, list[int]]
+Message = dict[str, Any]
+
+
+def _child_seed(seed: Optional[int], index: int) -> Optional[int]:
+    # Completion i of n must differ from completion j, yet stay reproducible per seed.
+    if seed is None or index == 0:
+        return seed
+    return (seed * 0x9E3779B1 + index) % (1 << 63)
+
+
+class LLM:
+    def __init__(self, model: str = "default", **engine_options: Any) -> None:
+        self.engine = LLMEngine(EngineConfig.from_options(model, **engine_options))
+        self.tokenizer = load_tokenizer(self.engine.model_dir)
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Union[Prompt, Sequence[Prompt]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        prompt_list = self._normalize_prompts(prompts)
+        params_list = self._normalize_params(sampling_params, len(prompt_list))
+        encoded = [self._encode(p) for p in prompt_list]
+        for token_ids in encoded:
+            self.engine.validate(token_ids)
+        groups: list[list[str]] = []
+        for prompt_ids, params in zip(encoded, params_list, strict=True):
+            base_id = str(next(self._ids))
+            child_ids = []
+            for index in range(params.n):
+                child_params = _replace(params, n=1, seed=_child_seed(params.seed, index))
+                request_id = base_id if params.n == 1 else f"{base_id}-{index}"
+                self.engine.add_request(Request(request_id, list(prompt_ids), child_params))
+                child_ids.append(request_id)
+            groups.append(child_ids)
+        finished = self._run(sum(len(g) for g in groups), use_tqdm)
+        results = []
+        for prompt, prompt_ids, child_ids in zip(prompt_list, encoded, groups, strict=True):
+            completions = [self._completion(i, finished[rid]) for i, rid in enumerate(child_ids)]
+            first = completions[0]
+            results.append(RequestOutput(
+                request_id=child_ids[0].split("-")[0],
+                prompt=prompt if isinstance(prompt, str) else None,
+                prompt_token_ids=list(prompt_ids),
+                output_token_ids=first.output_token_ids,
+                text=first.text,
+                finish_reason=first.finish_reason,
+                logprobs=first.logprobs,
+                num_cached_tokens=finished[child_ids[0]].num_cached_tokens,
+                outputs=completions,
+            ))
+        return results
+
+    def chat(
+        self,
+        messages: Union[Sequence[Message], Sequence[Sequence[Message]]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them."""
+        if not messages:
+            raise ValueError("messages is empty")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        prompts = [self.apply_chat_template(c) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, conversation: Sequence[Message]) -> list[int]:
+        for message in conversation:
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise ValueError("each chat message must be a dict with 'role' and 'content'")
+        encoded = self.tokenizer.apply_chat_template(
+            list(conversation), add_generation_prompt=True, tokenize=True)
+        # transformers 5 returns a BatchEncoding here; 4.x returns the list of ids.
+        if hasattr(encoded, "keys"):
+            encoded = encoded["input_ids"]
+        return list(encoded)
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _run(self, num_requests: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=num_requests, desc="generating", unit="req",
+                  disable=None if use_tqdm else True) as progress:
+            while self.engine.has_work():
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        progress.update(1)
+        return finished
+
+    def _completion(self, index: int, output: RequestOutput) -> CompletionOutput:
+        text = self.tokenizer.decode(output.output_token_ids, skip_special_tokens=True)
+        return CompletionOutput(index=index, output_token_ids=output.output_token_ids, text=text,
+                                finish_reason=output.finish_reason, logprobs=output.logprobs)
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        return list(prompt)
+
+    @staticmethod
+    def _normalize_prompts(prompts: Any) -> list[Prompt]:
+        if isinstance(prompts, str):
+            return [prompts]
+        if isinstance(prompts, Sequence) and prompts and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+            return [list(prompts)]
+        if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, dict)):
+            raise ValueError("prompts must be a string, a list of token ids, or a list of those")
+        result: list[Prompt] = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                result.append(prompt)
+            elif isinstance(prompt, Sequence) and all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                result.append(list(prompt))
+            else:
+                raise ValueError(f"invalid prompt {prompt!r}: expected a string or token ids")
+        if not result:
+            raise ValueError("no prompts given")
+        return result
+
+    @staticmethod
+    def _normalize_params(params: Any, count: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * count
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        params = list(params)
+        if len(params) != count or not all(isinstance(p, SamplingParams) for p in params):
+            raise ValueError(f"sampling_params must be one SamplingParams or {count} of them")
+        return params
+
+
+def _replace(params: SamplingParams, **changes: Any) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, **changes)

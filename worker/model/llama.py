@@ -1,0 +1,89 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over flattened tokens.
+
+The model sees one flat batch of T tokens from many requests (`input_ids`, `positions`)
+and leaves everything about requests to the attention backend's metadata. It is free of
+parallelism and quantization: those are applied as separate passes over the modules.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmfleet.worker.model.arch import ArchConfig
+from lmfleet.worker.model.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from lmfleet.worker.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.num_heads = arch.num_heads
+        self.num_kv_heads = arch.num_kv_heads
+        self.head_dim = arch.head_dim
+        self.q_size = arch.num_heads * arch.head_dim
+        self.kv_size = arch.num_kv_heads * arch.head_dim
+        self.scale = arch.head_dim**-0.5
+        # q, k and v fused into one matmul; the loader fills the three slices.
+        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=arch.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=arch.o_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: KVCache, metadata: AttentionMetadata,
+                backend: AttentionBackend) -> torch.Tensor:  # x (T, H)
+        num_tokens = x.shape[0]
+        qkv = self.qkv_proj(x)  # (T, q_size + 2 kv_size)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = backend.forward(q, k, v, kv_cache, metadata, self.scale)  # (T, Hq, D)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))  # (T, H)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Attention(arch)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.mlp_bias)
+
+    def forward(self, x, cos, sin, kv_cache, metadata, backend) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, metadata, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))  # (T, H)
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ArchConfig, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
+                                      arch.rope_scaling)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: ArchConfig, max_positions: int) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = LlamaModel(arch, max_positions)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], metadata: AttentionMetadata,
+                backend: AttentionBackend) -> torch.Tensor:
+        """input_ids, positions (T,) -> final hidden states (T, H)."""
+        x = self.model.embed_tokens(input_ids)  # (T, H)
+        cos, sin = self.model.rotary(positions, x.dtype)  # (T, 1, D) each
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, metadata, backend)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (N, H) -> float32 logits (N, V); only rows that sample are passed."""
+        return self.lm_head(hidden).float()
