@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # Tests that are not marked gpu run everywhere; gpu tests skip themselves without CUDA.
 PYTEST_ARGS ?=
 
-.PHONY: serve test bench lint redis-server clean-venv
+.PHONY: serve test bench lint proto redis-server clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ test: $(STAMP) redis-server
 
 bench: $(STAMP)
 	$(PY) benchmarks/offline_throughput.py
+
+# Regenerates the committed gRPC stubs. The sources live in proto/v1/ and the stubs must
+# import as lmfleet.proto.v1.*, so protoc runs over a staging tree where lmfleet/proto
+# points at proto/.
+PROTO_STAGE := build/proto-stage
+proto: $(STAMP)
+	rm -rf $(PROTO_STAGE) && mkdir -p $(PROTO_STAGE)/lmfleet
+	ln -s $(CURDIR)/proto $(PROTO_STAGE)/lmfleet/proto
+	cd $(PROTO_STAGE) && $(CURDIR)/$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. \
+		--grpc_python_out=. lmfleet/proto/v1/worker.proto lmfleet/proto/v1/serving.proto
+	rm -rf $(PROTO_STAGE)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
