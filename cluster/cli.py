@@ -111,11 +111,18 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_models)
 
 
-# ---- generate -----------------------------------------------------------------------
-# Reserved for the engine author: define `_cmd_generate(args)` and `_add_generate(sub)`
-# here (prompt, --model default, sampling options, --stream) and register `_add_generate`
-# in build_parser() below. The Makefile's `serve` target runs
-# `lmfleet generate --stream "<prompt>"`.
+# ---- the other subcommands ------------------------------------------------------------
+# Each lives in its own module under lmfleet.cluster.commands, exposing
+# `add_parser(sub)` that registers it (with `set_defaults(func=...)`). Modules must not
+# import torch or other heavy packages at the top, so `lmfleet --help` stays instant.
+COMMAND_MODULES = ("generate",)
+
+
+def _command_adders():
+    import importlib
+
+    return [importlib.import_module(f"lmfleet.cluster.commands.{name}").add_parser
+            for name in COMMAND_MODULES]
 
 
 # ---- parser and entry point ---------------------------------------------------------
@@ -129,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for add in (_add_convert, _add_models):
+    for add in (_add_convert, _add_models, *_command_adders()):
         add(sub)
     return parser
 
