@@ -55,7 +55,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         # Lists are accepted for convenience; a tuple keeps the dataclass hashable.
         if not isinstance(self.stop_token_ids, tuple):
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+            try:
+                stop_token_ids = tuple(self.stop_token_ids or ())
+            except TypeError:
+                # A bare id (stop_token_ids=2) is not iterable: report it as a bad value
+                # naming the field, like every other one, instead of a TypeError.
+                raise ValueError(
+                    f"invalid sampling parameter stop_token_ids={self.stop_token_ids!r}: "
+                    "must be a list of token ids") from None
+            object.__setattr__(self, "stop_token_ids", stop_token_ids)
         self._validate()
 
     def _validate(self) -> None:
