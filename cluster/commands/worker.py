@@ -1,0 +1,101 @@
+"""`lmfleet worker`: serve one model replica over gRPC (lmfleet.v1.Worker + health +
+reflection).
+
+Contract with launchers and tests: once the model is loaded and the server listens, the
+command prints exactly one line to stdout (flushed), and nothing else ever goes there:
+
+    lmfleet worker ready on HOST:PORT model=NAME
+
+(`--port 0` picks a free port; the line carries the real one. An IPv6 host is bracketed.)
+Logs go to stderr. SIGTERM or SIGINT: stop admitting requests (health NOT_SERVING), let
+in-flight ones finish for up to `--drain-timeout` seconds, abort the rest, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+READY_PREFIX = "lmfleet worker ready on "
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="serve one model replica over gRPC (the router's backend)",
+        description="Load MODEL and serve it over gRPC as lmfleet.v1.Worker (token ids in, "
+        "token ids out), with grpc.health.v1 health and server reflection. Prints "
+        f"'{READY_PREFIX}HOST:PORT model=NAME' on stdout when ready; logs go to stderr.",
+    )
+    p.add_argument("--model", default="default",
+                   help="model directory, .gguf file, or 'default' (embedded SmolLM2)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, required=True, help="port to listen on (0: a free one)")
+    p.add_argument("--model-name", default=None,
+                   help="name reported by GetModelInfo (default: the model directory's name)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="requests batched in one step at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one step")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV cache blocks (default: from the memory budget)")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length (default: the model's)")
+    p.add_argument("--scheduler", default="fcfs", help="scheduling policy")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM/SIGINT, seconds to let in-flight requests finish")
+    p.set_defaults(func=run)
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """Engine options from the command line; unset ones are left to the engine."""
+    options = {"device": args.device, "dtype": args.dtype, "policy": args.scheduler}
+    for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size",
+                 "max_model_len"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"invalid --port {args.port}: must be in [0, 65535]")
+    if args.drain_timeout < 0:
+        raise ValueError(f"invalid --drain-timeout {args.drain_timeout}: must be >= 0")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import asyncio
+
+    from lmfleet.worker.async_engine import AsyncEngine
+    from lmfleet.worker.config import EngineConfig
+    from lmfleet.worker.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.from_options(args.model, **engine_options(args)))
+    model_name = args.model_name or engine.model_dir.name
+    return asyncio.run(_serve(AsyncEngine(engine), args, model_name))
+
+
+async def _serve(engine, args: argparse.Namespace, model_name: str) -> int:
+    import asyncio
+    import signal
+
+    from lmfleet.worker.server import WorkerServer
+
+    server = WorkerServer(engine, model_name)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    port = await server.start(args.host, args.port)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"{READY_PREFIX}{host}:{port} model={model_name}", flush=True)
+    await stop.wait()
+    logging.getLogger(__name__).info("shutting down: draining for up to %.1f s",
+                                     args.drain_timeout)
+    await server.shutdown(args.drain_timeout)
+    return 0
