@@ -69,6 +69,14 @@ class CacheConfig:
     kv_cache_memory_bytes: Optional[int] = None
     kv_cache_memory_fraction: Optional[float] = None
     enable_prefix_caching: bool = True
+    # Host-memory tier for swapped-out KV (0: none; preemption then recomputes).
+    host_kv_memory_bytes: int = 0
+    # On CUDA, run swap copies on a side stream overlapping the forward pass.
+    swap_overlap: bool = True
+    # Chat sessions: KV kept after a turn ends for this long, and at most this many
+    # sessions (least recently used dropped first).
+    session_ttl_s: float = 600.0
+    max_sessions: int = 256
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -80,6 +88,15 @@ class CacheConfig:
         fraction = self.kv_cache_memory_fraction
         if fraction is not None and not 0 < fraction <= 1:
             raise ValueError(f"invalid kv_cache_memory_fraction={fraction}: must be in (0, 1]")
+        if self.host_kv_memory_bytes < 0:
+            raise ValueError("invalid host_kv_memory_bytes: must be >= 0")
+        if self.session_ttl_s <= 0:
+            raise ValueError(f"invalid session_ttl_s={self.session_ttl_s}: must be > 0")
+        if self.max_sessions < 0:
+            raise ValueError(f"invalid max_sessions={self.max_sessions}: must be >= 0")
+
+
+SCHEDULER_POLICIES = ("fcfs", "mlfq")
 
 
 @dataclass(frozen=True)
@@ -88,8 +105,28 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     # Token budget of one step: decodes count one token each, prefill chunks their length.
     max_num_batched_tokens: int = 2048
+    # Skip-join MLFQ (FastServe). Quantum of queue i is base * 2**i; None: the cost model's
+    # time of one decode step of a half-full batch, measured at start-up.
+    mlfq_num_queues: int = 8
+    mlfq_base_quantum_s: Optional[float] = None
+    # A job that has not run for this long is promoted to the top queue (FastServe: 3 s).
+    mlfq_starvation_s: float = 3.0
+    # Free device blocks kept for arrivals and growth by proactive swap-out (None: 1/16
+    # of the device blocks). Only used when a host tier exists.
+    kv_headroom_blocks: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.policy not in SCHEDULER_POLICIES:
+            raise ValueError(f"unknown scheduler policy {self.policy!r}; "
+                             f"known: {', '.join(SCHEDULER_POLICIES)}")
+        if self.mlfq_num_queues < 1:
+            raise ValueError(f"invalid mlfq_num_queues={self.mlfq_num_queues}: must be >= 1")
+        if self.mlfq_base_quantum_s is not None and self.mlfq_base_quantum_s <= 0:
+            raise ValueError("invalid mlfq_base_quantum_s: must be > 0")
+        if self.mlfq_starvation_s <= 0:
+            raise ValueError("invalid mlfq_starvation_s: must be > 0")
+        if self.kv_headroom_blocks is not None and self.kv_headroom_blocks < 0:
+            raise ValueError("invalid kv_headroom_blocks: must be >= 0")
         if self.max_num_seqs < 1:
             raise ValueError(f"invalid max_num_seqs={self.max_num_seqs}: must be >= 1")
         if self.max_num_batched_tokens < 1:
@@ -118,6 +155,8 @@ class EngineConfig:
             for f in dataclasses.fields(klass)
         }
         seed = options.pop("seed", 0)
+        if "scheduler" in options:  # the CLI's and the name for the policy
+            options["policy"] = options.pop("scheduler")
         for name, value in options.items():
             if name not in owners:
                 raise ValueError(f"unknown engine option {name!r}; known: {sorted(owners)}")

@@ -9,15 +9,18 @@ async wrapper and the gRPC server drive it from their own loop.
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Optional
 
 from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.kv.manager import KVCacheManager
 from lmfleet.worker.model.default_model import resolve_model_path
+from lmfleet.worker.model.profiler import profile_cost_model
 from lmfleet.worker.model.runner import ModelRunner
 from lmfleet.worker.request import FinishReason, Request, RequestOutput, RequestStatus
 from lmfleet.worker.scheduler.base import make_scheduler
+from lmfleet.worker.scheduler.cost_model import CostModel
 
 
 class LLMEngine:
@@ -29,8 +32,13 @@ class LLMEngine:
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = self.arch.eos_token_ids
         self.kv_manager = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
-                                         config.cache.enable_prefix_caching)
-        self.scheduler = make_scheduler(config.scheduler, self.kv_manager)
+                                         config.cache.enable_prefix_caching,
+                                         num_host_blocks=self.runner.num_host_blocks)
+        # The cost model is calibrated only where a policy uses it (a short profile).
+        self.cost_model: Optional[CostModel] = None
+        if config.scheduler.policy == "mlfq":
+            self.cost_model = profile_cost_model(self.runner)
+        self.scheduler = make_scheduler(config.scheduler, self.kv_manager, self.cost_model)
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(config.seed)
         # Outputs produced outside step() (aborts), delivered by the next step().
@@ -84,8 +92,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
         plan = self.scheduler.schedule()
-        if plan.is_empty:
+        if plan.is_empty and not plan.swap_out_blocks and not plan.swap_in_blocks:
             return outputs
+        start = time.perf_counter()
+        self.runner.swap(plan.swap_out_blocks, plan.swap_in_blocks)
         sampled = self.runner.execute(plan.scheduled, self.eos_token_ids)
         for item in plan.scheduled:
             request = item.request
@@ -101,6 +111,7 @@ class LLMEngine:
             if reason is not None:
                 self._finish(request, reason)
             outputs.append(self._output(request, [token.token_id]))
+        self.scheduler.on_step_finished(plan, time.perf_counter() - start)
         return outputs
 
     def _stop_reason(self, request: Request, token_id: int) -> Optional[FinishReason]:

@@ -70,6 +70,9 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     # How many of block_ids (from the start) are registered in the prefix cache.
     num_registered_blocks: int = 0
+    # Host-memory blocks holding this request's computed KV while it is swapped out
+    # (then block_ids is empty); block i again holds tokens [i*bs, (i+1)*bs).
+    host_block_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -95,6 +98,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def is_swapped(self) -> bool:
+        """Its computed KV lives in host memory and must be swapped in before it runs."""
+        return bool(self.host_block_ids)
 
     def append_output_token(self, token_id: int, logprobs: Optional[TokenLogprobs]) -> None:
         self.output_token_ids.append(token_id)

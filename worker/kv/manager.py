@@ -22,6 +22,12 @@ class PrefixCacheStats:
     hits: int = 0
 
 
+@dataclass
+class SwapStats:
+    num_swap_out_blocks: int = 0
+    num_swap_in_blocks: int = 0
+
+
 @dataclass(frozen=True)
 class PrefixHit:
     block_ids: list[int]
@@ -35,11 +41,17 @@ def blocks_for_tokens(num_tokens: int, block_size: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_host_blocks: int = 0):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        # Host-memory tier for swapped-out KV; no prefix caching there (a swapped request
+        # owns its host blocks alone).
+        self.host_pool = BlockPool(num_host_blocks, enable_caching=False) if num_host_blocks \
+            else None
         self.prefix_stats = PrefixCacheStats()
+        self.swap_stats = SwapStats()
 
     @property
     def num_blocks(self) -> int:
@@ -112,10 +124,55 @@ class KVCacheManager:
         request.num_registered_blocks = max(num_full, request.num_registered_blocks)
 
     def free(self, request: Request) -> None:
-        """Release the request's blocks, tail first (see BlockPool.free)."""
+        """Release the request's device and host blocks (device tail first)."""
         self.pool.free(reversed(request.block_ids))
         request.block_ids = []
         request.num_registered_blocks = 0
+        if request.host_block_ids:
+            self.host_pool.free(request.host_block_ids)
+            request.host_block_ids = []
+
+    # ---- host tier ---------------------------------------------------------------------
+    @property
+    def num_host_blocks(self) -> int:
+        return self.host_pool.num_blocks if self.host_pool else 0
+
+    @property
+    def num_free_host_blocks(self) -> int:
+        return self.host_pool.num_free_blocks if self.host_pool else 0
+
+    def num_computed_blocks(self, request: Request) -> int:
+        return blocks_for_tokens(request.num_computed_tokens, self.block_size)
+
+    def can_swap_out(self, request: Request) -> bool:
+        return (self.host_pool is not None and bool(request.block_ids)
+                and self.num_computed_blocks(request) <= self.num_free_host_blocks)
+
+    def swap_out(self, request: Request) -> list[tuple[int, int]]:
+        """Move the request's computed KV to host blocks; returns (device, host) block pairs
+        the runner must copy before any freed device block is written again."""
+        num_blocks = self.num_computed_blocks(request)
+        host_ids = self.host_pool.allocate(num_blocks)
+        pairs = list(zip(request.block_ids[:num_blocks], host_ids, strict=True))
+        self.pool.free(reversed(request.block_ids))
+        request.block_ids = []
+        request.num_registered_blocks = 0
+        request.host_block_ids = host_ids
+        self.swap_stats.num_swap_out_blocks += num_blocks
+        return pairs
+
+    def can_swap_in(self, request: Request) -> bool:
+        return len(request.host_block_ids) <= self.num_free_blocks
+
+    def swap_in(self, request: Request) -> list[tuple[int, int]]:
+        """Bring a swapped request's KV back; returns (host, device) block pairs to copy."""
+        device_ids = self.pool.allocate(len(request.host_block_ids))
+        pairs = list(zip(request.host_block_ids, device_ids, strict=True))
+        self.host_pool.free(request.host_block_ids)
+        request.host_block_ids = []
+        request.block_ids = device_ids
+        self.swap_stats.num_swap_in_blocks += len(device_ids)
+        return pairs
 
     def _num_blocks_needed(self, request: Request, num_new_tokens: int, hit: PrefixHit | None):
         num_computed = request.num_computed_tokens

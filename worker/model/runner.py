@@ -19,6 +19,7 @@ import torch
 
 from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.kv.manager import blocks_for_tokens
+from lmfleet.worker.kv.swapper import KVSwapper
 from lmfleet.worker.model.arch import ArchConfig
 from lmfleet.worker.model.attention.base import AttentionMetadata, KVCache
 from lmfleet.worker.model.attention.torch_ref import TorchAttention
@@ -73,14 +74,22 @@ class ModelRunner:
         if self.max_model_len < max_len:
             logger.warning("max_model_len capped at %d by the KV capacity (%d blocks)",
                            self.max_model_len, self.num_blocks)
-        shape = (self.num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
-        # Zero-filled, not empty: attention multiplies masked-out slots by a weight of 0,
-        # which is only harmless if they hold finite values (never-written memory may be NaN).
-        self.kv_caches = [
-            KVCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                    torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(self.arch.num_layers)
-        ]
+        block_shape = (self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
+        # One tensor for every layer's K and V so a swap moves a block of all layers in one
+        # op. Zero-filled, not empty: attention multiplies masked-out slots by a weight of
+        # 0, which is only harmless if they hold finite values.
+        self.kv_storage = torch.zeros((self.arch.num_layers, 2, self.num_blocks, *block_shape),
+                                      dtype=self.dtype, device=self.device)
+        self.kv_caches = [KVCache(self.kv_storage[layer, 0], self.kv_storage[layer, 1])
+                          for layer in range(self.arch.num_layers)]
+        self.num_host_blocks = config.cache.host_kv_memory_bytes // self.kv_block_bytes
+        self.swapper: Optional[KVSwapper] = None
+        if self.num_host_blocks:
+            host_storage = torch.zeros(
+                (self.num_host_blocks, self.arch.num_layers, 2, *block_shape), dtype=self.dtype,
+                pin_memory=self.device.type == "cuda")
+            self.swapper = KVSwapper(self.kv_storage, host_storage,
+                                     overlap=config.cache.swap_overlap)
         self.backend = TorchAttention()
         self._generators: dict[str, torch.Generator] = {}
 
@@ -123,10 +132,19 @@ class ModelRunner:
             self._generators[request.request_id] = generator
         return generator
 
+    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Copy blocks between the device and host tiers before this step's forward."""
+        if (swap_out or swap_in) and self.swapper is None:
+            raise RuntimeError("swap requested but no host KV tier is configured")
+        if self.swapper is not None:
+            self.swapper.swap(swap_out, swap_in)
+
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest],
                 eos_token_ids: tuple[int, ...]) -> dict[str, SampledToken]:
         """Run one step; returns the sampled token of each request that reached its end."""
+        if not scheduled:
+            return {}
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
         ordered = decodes + prefills

@@ -39,6 +39,10 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     swapped_out: list[Request] = field(default_factory=list)
     swapped_in: list[Request] = field(default_factory=list)
+    # Block copies the runner performs before this step's forward pass, in this order:
+    # (device, host) pairs to save, then (host, device) pairs to restore.
+    swap_out_blocks: list[tuple[int, int]] = field(default_factory=list)
+    swap_in_blocks: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -68,6 +72,9 @@ class Scheduler(abc.ABC):
     @abc.abstractmethod
     def finish(self, request: Request) -> None: ...
 
+    def on_step_finished(self, output: SchedulerOutput, elapsed_s: float) -> None:  # noqa: B027
+        """Called after the step ran (MLFQ charges its jobs the step's time)."""
+
     @property
     @abc.abstractmethod
     def num_running(self) -> int: ...
@@ -84,11 +91,13 @@ class Scheduler(abc.ABC):
         return self.num_running + self.num_waiting + self.num_swapped > 0
 
 
-def make_scheduler(config: SchedulerConfig, kv_manager: KVCacheManager) -> Scheduler:
-    """The policy named by `config.policy`."""
+def make_scheduler(config: SchedulerConfig, kv_manager: KVCacheManager,
+                   cost_model=None) -> Scheduler:
+    """The policy named by `config.policy` (validated by SchedulerConfig)."""
+    if config.policy == "mlfq":
+        from lmfleet.worker.scheduler.mlfq import MLFQScheduler
+
+        return MLFQScheduler(config, kv_manager, cost_model)
     from lmfleet.worker.scheduler.fcfs import FCFSScheduler
 
-    policies = {"fcfs": FCFSScheduler}
-    if config.policy not in policies:
-        raise ValueError(f"unknown scheduler policy {config.policy!r}; known: {sorted(policies)}")
-    return policies[config.policy](config, kv_manager)
+    return FCFSScheduler(config, kv_manager)

@@ -1,0 +1,236 @@
+"""Skip-join multi-level feedback queue scheduling (FastServe, arXiv 2305.05920).
+
+Queues Q0..Q(k-1); the quantum of Qi is `base * 2**i`. A new job joins the highest queue
+whose quantum covers its estimated prefill time (the queues above are skipped: it would
+be demoted out of them at once); an API `priority` moves that starting queue up (larger
+priority) or down. Each step the scheduler walks jobs in priority order (queue, then
+position) and runs as many as the token budget, `max_num_seqs` and KV allow. Every job
+in a step is charged the step's time; one that has spent its queue's quantum moves to
+the back of the next queue. A job that has not run for `mlfq_starvation_s` goes to the
+front of Q0. Output length is never assumed known. Preemption happens at step
+boundaries: a job not chosen keeps its KV where it is unless memory is needed.
+
+KV under pressure (proactive offload, FastServe §4.3): jobs are evicted from the end of
+the priority order (largest estimated next scheduled time) — swapped to the host tier
+while it has room, else recomputed later. With a host tier, free device blocks are kept
+above a headroom for arrivals, and swapped jobs that come next are swapped in ahead of
+need once there is room to spare.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+from lmfleet.worker.config import SchedulerConfig
+from lmfleet.worker.kv.manager import KVCacheManager, blocks_for_tokens
+from lmfleet.worker.request import Request, RequestStatus
+from lmfleet.worker.scheduler.base import ScheduledRequest, Scheduler, SchedulerOutput
+from lmfleet.worker.scheduler.cost_model import CostModel
+
+
+@dataclass
+class QueueEntry:
+    level: int
+    position: int  # order within the level: smaller runs first
+    service_s: float = 0.0  # service attained at this level
+    last_run: float = 0.0  # clock time it last ran (or arrived)
+
+
+class MLFQScheduler(Scheduler):
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager,
+                 cost_model: Optional[CostModel] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(config, kv_manager)
+        self.cost_model = cost_model or CostModel()
+        self.clock = clock
+        self.num_queues = config.mlfq_num_queues
+        self.base_quantum_s = config.mlfq_base_quantum_s or self.cost_model.decode_step_time(
+            max(1, config.max_num_seqs // 2), 0)
+        self.headroom_blocks = (config.kv_headroom_blocks if config.kv_headroom_blocks
+                                is not None else kv_manager.num_blocks // 16)
+        self.jobs: dict[str, Request] = {}
+        self.entries: dict[str, QueueEntry] = {}
+        self._back = itertools.count()
+        self._front = itertools.count(-1, -1)
+        self._last_scheduled: list[Request] = []
+
+    # ---- queue mechanics (pure, tested on a fake clock) --------------------------------
+    def quantum(self, level: int) -> float:
+        return self.base_quantum_s * (2 ** level)
+
+    def initial_level(self, request: Request) -> int:
+        """Skip-join: the first queue whose quantum covers the estimated prefill time."""
+        prefill_s = self.cost_model.prefill_time(request.num_uncomputed_tokens)
+        level = 0
+        while level < self.num_queues - 1 and self.quantum(level) < prefill_s:
+            level += 1
+        return min(max(level - request.priority, 0), self.num_queues - 1)
+
+    def charge(self, request: Request, seconds: float) -> None:
+        """Account one step of service; demote when the quantum is spent."""
+        entry = self.entries[request.request_id]
+        entry.service_s += seconds
+        entry.last_run = self.clock()
+        if entry.service_s >= self.quantum(entry.level) and entry.level < self.num_queues - 1:
+            entry.level += 1
+            entry.service_s = 0.0
+            entry.position = next(self._back)
+
+    def promote_starved(self) -> list[Request]:
+        now = self.clock()
+        promoted = []
+        for request_id, entry in self.entries.items():
+            if entry.level > 0 and now - entry.last_run >= self.config.mlfq_starvation_s:
+                entry.level, entry.service_s, entry.position = 0, 0.0, next(self._front)
+                entry.last_run = now
+                promoted.append(self.jobs[request_id])
+        return promoted
+
+    def priority_order(self) -> list[Request]:
+        key = lambda r: (self.entries[r.request_id].level,  # noqa: E731
+                         self.entries[r.request_id].position)
+        return sorted(self.jobs.values(), key=key)
+
+    def queue_sizes(self) -> list[tuple[int, int]]:
+        """(running, waiting) per queue level."""
+        running = {r.request_id for r in self._last_scheduled}
+        sizes = [[0, 0] for _ in range(self.num_queues)]
+        for request_id, entry in self.entries.items():
+            sizes[entry.level][0 if request_id in running else 1] += 1
+        return [tuple(s) for s in sizes]
+
+    # ---- Scheduler interface -------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return sum(1 for r in self._last_scheduled if r.request_id in self.jobs)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.jobs) - self.num_running - self.num_swapped
+
+    @property
+    def num_swapped(self) -> int:
+        return sum(1 for r in self.jobs.values() if r.is_swapped)
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.jobs[request.request_id] = request
+        self.entries[request.request_id] = QueueEntry(
+            level=self.initial_level(request), position=next(self._back), last_run=self.clock())
+
+    def abort(self, request_id: str) -> Optional[Request]:
+        request = self.jobs.get(request_id)
+        if request is not None:
+            self.finish(request)
+        return request
+
+    def finish(self, request: Request) -> None:
+        self.jobs.pop(request.request_id, None)
+        self.entries.pop(request.request_id, None)
+        self.kv_manager.free(request)
+
+    def on_step_finished(self, output: SchedulerOutput, elapsed_s: float) -> None:
+        for item in output.scheduled:
+            if item.request.request_id in self.entries:
+                self.charge(item.request, elapsed_s)
+
+    def schedule(self) -> SchedulerOutput:
+        output = SchedulerOutput()
+        self.promote_starved()
+        order = self.priority_order()
+        budget = self.config.max_num_batched_tokens
+        chosen: set[str] = set()
+        for request in order:
+            if budget == 0 or len(chosen) >= self.config.max_num_seqs:
+                break
+            num_new_tokens = min(request.num_uncomputed_tokens, budget)
+            if not self._place(request, num_new_tokens, order, chosen, output):
+                break  # strict priority: nothing below may overtake a job that cannot fit
+            chosen.add(request.request_id)
+            output.scheduled.append(ScheduledRequest(request, num_new_tokens))
+            budget -= num_new_tokens
+        for request in order:
+            request.status = (RequestStatus.RUNNING if request.request_id in chosen
+                              else RequestStatus.WAITING)
+        if self.kv_manager.host_pool is not None:
+            self._keep_headroom(order, chosen, output)
+            self._prefetch(order, chosen, output)
+        self._last_scheduled = [s.request for s in output.scheduled]
+        return output
+
+    # ---- KV placement --------------------------------------------------------------------
+    def _blocks_needed(self, request: Request, num_new_tokens: int) -> int:
+        held = len(request.block_ids) or len(request.host_block_ids)
+        total = blocks_for_tokens(request.num_computed_tokens + num_new_tokens,
+                                  self.kv_manager.block_size)
+        return max(total - held, 0) + len(request.host_block_ids)
+
+    def _place(self, request: Request, num_new_tokens: int, order: list[Request],
+               chosen: set[str], output: SchedulerOutput) -> bool:
+        """Get the request's KV onto the device with room for num_new_tokens, evicting
+        lower-priority jobs that are not chosen this step if needed."""
+        kv = self.kv_manager
+        while kv.num_free_blocks < self._blocks_needed(request, num_new_tokens):
+            victim = self._eviction_candidate(order, chosen, exclude=request)
+            if victim is None:
+                return False
+            self._evict(victim, output)
+        if request.is_swapped:
+            output.swap_in_blocks.extend(kv.swap_in(request))
+            output.swapped_in.append(request)
+        if request.block_ids or request.num_computed_tokens:
+            return kv.allocate(request, num_new_tokens)
+        hit = kv.find_prefix_hit(request)
+        num_new_tokens = min(num_new_tokens, request.num_tokens - hit.num_tokens(kv.block_size))
+        if not kv.allocate(request, num_new_tokens, hit):
+            return False
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = request.num_computed_tokens
+        return True
+
+    def _eviction_candidate(self, order: list[Request], chosen: set[str],
+                            exclude: Request) -> Optional[Request]:
+        for request in reversed(order):  # largest estimated next scheduled time first
+            if request is exclude or request.request_id in chosen:
+                continue
+            if request.block_ids:
+                return request
+        return None
+
+    def _evict(self, request: Request, output: SchedulerOutput) -> None:
+        kv = self.kv_manager
+        if kv.can_swap_out(request):
+            output.swap_out_blocks.extend(kv.swap_out(request))
+            output.swapped_out.append(request)
+        else:
+            kv.free(request)  # recompute later
+            request.num_computed_tokens = 0
+            output.preempted.append(request)
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+
+    def _keep_headroom(self, order: list[Request], chosen: set[str],
+                       output: SchedulerOutput) -> None:
+        kv = self.kv_manager
+        for request in reversed(order):
+            if kv.num_free_blocks >= self.headroom_blocks:
+                return
+            if request.request_id not in chosen and request.block_ids \
+                    and kv.can_swap_out(request):
+                output.swap_out_blocks.extend(kv.swap_out(request))
+                output.swapped_out.append(request)
+
+    def _prefetch(self, order: list[Request], chosen: set[str], output: SchedulerOutput):
+        """Swap in the swapped jobs that come next, while room beyond the headroom lasts."""
+        kv = self.kv_manager
+        for request in order:
+            if request.request_id in chosen or not request.is_swapped:
+                continue
+            if kv.num_free_blocks - len(request.host_block_ids) < self.headroom_blocks:
+                return
+            output.swap_in_blocks.extend(kv.swap_in(request))
+            output.swapped_in.append(request)
