@@ -52,6 +52,10 @@ class KVCacheManager:
             else None
         self.prefix_stats = PrefixCacheStats()
         self.swap_stats = SwapStats()
+        # Host blocks read by this step's swap-ins: the runner copies swap-outs before
+        # swap-ins, so a host block freed by a swap-in must not take a swap-out in the
+        # same step. They return to the host pool at the next step.
+        self._host_blocks_read_this_step: list[int] = []
 
     @property
     def num_blocks(self) -> int:
@@ -141,6 +145,12 @@ class KVCacheManager:
     def num_free_host_blocks(self) -> int:
         return self.host_pool.num_free_blocks if self.host_pool else 0
 
+    @property
+    def num_used_host_blocks(self) -> int:
+        """Host blocks held by swapped requests (excludes ones being released)."""
+        return (self.num_host_blocks - self.num_free_host_blocks
+                - len(self._host_blocks_read_this_step))
+
     def num_computed_blocks(self, request: Request) -> int:
         return blocks_for_tokens(request.num_computed_tokens, self.block_size)
 
@@ -161,6 +171,12 @@ class KVCacheManager:
         self.swap_stats.num_swap_out_blocks += num_blocks
         return pairs
 
+    def begin_step(self) -> None:
+        """Called by the scheduler at the start of each schedule()."""
+        if self._host_blocks_read_this_step:
+            self.host_pool.free(self._host_blocks_read_this_step)
+            self._host_blocks_read_this_step = []
+
     def can_swap_in(self, request: Request) -> bool:
         return len(request.host_block_ids) <= self.num_free_blocks
 
@@ -168,7 +184,7 @@ class KVCacheManager:
         """Bring a swapped request's KV back; returns (host, device) block pairs to copy."""
         device_ids = self.pool.allocate(len(request.host_block_ids))
         pairs = list(zip(request.host_block_ids, device_ids, strict=True))
-        self.host_pool.free(request.host_block_ids)
+        self._host_blocks_read_this_step.extend(request.host_block_ids)
         request.host_block_ids = []
         request.block_ids = device_ids
         self.swap_stats.num_swap_in_blocks += len(device_ids)

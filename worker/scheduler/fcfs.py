@@ -63,6 +63,7 @@ class FCFSScheduler(Scheduler):
 
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
+        self.kv_manager.begin_step()
         budget = self.config.max_num_batched_tokens
 
         for request in list(self.running):

@@ -6,9 +6,10 @@ be demoted out of them at once); an API `priority` moves that starting queue up 
 priority) or down. Each step the scheduler walks jobs in priority order (queue, then
 position) and runs as many as the token budget, `max_num_seqs` and KV allow. Every job
 in a step is charged the step's time; one that has spent its queue's quantum moves to
-the back of the next queue. A job that has not run for `mlfq_starvation_s` goes to the
-front of Q0. Output length is never assumed known. Preemption happens at step
-boundaries: a job not chosen keeps its KV where it is unless memory is needed.
+the back of the next queue (the last queue is round-robin). A job that has not run for
+`mlfq_starvation_s` goes to the front of Q0. Output length is never assumed known.
+Preemption happens at step boundaries: a job not chosen keeps its KV where it is unless
+memory is needed.
 
 KV under pressure (proactive offload, FastServe §4.3): jobs are evicted from the end of
 the priority order (largest estimated next scheduled time) — swapped to the host tier
@@ -75,8 +76,9 @@ class MLFQScheduler(Scheduler):
         entry = self.entries[request.request_id]
         entry.service_s += seconds
         entry.last_run = self.clock()
-        if entry.service_s >= self.quantum(entry.level) and entry.level < self.num_queues - 1:
-            entry.level += 1
+        if entry.service_s >= self.quantum(entry.level):
+            # Demote; in the last queue, go round-robin to its back instead.
+            entry.level = min(entry.level + 1, self.num_queues - 1)
             entry.service_s = 0.0
             entry.position = next(self._back)
 
@@ -140,6 +142,7 @@ class MLFQScheduler(Scheduler):
 
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
+        self.kv_manager.begin_step()
         self.promote_starved()
         order = self.priority_order()
         budget = self.config.max_num_batched_tokens
