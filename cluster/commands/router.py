@@ -1,0 +1,96 @@
+"""`lmfleet router`: the OpenAI HTTP API and the lmfleet.v1 gRPC API in front of workers.
+
+Prints exactly one line on stdout once both servers accept connections:
+`lmfleet router ready http=HOST:PORT grpc=HOST:PORT` (ports resolved when given as 0).
+Logs go to stderr. SIGINT/SIGTERM stop it gracefully (exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "router",
+        help="serve the OpenAI API and the lmfleet gRPC API in front of worker replicas",
+        description="Route requests to lmfleet workers. Each worker's model is discovered "
+        "(GetModelInfo); workers serving the same model name are replicas of it, and "
+        "several models can be served behind one endpoint.",
+    )
+    p.add_argument("--worker", action="append", required=True, metavar="HOST:PORT",
+                   help="a worker's gRPC address (repeat for more workers)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free port)")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: a free port)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $LMFLEET_API_KEY; "
+                   "none: open)")
+    p.add_argument("--max-in-flight", type=int, default=None, metavar="N",
+                   help="requests per model running at once (default: unlimited)")
+    p.add_argument("--max-queued", type=int, default=None, metavar="N",
+                   help="requests per model waiting beyond --max-in-flight; more get 503 "
+                   "(default: unlimited)")
+    p.add_argument("--policy", action="append", default=None, metavar="[MODEL=]NAME",
+                   help="routing policy: least_loaded (default), round_robin or "
+                   "session_affinity; MODEL=NAME sets it for one model (repeatable)")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, metavar="N",
+                   help="largest accepted HTTP request body (default 4 MiB; larger: 413)")
+    p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                   help="deadline for each HTTP request (default: none)")
+    p.add_argument("--discovery-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long start-up waits for workers to report their model")
+    p.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS",
+                   help="how often each worker's load and health are polled")
+    p.add_argument("--log-level", default="warning",
+                   choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def _policies(values: list[str] | None) -> tuple[str, tuple[tuple[str, str], ...]]:
+    default = "least_loaded"
+    per_model: list[tuple[str, str]] = []
+    for value in values or ():
+        model, sep, name = value.rpartition("=")
+        if sep:
+            if not model:
+                raise ValueError(f"--policy {value!r}: expected MODEL=NAME")
+            per_model.append((model, name))
+        else:
+            default = name
+    return default, tuple(per_model)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+    import sys
+
+    from lmfleet.router.auth import api_key_from_env
+    from lmfleet.router.server import RouterConfig, serve_router
+
+    policy, model_policies = _policies(args.policy)
+    config = RouterConfig(
+        workers=tuple(args.worker), host=args.host, http_port=args.port,
+        grpc_port=args.grpc_port, api_key=api_key_from_env(args.api_key),
+        max_in_flight=args.max_in_flight, max_queued=args.max_queued, policy=policy,
+        model_policies=model_policies, max_body_bytes=args.max_body_bytes,
+        request_timeout=args.request_timeout, discovery_timeout=args.discovery_timeout,
+        poll_interval=args.poll_interval)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def ready(router) -> None:
+        print(f"lmfleet router ready http={router.http_address} grpc={router.grpc_address}",
+              flush=True)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve_router(config, ready, stop)
+
+    asyncio.run(main())
+    return 0

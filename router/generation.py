@@ -1,0 +1,349 @@
+"""The one generation path both front doors use (OpenAI HTTP and lmfleet.v1 gRPC).
+
+`Generation.stream(job)` yields `TextChunk`s and one `ChoiceEnd` per completion, then a
+final `Usage`. Per request it: takes an admission slot (waiting in the model's queue up to
+the deadline), fans out `n` completions per prompt as separate worker requests (seed + i
+when a seed is given), and per completion:
+
+- picks a replica by the model's policy and calls worker `Generate` with the time left
+  until the request's deadline as the gRPC deadline (so the worker stops too);
+- before the first token, a failing replica (UNAVAILABLE, INTERNAL, a broken stream) is
+  skipped and the next one is tried, up to `max_attempts` replicas; an UNAVAILABLE one
+  is marked unhealthy until its next good load poll. After the first token a failure
+  ends the request with StreamInterruptedError (tokens already went to the client);
+- detokenizes incrementally and applies stop strings; on a match it cancels the worker
+  call (which aborts the worker request) and finishes with finish_reason "stop".
+
+Closing the stream early (client disconnect, gRPC cancel) cancels every worker call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import grpc
+
+from lmfleet.proto.v1 import worker_pb2
+from lmfleet.router.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    NoReplicaError,
+    StreamInterruptedError,
+)
+from lmfleet.router.metrics import RouterMetrics
+from lmfleet.router.params import GenerationParams
+from lmfleet.router.policies import RouteRequest
+from lmfleet.router.replicas import ModelReplicas, Replica, ReplicaRegistry
+from lmfleet.router.tokenizer import IncrementalDetokenizer, StopStringMatcher
+
+# Replicas tried per completion before giving up with NoReplicaError.
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """A tokenized request: `prompts` (one or more token-id lists) x `params.n`.
+
+    Completion `p * n + i` is the i-th sample of prompt p (the OpenAI/vLLM choice index).
+    `deadline` is on the event loop's clock (`loop.time()`), None for no limit.
+    """
+
+    model: ModelReplicas
+    prompts: list[list[int]]
+    params: GenerationParams
+    priority: int = 0
+    session_id: Optional[str] = None
+    deadline: Optional[float] = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class TextChunk:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[worker_pb2.TokenLogprob]
+
+
+@dataclass
+class ChoiceEnd:
+    index: int
+    finish_reason: str
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+Event = Union[TextChunk, ChoiceEnd, Usage]
+
+
+class Generation:
+    def __init__(self, registry: ReplicaRegistry, metrics: RouterMetrics,
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        self.registry = registry
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+
+    # ---- input ---------------------------------------------------------------------------
+    async def tokenize(self, model: ModelReplicas, prompt: Union[str, Sequence[int]]
+                       ) -> list[int]:
+        """Token ids of a text prompt (or validated ids as given), checked against the
+        model's vocabulary and context length."""
+        if isinstance(prompt, str):
+            ids = await asyncio.to_thread(model.tokenizer.encode, prompt)
+        else:
+            ids = list(prompt)
+        return self.check_prompt(model, ids)
+
+    async def tokenize_chat(self, model: ModelReplicas, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True) -> list[int]:
+        ids = await asyncio.to_thread(model.tokenizer.apply_chat_template, messages,
+                                      add_generation_prompt)
+        return self.check_prompt(model, ids)
+
+    @staticmethod
+    def check_prompt(model: ModelReplicas, ids: list[int]) -> list[int]:
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if model.vocab_size and any(not 0 <= t < model.vocab_size for t in ids):
+            raise InvalidRequestError(
+                f"prompt token ids must be in [0, {model.vocab_size})", param="prompt")
+        if len(ids) >= model.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {model.max_model_len} tokens. "
+                f"However, your request has {len(ids)} input tokens. Please reduce the "
+                "length of the input messages.")
+        return ids
+
+    # ---- output ---------------------------------------------------------------------------
+    async def stream(self, job: GenerationJob) -> AsyncIterator[Event]:
+        """Events of the job (see the module doc). Raises RouterError subclasses."""
+        model = job.model
+        loop = asyncio.get_running_loop()
+        arrival = loop.time()
+        async with model.admission.slot(self._remaining(job)):
+            self.metrics.queue_time.labels(model.name).observe(loop.time() - arrival)
+            # aclosing: closing this generator must close (and cancel) the fan-out too.
+            async with contextlib.aclosing(self._fan_out(job, arrival)) as events:
+                async for event in events:
+                    yield event
+
+    async def _fan_out(self, job: GenerationJob, arrival: float) -> AsyncIterator[Event]:
+        n = job.params.n
+        queue: asyncio.Queue[Union[Event, BaseException]] = asyncio.Queue()
+        state = _RequestState(arrival)
+        tasks = [
+            asyncio.create_task(self._run_choice(job, p * n + i, prompt, i, queue, state))
+            for p, prompt in enumerate(job.prompts) for i in range(n)
+        ]
+        ends: dict[int, ChoiceEnd] = {}
+        try:
+            while len(ends) < len(tasks):
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, ChoiceEnd):
+                    ends[event.index] = event
+                yield event
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        name = job.model.name
+        usage = Usage(
+            prompt_tokens=sum(len(p) for p in job.prompts),
+            completion_tokens=sum(e.completion_tokens for e in ends.values()),
+            # Every sample of a prompt shares its prefix: count its cached tokens once.
+            cached_tokens=sum(max(ends[p * n + i].cached_tokens for i in range(n))
+                              for p in range(len(job.prompts))))
+        self.metrics.prompt_tokens.labels(name).inc(usage.prompt_tokens)
+        self.metrics.e2e.labels(name).observe(asyncio.get_running_loop().time() - arrival)
+        for end in ends.values():
+            self.metrics.success.labels(name, end.finish_reason).inc()
+        yield usage
+
+    async def _run_choice(self, job: GenerationJob, index: int, prompt: list[int],
+                          sample: int, queue: asyncio.Queue, state: _RequestState) -> None:
+        try:
+            await self._generate_choice(job, index, prompt, sample, queue.put_nowait, state)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # handed to the consumer, which re-raises it
+            queue.put_nowait(error)
+
+    async def _generate_choice(self, job: GenerationJob, index: int, prompt: list[int],
+                               sample: int, emit, state: _RequestState) -> None:
+        model = job.model
+        params = job.params
+        left = model.max_model_len - len(prompt)
+        max_tokens = min(params.max_tokens or left, left)
+        worker_params = params.to_worker(sample, max_tokens)
+        stop_token_ids = set(params.stop_token_ids)
+        route = RouteRequest(model=model.name, session_id=job.session_id)
+        tried: list[str] = []
+        last_error = "no replica is healthy"
+        for attempt in range(self.max_attempts):
+            replica = model.select(route, exclude=tried)
+            if replica is None:
+                break
+            tried.append(replica.address)
+            request = worker_pb2.GenerateRequest(
+                request_id=f"{job.request_id}-{index}-{attempt}", prompt_token_ids=prompt,
+                sampling_params=worker_params, priority=job.priority)
+            if job.session_id is not None:
+                request.session_id = job.session_id
+            stream = _ChoiceStream(index, model, prompt, params, stop_token_ids, emit,
+                                   self.metrics, state)
+            try:
+                if await self._attempt(job, replica, request, stream):
+                    return
+            except _RetryableError as error:
+                last_error = f"{replica.address}: {error}"
+                continue
+        raise NoReplicaError(f"no replica of model {model.name} could serve the request "
+                             f"(tried {len(tried)}; last error: {last_error})")
+
+    async def _attempt(self, job: GenerationJob, replica: Replica,
+                       request: worker_pb2.GenerateRequest, stream: _ChoiceStream) -> bool:
+        """One try on one replica. True when the completion finished; raises
+        _RetryableError when nothing was streamed yet and another replica may work."""
+        timeout = self._remaining(job, required=True)
+        replica.in_flight += 1
+        call = replica.stub.Generate(request, timeout=timeout)
+        try:
+            async for response in call:
+                kind = response.WhichOneof("response")
+                if kind == "chunk":
+                    if stream.on_chunk(response.chunk):
+                        return True  # a stop string matched; `finally` cancels the call
+                elif kind == "complete":
+                    stream.on_complete(response.complete)
+                    return True
+                elif kind == "error":
+                    self._worker_error(response.error, stream.started)
+            self._fail(stream.started, "the worker ended the stream without a result")
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceededError("the request deadline passed") from None
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidRequestError(error.details() or "invalid request") from None
+            if code == grpc.StatusCode.UNAVAILABLE:
+                self.registry.mark_unhealthy(replica)
+            self._fail(stream.started, f"{code.name}: {error.details()}")
+        finally:
+            replica.in_flight -= 1
+            call.cancel()  # no-op once finished; otherwise aborts the worker request
+        return False  # unreachable: _fail raises
+
+    def _worker_error(self, error: worker_pb2.GenerateError, started: bool) -> None:
+        if error.kind == worker_pb2.GenerateError.INVALID_ARGUMENT:
+            raise InvalidRequestError(error.message or "invalid request")
+        self._fail(started, f"{worker_pb2.GenerateError.Kind.Name(error.kind)}: "
+                            f"{error.message}")
+
+    @staticmethod
+    def _fail(started: bool, message: str) -> None:
+        if started:
+            raise StreamInterruptedError(f"the replica failed mid-generation ({message})")
+        raise _RetryableError(message)
+
+    @staticmethod
+    def _remaining(job: GenerationJob, required: bool = False) -> Optional[float]:
+        if job.deadline is None:
+            return None
+        left = job.deadline - asyncio.get_running_loop().time()
+        if required and left <= 0:
+            raise DeadlineExceededError("the request deadline passed")
+        return max(left, 0.0)
+
+
+class _RetryableError(Exception):
+    """A replica failed before streaming anything; another replica may be tried."""
+
+
+@dataclass
+class _RequestState:
+    """Shared by the completions of one request (for the TTFT metric)."""
+
+    arrival: float
+    first_token_seen: bool = False
+
+
+class _ChoiceStream:
+    """Text state of one completion on one attempt: detokenizer, stops, counts, ITL."""
+
+    def __init__(self, index: int, model: ModelReplicas, prompt: list[int],
+                 params: GenerationParams, stop_token_ids: set[int], emit,
+                 metrics: RouterMetrics, state: _RequestState) -> None:
+        self.index = index
+        self.model = model
+        self.detokenizer = IncrementalDetokenizer(model.tokenizer, prompt,
+                                                  params.skip_special_tokens)
+        self.stops = StopStringMatcher(params.stop)
+        self.stop_token_ids = stop_token_ids
+        self.emit = emit
+        self.metrics = metrics
+        self.state = state
+        self.num_tokens = 0
+        self.last_token_time: Optional[float] = None
+
+    @property
+    def started(self) -> bool:
+        return self.num_tokens > 0
+
+    def on_chunk(self, chunk: worker_pb2.GenerateChunk) -> bool:
+        """Handle new tokens; True when a stop string ended the completion."""
+        token_ids = list(chunk.token_ids)
+        if not token_ids:
+            return False
+        self._observe_latency(len(token_ids))
+        self.num_tokens += len(token_ids)
+        # A stop token ends generation; like vLLM, its text is not part of the output.
+        text_ids = token_ids[:-1] if token_ids[-1] in self.stop_token_ids else token_ids
+        text, matched = self.stops.feed(self.detokenizer.add(text_ids))
+        self.emit(TextChunk(self.index, text, token_ids, list(chunk.logprobs)))
+        if matched:
+            self._end("stop", 0)
+        return matched
+
+    def on_complete(self, complete: worker_pb2.GenerateComplete) -> None:
+        text, matched = self.stops.feed(self.detokenizer.finish())
+        text += self.stops.flush()
+        if text:
+            self.emit(TextChunk(self.index, text, [], []))
+        reason = "stop" if matched else (complete.finish_reason or "stop")
+        self._end(reason, complete.cached_tokens)
+
+    def _end(self, reason: str, cached_tokens: int) -> None:
+        self.metrics.generation_tokens.labels(self.model.name).inc(self.num_tokens)
+        self.emit(ChoiceEnd(self.index, reason, self.num_tokens, cached_tokens))
+
+    def _observe_latency(self, num_tokens: int) -> None:
+        now = asyncio.get_running_loop().time()
+        if not self.state.first_token_seen:
+            self.state.first_token_seen = True
+            self.metrics.ttft.labels(self.model.name).observe(now - self.state.arrival)
+        if self.last_token_time is not None:
+            per_token = (now - self.last_token_time) / num_tokens
+            for _ in range(min(num_tokens, 64)):
+                self.metrics.itl.labels(self.model.name).observe(per_token)
+        self.last_token_time = now
+

@@ -1,0 +1,261 @@
+"""The router's live view of its workers: replicas grouped by model, with load and health.
+
+`ReplicaRegistry` owns one gRPC channel per worker address. `discover()` asks every
+worker for its `ModelInfo` and groups workers by model name (several models behind one
+endpoint); a worker that does not answer stays pending and is retried by the poller. The
+poller (`start()` / `stop()`, one asyncio task) calls `GetLoad` on every replica each
+`poll_interval` seconds: an answer marks the replica healthy and records its LoadReport,
+a failure marks it unhealthy until the next answer. The generation path marks a replica
+unhealthy at once when a call to it fails with UNAVAILABLE.
+
+Everything here runs on the router's event loop; nothing needs a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Optional
+
+import grpc
+
+from lmfleet.proto.v1 import worker_pb2, worker_pb2_grpc
+from lmfleet.router.admission import Admission
+from lmfleet.router.errors import InvalidRequestError, ModelNotFoundError
+from lmfleet.router.policies import Policy, RouteRequest, SessionAffinityPolicy, make_policy
+from lmfleet.router.tokenizer import ModelTokenizer
+
+logger = logging.getLogger(__name__)
+
+# Reconnect quickly to a worker that comes back (gRPC's default backoff grows to 120 s).
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+)
+
+
+@dataclass
+class Replica:
+    """One worker as the router sees it."""
+
+    address: str
+    info: worker_pb2.ModelInfo
+    stub: worker_pb2_grpc.WorkerStub
+    in_flight: int = 0
+    load: Optional[worker_pb2.LoadReport] = None
+    healthy: bool = True
+
+    @property
+    def model_name(self) -> str:
+        return self.info.model_name
+
+    @property
+    def reported_load(self) -> int:
+        return 0 if self.load is None else self.load.num_running + self.load.num_waiting
+
+    @property
+    def eligible(self) -> bool:
+        """May take new requests: healthy and not draining."""
+        return self.healthy and not (self.load is not None and self.load.draining)
+
+
+@dataclass
+class ModelReplicas:
+    """The replicas serving one model name, with the model's tokenizer, policy and
+    admission control."""
+
+    name: str
+    tokenizer: ModelTokenizer
+    policy: Policy
+    admission: Admission
+    replicas: list[Replica] = field(default_factory=list)
+    max_model_len: int = 0
+    vocab_size: int = 0
+
+    def __post_init__(self) -> None:
+        # A session_id always routes with affinity; the model's policy picks a session's
+        # first replica and serves requests without a session.
+        self.affinity = (self.policy if isinstance(self.policy, SessionAffinityPolicy)
+                         else SessionAffinityPolicy(fallback=self.policy))
+
+    def add(self, replica: Replica) -> None:
+        if self.replicas and replica.info.max_model_len != self.max_model_len:
+            logger.warning("replicas of %s disagree on max_model_len (%d vs %d); using the "
+                           "smaller", self.name, replica.info.max_model_len, self.max_model_len)
+        lengths = [r.info.max_model_len for r in self.replicas] + [replica.info.max_model_len]
+        self.max_model_len = min(lengths)
+        self.vocab_size = replica.info.vocab_size
+        self.replicas.append(replica)
+
+    @property
+    def num_healthy(self) -> int:
+        return sum(1 for r in self.replicas if r.eligible)
+
+    def select(self, request: RouteRequest, exclude: Sequence[str] = ()) -> Optional[Replica]:
+        """The replica for the next attempt of `request`, skipping addresses in `exclude`
+        (already tried); None when no eligible replica is left."""
+        candidates = [r for r in self.replicas if r.eligible and r.address not in exclude]
+        policy = self.affinity if request.session_id is not None else self.policy
+        return policy.select(candidates, request)
+
+
+TokenizerLoader = Callable[[str, str], ModelTokenizer]
+
+
+class ReplicaRegistry:
+    """All workers of this router, by model.
+
+    `model_policies` maps a model name to a policy name; others use `default_policy`.
+    `tokenizer_loader(model_path, model_name)` loads a model's tokenizer (blocking; it
+    runs in a thread).
+    """
+
+    def __init__(self, addresses: Sequence[str], tokenizer_loader: TokenizerLoader,
+                 default_policy: str = "least_loaded",
+                 model_policies: Optional[dict[str, str]] = None,
+                 max_in_flight: Optional[int] = None, max_queued: Optional[int] = None,
+                 poll_interval: float = 0.5, rpc_timeout: float = 2.0) -> None:
+        if not addresses:
+            raise ValueError("at least one worker address is needed")
+        make_policy(default_policy)  # ValueError for an unknown name, before any I/O
+        for name in (model_policies or {}).values():
+            make_policy(name)
+        self._tokenizer_loader = tokenizer_loader
+        self._default_policy = default_policy
+        self._model_policies = dict(model_policies or {})
+        self._max_in_flight = max_in_flight
+        self._max_queued = max_queued
+        self._poll_interval = poll_interval
+        self._rpc_timeout = rpc_timeout
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._pending: list[str] = list(dict.fromkeys(addresses))
+        self.models: dict[str, ModelReplicas] = {}
+        self._poller: Optional[asyncio.Task] = None
+
+    # ---- lookup -----------------------------------------------------------------------
+    def get(self, model: Optional[str]) -> ModelReplicas:
+        """The model's replicas; `None` or "" means the only model served.
+
+        Raises ModelNotFoundError for an unknown name, InvalidRequestError when the name is
+        omitted but several models are served.
+        """
+        if not model:
+            if len(self.models) == 1:
+                return next(iter(self.models.values()))
+            if not self.models:
+                raise ModelNotFoundError("no model is being served yet")
+            raise InvalidRequestError("model is required: this endpoint serves "
+                                      f"{', '.join(sorted(self.models))}", param="model")
+        try:
+            return self.models[model]
+        except KeyError:
+            raise ModelNotFoundError(f"The model `{model}` does not exist.",
+                                     param="model") from None
+
+    @property
+    def pending_addresses(self) -> list[str]:
+        return list(self._pending)
+
+    def mark_unhealthy(self, replica: Replica) -> None:
+        if replica.healthy:
+            logger.warning("replica %s (%s) marked unhealthy", replica.address,
+                           replica.model_name)
+        replica.healthy = False
+
+    # ---- discovery and polling ----------------------------------------------------------
+    async def discover(self, timeout: float) -> None:
+        """Ask pending workers for their model until all answered or `timeout` passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._pending:
+            await self._discover_pending()
+            if not self._pending or loop.time() >= deadline:
+                break
+            await asyncio.sleep(min(self._poll_interval, max(0.0, deadline - loop.time())))
+        for address in self._pending:
+            logger.warning("worker %s did not answer yet; will keep trying", address)
+
+    async def _discover_pending(self) -> None:
+        results = await asyncio.gather(*(self._model_info(a) for a in self._pending))
+        for address, info in zip(list(self._pending), results, strict=True):
+            if info is None:
+                continue
+            await self._add_replica(address, info)
+            self._pending.remove(address)
+
+    async def _model_info(self, address: str) -> Optional[worker_pb2.ModelInfo]:
+        stub = worker_pb2_grpc.WorkerStub(self._channel(address))
+        try:
+            return await stub.GetModelInfo(worker_pb2.GetModelInfoRequest(),
+                                           timeout=self._rpc_timeout)
+        except grpc.aio.AioRpcError as error:
+            logger.debug("GetModelInfo(%s) failed: %s", address, error.code())
+            return None
+
+    async def _add_replica(self, address: str, info: worker_pb2.ModelInfo) -> None:
+        name = info.model_name
+        if name not in self.models:
+            tokenizer = await asyncio.to_thread(self._tokenizer_loader, info.model_path, name)
+            policy = make_policy(self._model_policies.get(name, self._default_policy))
+            self.models[name] = ModelReplicas(
+                name=name, tokenizer=tokenizer, policy=policy,
+                admission=Admission(name, self._max_in_flight, self._max_queued))
+        stub = worker_pb2_grpc.WorkerStub(self._channel(address))
+        self.models[name].add(Replica(address=address, info=info, stub=stub))
+        logger.info("worker %s serves model %s (max_model_len %d)", address, name,
+                    info.max_model_len)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address,
+                                                                 options=CHANNEL_OPTIONS)
+        return self._channels[address]
+
+    async def poll_once(self) -> None:
+        """One round: refresh every replica's load and health, retry pending workers."""
+        replicas = [r for m in self.models.values() for r in m.replicas]
+        await asyncio.gather(*(self._poll_replica(r) for r in replicas))
+        if self._pending:
+            await self._discover_pending()
+
+    async def _poll_replica(self, replica: Replica) -> None:
+        try:
+            replica.load = await replica.stub.GetLoad(worker_pb2.GetLoadRequest(),
+                                                      timeout=self._rpc_timeout)
+        except grpc.aio.AioRpcError:
+            self.mark_unhealthy(replica)
+            return
+        if not replica.healthy:
+            logger.info("replica %s (%s) is healthy again", replica.address,
+                        replica.model_name)
+        replica.healthy = True
+
+    def start(self) -> None:
+        """Start the background poller (idempotent)."""
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except Exception:  # a bug here must not stop health tracking for good
+                logger.exception("replica poll failed")
+            await asyncio.sleep(self._poll_interval)
+
+    async def stop(self) -> None:
+        """Stop the poller and close every channel."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()

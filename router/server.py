@@ -1,0 +1,225 @@
+"""Running the router: HTTP (uvicorn + FastAPI) and gRPC (grpc.aio) in one event loop.
+
+    config = RouterConfig(workers=("127.0.0.1:50061",), http_port=0, grpc_port=0)
+    async with Router(config) as router:       # or: await router.start() / router.stop()
+        print(router.http_address, router.grpc_address)
+
+`Router.start()` asks every worker for its model (GetModelInfo), groups workers by model
+name, loads each model's tokenizer, starts the load/health poller, then both servers.
+Workers that do not answer within `discovery_timeout` are retried in the background and
+join their model when they do. `serve_router(config, ready)` runs a Router until its
+task is cancelled or `stop_event` is set (what `lmfleet router` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Optional
+
+import grpc
+import uvicorn
+
+from lmfleet.router.app import HttpContext, create_app
+from lmfleet.router.auth import ApiKeyAuth
+from lmfleet.router.generation import DEFAULT_MAX_ATTEMPTS, Generation
+from lmfleet.router.grpc_api import ServingServicer, add_grpc_services
+from lmfleet.router.metrics import RouterMetrics
+from lmfleet.router.policies import DEFAULT_POLICY, make_policy
+from lmfleet.router.replicas import ReplicaRegistry, TokenizerLoader
+from lmfleet.router.tokenizer import load_model_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How to run one router. Ports may be 0 (a free port is picked; see Router.*_address).
+
+    workers: worker gRPC addresses ("host:port"); their models are discovered.
+    api_key: required as `Bearer` on /v1/* and on lmfleet.v1.Serving; None: open.
+    max_in_flight / max_queued: admission limits per model (None: unlimited).
+    policy: default routing policy; model_policies: (model, policy) overrides.
+    max_body_bytes: larger HTTP bodies get 413.
+    request_timeout: seconds every HTTP request may take (gRPC uses the client deadline).
+    max_attempts: replicas tried per completion before UNAVAILABLE / 503.
+    poll_interval: seconds between load/health polls of each worker.
+    discovery_timeout: seconds start() waits for workers to report their model.
+    """
+
+    workers: tuple[str, ...]
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    api_key: Optional[str] = None
+    max_in_flight: Optional[int] = None
+    max_queued: Optional[int] = None
+    policy: str = DEFAULT_POLICY
+    model_policies: tuple[tuple[str, str], ...] = ()
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_timeout: Optional[float] = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    poll_interval: float = 0.5
+    discovery_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.workers, str) or not self.workers:
+            raise ValueError("at least one worker address is needed (--worker HOST:PORT)")
+        object.__setattr__(self, "workers", tuple(self.workers))
+        for address in self.workers:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"worker address {address!r} is not HOST:PORT")
+        for name, port in (("http_port", self.http_port), ("grpc_port", self.grpc_port)):
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {port}")
+        make_policy(self.policy)
+        for _, policy in self.model_policies:
+            make_policy(policy)
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if self.max_queued is not None and self.max_queued < 0:
+            raise ValueError(f"max_queued must be >= 0, got {self.max_queued}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes}")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.poll_interval <= 0 or self.discovery_timeout < 0:
+            raise ValueError("poll_interval must be > 0 and discovery_timeout >= 0")
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its signal handlers: the process owner (CLI, `lmfleet serve`, a
+    test) decides when to stop, through Router.stop()."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Router:
+    """Both front doors over one ReplicaRegistry. Start once, stop once."""
+
+    def __init__(self, config: RouterConfig,
+                 tokenizer_loader: TokenizerLoader = load_model_tokenizer) -> None:
+        self.config = config
+        self.registry = ReplicaRegistry(
+            config.workers, tokenizer_loader, default_policy=config.policy,
+            model_policies=dict(config.model_policies), max_in_flight=config.max_in_flight,
+            max_queued=config.max_queued, poll_interval=config.poll_interval)
+        self.metrics = RouterMetrics(self.registry)
+        self.generation = Generation(self.registry, self.metrics, config.max_attempts)
+        self.auth = ApiKeyAuth(config.api_key)
+        self._http: Optional[_EmbeddedUvicorn] = None
+        self._http_task: Optional[asyncio.Task] = None
+        self._grpc: Optional[grpc.aio.Server] = None
+        self.http_port: Optional[int] = None
+        self.grpc_port: Optional[int] = None
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.config.host}:{self.http_port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.config.host}:{self.grpc_port}"
+
+    async def start(self) -> None:
+        """Discover workers, then serve HTTP and gRPC. Raises OSError if a port is taken."""
+        await self.registry.discover(self.config.discovery_timeout)
+        self.registry.start()
+        try:
+            await self._start_grpc()
+            await self._start_http()
+        except BaseException:
+            await self.stop()
+            raise
+        logger.info("router serving %s (http %s, grpc %s)",
+                    ", ".join(self.registry.models) or "no model yet", self.http_address,
+                    self.grpc_address)
+
+    async def _start_grpc(self) -> None:
+        self._grpc = grpc.aio.server()
+        await add_grpc_services(self._grpc, ServingServicer(self.registry, self.generation,
+                                                            self.auth))
+        try:
+            port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        except RuntimeError as error:
+            raise OSError(f"cannot bind gRPC port {self.config.grpc_port}: {error}") from None
+        if port == 0:
+            raise OSError(f"cannot bind gRPC port {self.config.host}:{self.config.grpc_port}")
+        self.grpc_port = port
+        await self._grpc.start()
+
+    async def _start_http(self) -> None:
+        app = create_app(HttpContext(
+            registry=self.registry, generation=self.generation, metrics=self.metrics,
+            auth=self.auth, max_body_bytes=self.config.max_body_bytes,
+            request_timeout=self.config.request_timeout))
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.config.host, self.config.http_port))
+        except OSError:
+            sock.close()
+            raise
+        self.http_port = sock.getsockname()[1]
+        self._http = _EmbeddedUvicorn(uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="off",
+            timeout_graceful_shutdown=5))
+        self._http_task = asyncio.get_running_loop().create_task(
+            self._http.serve(sockets=[sock]))
+        while not self._http.started:  # bounded: serve() either starts or ends the task
+            if self._http_task.done():
+                self._http_task.result()
+                raise OSError("the HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Stop both servers (in-flight HTTP requests get a few seconds), the poller and
+        the worker channels. Safe to call more than once."""
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            try:
+                await asyncio.wait_for(asyncio.shield(self._http_task), 10)
+            except asyncio.TimeoutError:
+                self._http.force_exit = True
+                await self._http_task
+            self._http, self._http_task = None, None
+        if self._grpc is not None:
+            await self._grpc.stop(grace=2)
+            self._grpc = None
+        await self.registry.stop()
+
+    async def __aenter__(self) -> Router:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.stop()
+
+
+async def serve_router(config: RouterConfig,
+                       ready: Optional[Callable[[Router], None]] = None,
+                       stop_event: Optional[asyncio.Event] = None) -> None:
+    """Run a router until `stop_event` is set or this coroutine is cancelled.
+
+    `ready(router)` is called once both servers accept connections.
+    """
+    router = Router(config)
+    await router.start()
+    try:
+        if ready is not None:
+            ready(router)
+        await (stop_event or asyncio.Event()).wait()
+    finally:
+        await router.stop()
