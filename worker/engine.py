@@ -15,6 +15,7 @@ from typing import Optional
 
 from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.kv.manager import KVCacheManager
+from lmfleet.worker.kv.sessions import SessionCache
 from lmfleet.worker.model.default_model import resolve_model_path
 from lmfleet.worker.model.profiler import profile_cost_model
 from lmfleet.worker.model.runner import ModelRunner
@@ -39,6 +40,10 @@ class LLMEngine:
         if config.scheduler.policy == "mlfq":
             self.cost_model = profile_cost_model(self.runner)
         self.scheduler = make_scheduler(config.scheduler, self.kv_manager, self.cost_model)
+        self.sessions = SessionCache(self.kv_manager, config.cache.session_ttl_s,
+                                     config.cache.max_sessions)
+        # Copies for sessions parked by the last step, done before the next step's.
+        self._session_swap_out: list[tuple[int, int]] = []
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(config.seed)
         # Outputs produced outside step() (aborts), delivered by the next step().
@@ -70,6 +75,8 @@ class LLMEngine:
         seed = request.sampling_params.seed
         request.sampling_seed = seed if seed is not None else self._seed_rng.getrandbits(63)
         self.requests[request.request_id] = request
+        if request.session_id is not None:
+            self.sessions.attach(request)
         self.scheduler.add(request)
         return request
 
@@ -91,6 +98,10 @@ class LLMEngine:
     # ---- the step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
+        if self._session_swap_out:
+            self.runner.swap(self._session_swap_out, [])
+            self._session_swap_out = []
+        self.sessions.expire()
         plan = self.scheduler.schedule()
         if plan.is_empty and not plan.swap_out_blocks and not plan.swap_in_blocks:
             return outputs
@@ -130,7 +141,10 @@ class LLMEngine:
     def _finish(self, request: Request, reason: FinishReason) -> None:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        self.scheduler.finish(request)
+        keep_kv = request.session_id is not None
+        self.scheduler.finish(request, release_kv=not keep_kv)
+        if keep_kv:
+            self._session_swap_out.extend(self.sessions.park(request))
         self.runner.release(request.request_id)
         del self.requests[request.request_id]
 

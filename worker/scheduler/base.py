@@ -70,7 +70,8 @@ class Scheduler(abc.ABC):
     def schedule(self) -> SchedulerOutput: ...
 
     @abc.abstractmethod
-    def finish(self, request: Request) -> None: ...
+    def finish(self, request: Request, release_kv: bool = True) -> None:
+        """Forget a finished request; free its KV unless the caller keeps it (sessions)."""
 
     def on_step_finished(self, output: SchedulerOutput, elapsed_s: float) -> None:  # noqa: B027
         """Called after the step ran (MLFQ charges its jobs the step's time)."""

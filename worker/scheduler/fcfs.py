@@ -15,7 +15,7 @@ import itertools
 from typing import Optional
 
 from lmfleet.worker.config import SchedulerConfig
-from lmfleet.worker.kv.manager import KVCacheManager
+from lmfleet.worker.kv.manager import KVCacheManager, blocks_for_tokens
 from lmfleet.worker.request import Request, RequestStatus
 from lmfleet.worker.scheduler.base import ScheduledRequest, Scheduler, SchedulerOutput
 
@@ -36,7 +36,11 @@ class FCFSScheduler(Scheduler):
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) - self.num_swapped
+
+    @property
+    def num_swapped(self) -> int:
+        return sum(1 for request in self.waiting if request.is_swapped)
 
     def add(self, request: Request) -> None:
         self._admission_order[request.request_id] = next(self._admission_counter)
@@ -56,10 +60,12 @@ class FCFSScheduler(Scheduler):
                 return request
         return None
 
-    def finish(self, request: Request) -> None:
+    def finish(self, request: Request, release_kv: bool = True) -> None:
         if request in self.running:
             self.running.remove(request)
-        self._forget(request)
+        self._admission_order.pop(request.request_id, None)
+        if release_kv:
+            self.kv_manager.free(request)
 
     def schedule(self) -> SchedulerOutput:
         output = SchedulerOutput()
@@ -90,20 +96,39 @@ class FCFSScheduler(Scheduler):
             and len(self.running) < self.config.max_num_seqs
         ):
             request = self.waiting[0]
-            hit = self.kv_manager.find_prefix_hit(request)
-            num_new_tokens = min(request.num_tokens - hit.num_tokens(self.kv_manager.block_size),
-                                 budget)
-            if not self.kv_manager.allocate(request, num_new_tokens, hit):
+            if not self._place_waiting(request, budget, output):
                 break
+            num_new_tokens = output.scheduled[-1].num_new_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = request.num_computed_tokens
             del self.waiting[0]
             del self._waiting_keys[0]
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            output.scheduled.append(ScheduledRequest(request, num_new_tokens))
             budget -= num_new_tokens
         return output
+
+    def _place_waiting(self, request: Request, budget: int, output: SchedulerOutput) -> bool:
+        """Give a waiting request device KV for its next chunk (swap-in, a session's KV, or
+        a prefix hit plus new blocks) and add it to the output; False if it does not fit."""
+        kv = self.kv_manager
+        if request.is_swapped:
+            num_new_tokens = min(request.num_uncomputed_tokens, budget)
+            total = blocks_for_tokens(request.num_computed_tokens + num_new_tokens,
+                                      kv.block_size)
+            if total > kv.num_free_blocks:
+                return False
+            output.swap_in_blocks.extend(kv.swap_in(request))
+            output.swapped_in.append(request)
+            if not kv.allocate(request, num_new_tokens):
+                return False  # cannot happen: room was checked above
+        else:
+            hit = kv.find_prefix_hit(request)
+            num_new_tokens = min(request.num_tokens - hit.num_tokens(kv.block_size), budget)
+            if not kv.allocate(request, num_new_tokens, hit):
+                return False
+        output.scheduled.append(ScheduledRequest(request, num_new_tokens))
+        return True
 
     def _queue_key(self, request: Request) -> tuple:
         return (-request.priority, request.arrival_time, self._admission_order[request.request_id])
@@ -119,8 +144,12 @@ class FCFSScheduler(Scheduler):
 
     def _preempt(self, request: Request, output: SchedulerOutput) -> None:
         self.running.remove(request)
-        self.kv_manager.free(request)
-        request.num_computed_tokens = 0
+        if self.kv_manager.can_swap_out(request):
+            output.swap_out_blocks.extend(self.kv_manager.swap_out(request))
+            output.swapped_out.append(request)
+        else:
+            self.kv_manager.free(request)
+            request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.num_preemptions += 1

@@ -83,13 +83,20 @@ class MLFQScheduler(Scheduler):
             entry.position = next(self._back)
 
     def promote_starved(self) -> list[Request]:
+        """Move jobs that have not run for the starvation bound to the front of Q0; among
+        those promoted together, the one that waited longest ends up first."""
         now = self.clock()
+        starved = [(entry.last_run, entry.level, entry.position, request_id)
+                   for request_id, entry in self.entries.items()
+                   if entry.level > 0 and now - entry.last_run >= self.config.mlfq_starvation_s]
+        # Each promotion goes in front of the previous one, so promote the most recently
+        # run first (admission order would put the longest-waiting job behind the others).
         promoted = []
-        for request_id, entry in self.entries.items():
-            if entry.level > 0 and now - entry.last_run >= self.config.mlfq_starvation_s:
-                entry.level, entry.service_s, entry.position = 0, 0.0, next(self._front)
-                entry.last_run = now
-                promoted.append(self.jobs[request_id])
+        for _, _, _, request_id in sorted(starved, reverse=True):
+            entry = self.entries[request_id]
+            entry.level, entry.service_s, entry.position = 0, 0.0, next(self._front)
+            entry.last_run = now
+            promoted.append(self.jobs[request_id])
         return promoted
 
     def priority_order(self) -> list[Request]:
@@ -130,10 +137,11 @@ class MLFQScheduler(Scheduler):
             self.finish(request)
         return request
 
-    def finish(self, request: Request) -> None:
+    def finish(self, request: Request, release_kv: bool = True) -> None:
         self.jobs.pop(request.request_id, None)
         self.entries.pop(request.request_id, None)
-        self.kv_manager.free(request)
+        if release_kv:
+            self.kv_manager.free(request)
 
     def on_step_finished(self, output: SchedulerOutput, elapsed_s: float) -> None:
         for item in output.scheduled:
@@ -150,8 +158,11 @@ class MLFQScheduler(Scheduler):
         for request in order:
             if budget == 0 or len(chosen) >= self.config.max_num_seqs:
                 break
-            num_new_tokens = min(request.num_uncomputed_tokens, budget)
-            if not self._place(request, num_new_tokens, order, chosen, output):
+            # _place returns the tokens actually scheduled: fewer than asked after a
+            # prefix hit (num_computed_tokens moved past the cached blocks).
+            num_new_tokens = self._place(request, min(request.num_uncomputed_tokens, budget),
+                                         order, chosen, output)
+            if num_new_tokens is None:
                 break  # strict priority: nothing below may overtake a job that cannot fit
             chosen.add(request.request_id)
             output.scheduled.append(ScheduledRequest(request, num_new_tokens))
@@ -173,27 +184,28 @@ class MLFQScheduler(Scheduler):
         return max(total - held, 0) + len(request.host_block_ids)
 
     def _place(self, request: Request, num_new_tokens: int, order: list[Request],
-               chosen: set[str], output: SchedulerOutput) -> bool:
+               chosen: set[str], output: SchedulerOutput) -> Optional[int]:
         """Get the request's KV onto the device with room for num_new_tokens, evicting
-        lower-priority jobs that are not chosen this step if needed."""
+        lower-priority jobs that are not chosen this step if needed. Returns the tokens to
+        schedule (fewer after a prefix hit), or None if it does not fit."""
         kv = self.kv_manager
         while kv.num_free_blocks < self._blocks_needed(request, num_new_tokens):
             victim = self._eviction_candidate(order, chosen, exclude=request)
             if victim is None:
-                return False
+                return None
             self._evict(victim, output)
         if request.is_swapped:
             output.swap_in_blocks.extend(kv.swap_in(request))
             output.swapped_in.append(request)
         if request.block_ids or request.num_computed_tokens:
-            return kv.allocate(request, num_new_tokens)
+            return num_new_tokens if kv.allocate(request, num_new_tokens) else None
         hit = kv.find_prefix_hit(request)
         num_new_tokens = min(num_new_tokens, request.num_tokens - hit.num_tokens(kv.block_size))
         if not kv.allocate(request, num_new_tokens, hit):
-            return False
+            return None
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = request.num_computed_tokens
-        return True
+        return num_new_tokens
 
     def _eviction_candidate(self, order: list[Request], chosen: set[str],
                             exclude: Request) -> Optional[Request]:
