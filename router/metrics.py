@@ -12,6 +12,8 @@ Mirrored from the workers' last LoadReports at scrape time (labels model_name, r
   lmfleet:num_requests_running|waiting|swapped, lmfleet:kv_cache_usage_perc,
   lmfleet:num_preemptions_total, lmfleet:prefix_cache_queries_total,
   lmfleet:prefix_cache_hits_total, lmfleet:queue_num_running|waiting{queue} (MLFQ),
+  lmfleet:swap_out|in_blocks_total, lmfleet:swap_out|in_bytes_total,
+  lmfleet:host_kv_cache_usage_perc, lmfleet:num_sessions,
   lmfleet:replica_healthy
 Each Router has its own CollectorRegistry, so several routers in one process (tests,
 `lmfleet serve`) never share or clash.
@@ -93,12 +95,18 @@ class _LoadReportCollector(Collector):
             "num_requests_waiting": "Requests waiting on the replica.",
             "num_requests_swapped": "Requests whose KV is swapped to host memory.",
             "kv_cache_usage_perc": "Fraction of device KV blocks in use (0-1).",
+            "host_kv_cache_usage_perc": "Fraction of host-memory KV blocks in use (0-1).",
+            "num_sessions": "Chat sessions whose KV the replica keeps.",
             "replica_healthy": "1 if the replica answered its last load poll.",
         }
         counters = {
             "num_preemptions": "Preemptions on the replica.",
             "prefix_cache_queries": "Prefix-cache queried tokens.",
             "prefix_cache_hits": "Prefix-cache hit tokens.",
+            "swap_out_blocks": "KV blocks swapped out to host memory.",
+            "swap_in_blocks": "KV blocks swapped in from host memory.",
+            "swap_out_bytes": "Bytes of KV swapped out to host memory.",
+            "swap_in_bytes": "Bytes of KV swapped in from host memory.",
         }
         families = {n: GaugeMetricFamily(PREFIX + n, h, labels=labels) for n, h in gauges.items()}
         families.update({n: CounterMetricFamily(PREFIX + n, h, labels=labels)
@@ -131,6 +139,12 @@ class _LoadReportCollector(Collector):
                 families["num_preemptions"].add_metric(values, load.num_preemptions)
                 families["prefix_cache_queries"].add_metric(values, load.prefix_cache_queries)
                 families["prefix_cache_hits"].add_metric(values, load.prefix_cache_hits)
+                families["host_kv_cache_usage_perc"].add_metric(values, load.host_kv_cache_usage)
+                families["num_sessions"].add_metric(values, load.num_sessions)
+                families["swap_out_blocks"].add_metric(values, load.num_swap_out_blocks)
+                families["swap_in_blocks"].add_metric(values, load.num_swap_in_blocks)
+                families["swap_out_bytes"].add_metric(values, load.swap_out_bytes)
+                families["swap_in_bytes"].add_metric(values, load.swap_in_bytes)
                 for queue in load.queues:
                     queue_running.add_metric([*values, queue.name], queue.num_running)
                     queue_waiting.add_metric([*values, queue.name], queue.num_waiting)

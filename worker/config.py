@@ -24,6 +24,27 @@ _DTYPES = {
 }
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
+               "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(text: str | int) -> int:
+    """'4GiB', '512MB', '1e9' or an int -> bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    number = value.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = value[len(number):].strip()
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if unit not in _SIZE_UNITS or amount < 0:
+        raise ValueError(f"invalid size {text!r}: use bytes or a unit like 512MiB, 4GiB")
+    return int(amount * _SIZE_UNITS[unit])
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in _DTYPES.values():

@@ -173,3 +173,11 @@ class LLMEngine:
     @property
     def kv_usage(self) -> float:
         return self.kv_manager.usage
+
+    def queue_loads(self) -> list[tuple[str, int, int]]:
+        """(queue name, running, waiting) for each scheduler queue."""
+        sizes = getattr(self.scheduler, "queue_sizes", None)
+        if sizes is None:
+            return [(self.config.scheduler.policy, self.num_running, self.num_waiting)]
+        return [(f"mlfq-q{level}", running, waiting)
+                for level, (running, waiting) in enumerate(sizes())]

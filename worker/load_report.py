@@ -35,6 +35,16 @@ class LoadSnapshot:
     prefix_cache_queries: int = 0  # tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # tokens found there
     num_generated_tokens: int = 0  # since the engine started
+    # (queue name, running, waiting) per scheduler queue (one for fcfs, k for mlfq).
+    queues: tuple[tuple[str, int, int], ...] = ()
+    num_swap_out_blocks: int = 0
+    num_swap_in_blocks: int = 0
+    block_bytes: int = 0
+    num_used_host_blocks: int = 0
+    num_total_host_blocks: int = 0
+    num_sessions: int = 0
+    scheduler: str = "fcfs"
+    cost_model: Optional[dict] = None
     # (whole second on the monotonic clock, tokens generated in it), oldest first.
     token_buckets: tuple[tuple[int, int], ...] = ()
     started_at: float = 0.0  # monotonic time the rate window began counting
@@ -91,6 +101,15 @@ def snapshot_engine(engine, rate: TokenRateWindow) -> LoadSnapshot:
         prefix_cache_queries=kv.prefix_stats.queries,
         prefix_cache_hits=kv.prefix_stats.hits,
         num_generated_tokens=engine.num_generated_tokens,
+        queues=tuple(engine.queue_loads()),
+        num_swap_out_blocks=kv.swap_stats.num_swap_out_blocks,
+        num_swap_in_blocks=kv.swap_stats.num_swap_in_blocks,
+        block_bytes=engine.runner.kv_block_bytes,
+        num_used_host_blocks=kv.num_used_host_blocks,
+        num_total_host_blocks=kv.num_host_blocks,
+        num_sessions=len(engine.sessions),
+        scheduler=engine.config.scheduler.policy,
+        cost_model=engine.cost_model.as_dict() if engine.cost_model else None,
         token_buckets=rate.buckets(),
         started_at=rate.started_at,
     )

@@ -166,9 +166,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             prefix_cache_queries=load.prefix_cache_queries,
             prefix_cache_hits=load.prefix_cache_hits,
             draining=self._draining,
-            queues=[worker_pb2.QueueLoad(name=self._engine.scheduler_policy,
-                                         num_running=load.num_running,
-                                         num_waiting=load.num_waiting)],
+            queues=[worker_pb2.QueueLoad(name=name, num_running=running, num_waiting=waiting)
+                    for name, running, waiting in load.queues],
+            num_swap_out_blocks=load.num_swap_out_blocks,
+            num_swap_in_blocks=load.num_swap_in_blocks,
+            swap_out_bytes=load.num_swap_out_blocks * load.block_bytes,
+            swap_in_bytes=load.num_swap_in_blocks * load.block_bytes,
+            host_kv_cache_usage=(load.num_used_host_blocks / load.num_total_host_blocks
+                                 if load.num_total_host_blocks else 0.0),
+            num_total_host_blocks=load.num_total_host_blocks,
+            num_sessions=load.num_sessions,
+            scheduler=load.scheduler,
+            cost_model=worker_pb2.CostModel(**load.cost_model) if load.cost_model else None,
         )
 
     async def Drain(self, request: worker_pb2.DrainRequest, context) -> worker_pb2.DrainResponse:

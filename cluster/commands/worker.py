@@ -45,7 +45,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="context length (default: the model's)")
-    p.add_argument("--scheduler", default="fcfs", help="scheduling policy")
+    p.add_argument("--scheduler", default="fcfs", choices=("fcfs", "mlfq"),
+                   help="fcfs, or mlfq (skip-join MLFQ, FastServe)")
+    p.add_argument("--host-kv-memory", default=None, metavar="SIZE",
+                   help="host-memory KV tier for swapped-out requests and idle chat sessions, "
+                   "e.g. 4GiB (default: none; preemption then recomputes)")
+    p.add_argument("--mlfq-starvation-s", type=float, default=None, metavar="S",
+                   help="MLFQ: promote a job that has not run for S seconds (default 3)")
+    p.add_argument("--mlfq-base-quantum-s", type=float, default=None, metavar="S",
+                   help="MLFQ: quantum of the top queue (default: from the cost model)")
+    p.add_argument("--session-ttl-s", type=float, default=None, metavar="S",
+                   help="keep an idle chat session's KV this long (default 600)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM/SIGINT, seconds to let in-flight requests finish")
     p.set_defaults(func=run)
@@ -55,10 +65,14 @@ def engine_options(args: argparse.Namespace) -> dict:
     """Engine options from the command line; unset ones are left to the engine."""
     options = {"device": args.device, "dtype": args.dtype, "policy": args.scheduler}
     for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size",
-                 "max_model_len"):
+                 "max_model_len", "mlfq_starvation_s", "mlfq_base_quantum_s", "session_ttl_s"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
+    if args.host_kv_memory is not None:
+        from lmfleet.worker.config import parse_size
+
+        options["host_kv_memory_bytes"] = parse_size(args.host_kv_memory)
     return options
 
 

@@ -138,7 +138,7 @@ class QueueLoad(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_swapped", "kv_cache_usage", "num_free_blocks", "num_total_blocks", "generation_tokens_per_second", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "draining", "queues")
+    __slots__ = ("num_running", "num_waiting", "num_swapped", "kv_cache_usage", "num_free_blocks", "num_total_blocks", "generation_tokens_per_second", "num_preemptions", "prefix_cache_queries", "prefix_cache_hits", "draining", "queues", "num_swap_out_blocks", "num_swap_in_blocks", "swap_out_bytes", "swap_in_bytes", "host_kv_cache_usage", "num_total_host_blocks", "num_sessions", "scheduler", "cost_model")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_SWAPPED_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,15 @@ class LoadReport(_message.Message):
     PREFIX_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     QUEUES_FIELD_NUMBER: _ClassVar[int]
+    NUM_SWAP_OUT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SWAP_IN_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    SWAP_OUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SWAP_IN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOTAL_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_swapped: int
@@ -163,7 +172,30 @@ class LoadReport(_message.Message):
     prefix_cache_hits: int
     draining: bool
     queues: _containers.RepeatedCompositeFieldContainer[QueueLoad]
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_swapped: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., generation_tokens_per_second: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., draining: _Optional[bool] = ..., queues: _Optional[_Iterable[_Union[QueueLoad, _Mapping]]] = ...) -> None: ...
+    num_swap_out_blocks: int
+    num_swap_in_blocks: int
+    swap_out_bytes: int
+    swap_in_bytes: int
+    host_kv_cache_usage: float
+    num_total_host_blocks: int
+    num_sessions: int
+    scheduler: str
+    cost_model: CostModel
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_swapped: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., generation_tokens_per_second: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., draining: _Optional[bool] = ..., queues: _Optional[_Iterable[_Union[QueueLoad, _Mapping]]] = ..., num_swap_out_blocks: _Optional[int] = ..., num_swap_in_blocks: _Optional[int] = ..., swap_out_bytes: _Optional[int] = ..., swap_in_bytes: _Optional[int] = ..., host_kv_cache_usage: _Optional[float] = ..., num_total_host_blocks: _Optional[int] = ..., num_sessions: _Optional[int] = ..., scheduler: _Optional[str] = ..., cost_model: _Optional[_Union[CostModel, _Mapping]] = ...) -> None: ...
+
+class CostModel(_message.Message):
+    __slots__ = ("prefill_base_s", "prefill_per_token_s", "decode_base_s", "decode_per_seq_s", "decode_per_ctx_token_s")
+    PREFILL_BASE_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_PER_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_BASE_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_PER_SEQ_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_PER_CTX_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    prefill_base_s: float
+    prefill_per_token_s: float
+    decode_base_s: float
+    decode_per_seq_s: float
+    decode_per_ctx_token_s: float
+    def __init__(self, prefill_base_s: _Optional[float] = ..., prefill_per_token_s: _Optional[float] = ..., decode_base_s: _Optional[float] = ..., decode_per_seq_s: _Optional[float] = ..., decode_per_ctx_token_s: _Optional[float] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("timeout_seconds",)
