@@ -48,6 +48,9 @@ def run_engine(model_dir, prompts, max_tokens: int, **options) -> list[list[int]
         for output in engine.step():
             if output.finished:
                 results[output.request_id] = output.output_token_ids
+    if options.get("host_kv_memory_bytes"):
+        # The run must really have swapped, or the test proves nothing.
+        assert engine.kv_manager.swap_stats.num_swap_in_blocks > 0
     return [results[str(i)] for i in range(len(prompts))]
 
 
@@ -73,3 +76,16 @@ def test_cuda_bfloat16_runs_and_mostly_agrees(model_dir, prompts):
     # bf16 rounding may flip a near-tie, but the first greedy token rarely moves.
     agree = sum(a[0] == b[0] for a, b in zip(fp32, bf16, strict=True))
     assert agree >= len(prompts) * 3 // 4, f"only {agree}/{len(prompts)} first tokens agree"
+
+
+def test_cuda_mlfq_with_swapping_equals_cpu(model_dir, prompts):
+    """Constant MLFQ preemption with KV swapped to pinned host memory and back, on the
+    side stream (overlapped) and synchronously: tokens equal the plain CPU run."""
+    cpu = run_engine(model_dir, prompts, 16, device="cpu", dtype="float32")
+    squeeze = dict(policy="mlfq", mlfq_base_quantum_s=1e-6, mlfq_num_queues=3,
+                   mlfq_starvation_s=1e9, max_num_seqs=4, num_kv_blocks=14,
+                   kv_headroom_blocks=2, host_kv_memory_bytes=64 << 20)
+    for overlap in (True, False):
+        engine_outputs = run_engine(model_dir, prompts, 16, device="cuda", dtype="float32",
+                                    swap_overlap=overlap, **squeeze)
+        assert engine_outputs == cpu, f"swap_overlap={overlap}"
