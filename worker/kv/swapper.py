@@ -4,14 +4,17 @@ Layouts: device storage (L, 2, num_blocks, block_size, kv_heads, D) and host sto
 (num_host_blocks, L, 2, block_size, kv_heads, D), so one indexing op moves a block of
 every layer at once.
 
-On CUDA the copies run on a side stream through pinned staging buffers:
-- swap-out: gather the device blocks into a staging tensor (the forward pass waits only
-  for this gather, since the freed device blocks may be reused in the same step), then
-  copy it device->host while the forward pass runs; the host-side scatter into the host
-  tier happens when the copy has finished (at the latest, before any swap-in);
-- swap-in: gather host blocks into pinned memory, copy host->device and scatter into the
-  device blocks on the side stream; the forward pass waits for it.
-With `overlap=False` (and always on CPU) every copy is synchronous on the main stream.
+On CUDA the host storage is pinned and copies go straight between it and a device-side
+staging tensor, one DMA per run of consecutive host block ids (the host pool hands out
+ids in order, so runs are long); no CPU-side copy touches the data. With `overlap`
+they run on a side stream:
+- swap-out: gather the device blocks into staging (the forward pass waits only for this
+  gather, since the freed device blocks may be reused in the same step), then copy
+  staging to host while the forward pass runs;
+- swap-in: copy host runs into staging, scatter into the device blocks; the forward
+  pass waits for it.
+Side-stream order keeps a swap-in behind any earlier swap-out of the same host blocks.
+Without overlap (and always on CPU) the same copies run synchronously.
 """
 
 from __future__ import annotations
@@ -20,6 +23,18 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+
+def consecutive_runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """(offset in ids, first id, length) of each run of consecutive ids."""
+    runs: list[tuple[int, int, int]] = []
+    for offset, block_id in enumerate(ids):
+        if runs and runs[-1][1] + runs[-1][2] == block_id:
+            first_offset, first_id, length = runs[-1]
+            runs[-1] = (first_offset, first_id, length + 1)
+        else:
+            runs.append((offset, block_id, 1))
+    return runs
 
 
 @dataclass
@@ -33,13 +48,6 @@ class SwapCounters:
 
 
 @dataclass
-class _PendingHostWrite:
-    event: object
-    staging: torch.Tensor  # pinned (n, L, 2, bs, H, D)
-    host_ids: torch.Tensor  # (n,) int64 on CPU
-
-
-@dataclass
 class KVSwapper:
     device_storage: torch.Tensor  # (L, 2, N, bs, H, D)
     host_storage: torch.Tensor  # (Nh, L, 2, bs, H, D)
@@ -50,7 +58,7 @@ class KVSwapper:
         self.device = self.device_storage.device
         self.use_stream = self.overlap and self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.use_stream else None
-        self._pending: list[_PendingHostWrite] = []
+        self._pending: list[torch.cuda.Event] = []
         self.block_bytes = self.device_storage[:, :, 0].numel() * self.device_storage.itemsize
 
     def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
@@ -61,7 +69,6 @@ class KVSwapper:
         if swap_out:
             self._swap_out(swap_out)
         if swap_in:
-            self.finish_pending()  # a swap-in may read host blocks still being written
             self._swap_in(swap_in)
         self.counters.num_swap_out_blocks += len(swap_out)
         self.counters.num_swap_in_blocks += len(swap_in)
@@ -70,48 +77,59 @@ class KVSwapper:
         self.counters.seconds += time.perf_counter() - start
 
     def finish_pending(self) -> None:
-        """Complete device->host copies still in flight (scatter them into the host tier)."""
-        for pending in self._pending:
-            pending.event.synchronize()
-            self.host_storage.index_copy_(0, pending.host_ids, pending.staging)
+        """Wait for device->host copies still in flight (only needed before the host tier
+        is read outside the side stream, e.g. by tests and benchmarks)."""
+        for event in self._pending:
+            event.synchronize()
         self._pending.clear()
 
     def _swap_out(self, pairs: list[tuple[int, int]]) -> None:
         device_ids = torch.tensor([d for d, _ in pairs], device=self.device)
-        host_ids = torch.tensor([h for _, h in pairs])
-        if not self.use_stream:
+        host_ids = [h for _, h in pairs]
+        if self.device.type != "cuda":
             blocks = self.device_storage.index_select(2, device_ids)  # (L, 2, n, bs, H, D)
-            self.host_storage.index_copy_(0, host_ids, blocks.permute(2, 0, 1, 3, 4, 5).cpu())
+            self.host_storage.index_copy_(0, torch.tensor(host_ids),
+                                          blocks.permute(2, 0, 1, 3, 4, 5))
             return
         main = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(main)  # the blocks' KV was written by earlier forwards
-        with torch.cuda.stream(self.stream):
+        stream = self.stream or main
+        if self.stream is not None:
+            stream.wait_stream(main)  # the blocks' KV was written by earlier forwards
+        with torch.cuda.stream(stream):
             gathered = self.device_storage.index_select(2, device_ids)
-            gathered = gathered.permute(2, 0, 1, 3, 4, 5).contiguous()  # (n, L, 2, bs, H, D)
+            staging = gathered.permute(2, 0, 1, 3, 4, 5).contiguous()  # (n, L, 2, bs, H, D)
             gather_done = torch.cuda.Event()
-            gather_done.record(self.stream)
-            staging = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
-            staging.copy_(gathered, non_blocking=True)
+            gather_done.record(stream)
+            for offset, first, length in consecutive_runs(host_ids):
+                self.host_storage[first:first + length].copy_(
+                    staging[offset:offset + length], non_blocking=self.stream is not None)
             copy_done = torch.cuda.Event()
-            copy_done.record(self.stream)
-        gathered.record_stream(self.stream)
-        main.wait_event(gather_done)
-        self._pending.append(_PendingHostWrite(copy_done, staging, host_ids))
+            copy_done.record(stream)
+        if self.stream is not None:
+            staging.record_stream(stream)
+            main.wait_event(gather_done)
+            self._pending.append(copy_done)
 
     def _swap_in(self, pairs: list[tuple[int, int]]) -> None:
-        host_ids = torch.tensor([h for h, _ in pairs])
+        host_ids = [h for h, _ in pairs]
         device_ids = torch.tensor([d for _, d in pairs], device=self.device)
-        blocks = self.host_storage.index_select(0, host_ids)  # (n, L, 2, bs, H, D)
-        if not self.use_stream:
-            moved = blocks.to(self.device).permute(1, 2, 0, 3, 4, 5)
-            self.device_storage.index_copy_(2, device_ids, moved)
+        if self.device.type != "cuda":
+            blocks = self.host_storage.index_select(0, torch.tensor(host_ids))
+            self.device_storage.index_copy_(2, device_ids, blocks.permute(1, 2, 0, 3, 4, 5))
             return
-        staging = blocks.pin_memory()
         main = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
-            moved = staging.to(self.device, non_blocking=True).permute(1, 2, 0, 3, 4, 5)
-            self.device_storage.index_copy_(2, device_ids, moved)
+        stream = self.stream or main
+        if self.stream is not None:
+            stream.wait_stream(main)
+        with torch.cuda.stream(stream):
+            staging = torch.empty((len(pairs), *self.host_storage.shape[1:]),
+                                  dtype=self.host_storage.dtype, device=self.device)
+            for offset, first, length in consecutive_runs(host_ids):
+                staging[offset:offset + length].copy_(self.host_storage[first:first + length],
+                                                      non_blocking=self.stream is not None)
+            self.device_storage.index_copy_(2, device_ids, staging.permute(1, 2, 0, 3, 4, 5))
             done = torch.cuda.Event()
-            done.record(self.stream)
-        main.wait_event(done)
+            done.record(stream)
+        if self.stream is not None:
+            staging.record_stream(stream)
+            main.wait_event(done)
