@@ -1,0 +1,89 @@
+"""The heavy-tailed scheduling workload, shared by the real-engine run and the simulator.
+
+Poisson arrivals; prompt lengths uniform in `prompt_len`; output lengths bimodal: a
+`short_fraction` of jobs draw from `short_output`, the rest from `long_output` (uniform,
+inclusive). Output lengths are enforced by the caller (min_tokens = max_tokens), and are
+never shown to the scheduler.
+
+Capacity (requests/s a saturated engine completes) is derived from the calibrated cost
+model under the same step-time rule the simulator uses (`step_time`): a saturated engine
+decodes a full batch of `max_num_seqs` every step, and each request adds its prefill tokens
+once to some step.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+from lmfleet.worker.scheduler.cost_model import CostModel
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+
+    @property
+    def is_long(self) -> bool:
+        return self.output_len > LONG_THRESHOLD
+
+
+# Anything above this many output tokens counts as a long job in the per-class numbers.
+LONG_THRESHOLD = 64
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    short_fraction: float = 0.8
+    short_output: tuple[int, int] = (8, 24)
+    long_output: tuple[int, int] = (128, 256)
+    prompt_len: tuple[int, int] = (16, 160)
+
+    @property
+    def mean_output_len(self) -> float:
+        mean = lambda r: (r[0] + r[1]) / 2  # noqa: E731
+        return (self.short_fraction * mean(self.short_output)
+                + (1 - self.short_fraction) * mean(self.long_output))
+
+    @property
+    def mean_prompt_len(self) -> float:
+        return sum(self.prompt_len) / 2
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_jobs(spec: WorkloadSpec, num_jobs: int, rate_per_s: float, seed: int) -> list[Job]:
+    """`num_jobs` jobs with Poisson arrivals at `rate_per_s`, the first at t=0."""
+    rng = random.Random(seed)
+    jobs, now = [], 0.0
+    for index in range(num_jobs):
+        short = rng.random() < spec.short_fraction
+        low, high = spec.short_output if short else spec.long_output
+        jobs.append(Job(f"r{index}", now, rng.randint(*spec.prompt_len), rng.randint(low, high)))
+        now += rng.expovariate(rate_per_s)
+    return jobs
+
+
+def step_time(cost: CostModel, num_decodes: int, decode_context: int,
+              num_prefill_tokens: int) -> float:
+    """One engine step: a forward pass over decodes and prefill chunks together. A mixed
+    step pays the decode step's fixed cost once plus the prefill tokens' marginal cost."""
+    if num_decodes == 0:
+        return cost.prefill_time(num_prefill_tokens)
+    return (cost.decode_step_time(num_decodes, decode_context)
+            + cost.prefill_per_token_s * num_prefill_tokens)
+
+
+def capacity_per_s(cost: CostModel, spec: WorkloadSpec, max_num_seqs: int) -> float:
+    """Requests per second a saturated engine completes (see the module docstring)."""
+    batch = max_num_seqs
+    mean_context = spec.mean_prompt_len + spec.mean_output_len / 2
+    per_decode = step_time(cost, batch, int(batch * mean_context), 0) / batch
+    # The first output token comes from the prefill step, the rest from decode steps.
+    per_request = (spec.mean_output_len - 1) * per_decode \
+        + cost.prefill_per_token_s * spec.mean_prompt_len
+    return 1.0 / per_request
