@@ -24,10 +24,9 @@ Message = dict[str, Any]
 
 
 def _child_seed(seed: Optional[int], index: int) -> Optional[int]:
-    # Completion i of n must differ from completion j, yet stay reproducible per seed.
-    if seed is None or index == 0:
-        return seed
-    return (seed * 0x9E3779B1 + index) % (1 << 63)
+    # Completion i of n uses seed + i: they differ, stay reproducible, and match what the
+    # router sends for n > 1, so offline and served seeded outputs agree.
+    return None if seed is None else seed + index
 
 
 class LLM:
