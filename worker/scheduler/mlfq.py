@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
@@ -189,7 +190,13 @@ class MLFQScheduler(Scheduler):
         lower-priority jobs that are not chosen this step if needed. Returns the tokens to
         schedule (fewer after a prefix hit), or None if it does not fit."""
         kv = self.kv_manager
-        while kv.num_free_blocks < self._blocks_needed(request, num_new_tokens):
+        needed = self._blocks_needed(request, num_new_tokens)
+        if kv.num_free_blocks < needed and \
+                self._free_blocks_after_evicting_all(order, chosen, request) < needed:
+            # Evicting cannot make room: leave everyone's KV in place (evicting anyway
+            # would swap a job out and prefetch it back, or discard its KV, every step).
+            return None
+        while kv.num_free_blocks < needed:
             victim = self._eviction_candidate(order, chosen, exclude=request)
             if victim is None:
                 return None
@@ -206,6 +213,17 @@ class MLFQScheduler(Scheduler):
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = request.num_computed_tokens
         return num_new_tokens
+
+    def _free_blocks_after_evicting_all(self, order: list[Request], chosen: set[str],
+                                        exclude: Request) -> int:
+        """Free device blocks if every eviction candidate went (a block shared through the
+        prefix cache is freed only when all of its holders go)."""
+        holders = Counter(block_id for request in order
+                          if request is not exclude and request.request_id not in chosen
+                          for block_id in request.block_ids)
+        pool = self.kv_manager.pool
+        return self.kv_manager.num_free_blocks + sum(
+            1 for block_id, count in holders.items() if pool.ref_counts[block_id] == count)
 
     def _eviction_candidate(self, order: list[Request], chosen: set[str],
                             exclude: Request) -> Optional[Request]:
