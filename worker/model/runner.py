@@ -22,7 +22,11 @@ from lmfleet.worker.kv.manager import blocks_for_tokens
 from lmfleet.worker.kv.swapper import KVSwapper
 from lmfleet.worker.model.arch import ArchConfig
 from lmfleet.worker.model.attention.base import AttentionMetadata, KVCache
-from lmfleet.worker.model.attention.torch_ref import TorchAttention
+from lmfleet.worker.model.attention.torch_ref import (
+    TorchAttention,
+    build_decode_mask,
+    build_prefill_mask,
+)
 from lmfleet.worker.model.loader import load_model
 from lmfleet.worker.model.sampler import SamplingBatch, sample
 from lmfleet.worker.request import Request, TokenLogprobs
@@ -80,7 +84,7 @@ class ModelRunner:
         # 0, which is only harmless if they hold finite values.
         self.kv_storage = torch.zeros((self.arch.num_layers, 2, self.num_blocks, *block_shape),
                                       dtype=self.dtype, device=self.device)
-        self.kv_caches = [KVCache(self.kv_storage[layer, 0], self.kv_storage[layer, 1])
+        self.kv_caches = [KVCache(self.kv_storage[layer])
                           for layer in range(self.arch.num_layers)]
         self.num_host_blocks = config.cache.host_kv_memory_bytes // self.kv_block_bytes
         self.swapper: Optional[KVSwapper] = None
@@ -205,17 +209,25 @@ class ModelRunner:
             query_mask[i, :query_len] = True
             offset += query_len
         to_device = lambda a: torch.as_tensor(a).to(self.device)  # noqa: E731
+        decode_seq_lens = to_device(np.asarray(decode_lens, dtype=np.int64))
+        prefill_seq_lens = to_device(np.asarray(prefill_lens, dtype=np.int64))
+        prefill_query_mask = to_device(query_mask)
+        max_prefill_len = max(prefill_lens, default=0)
         return AttentionMetadata(
             slot_mapping=slots,
             block_size=self.block_size,
             num_decode_tokens=len(decodes),
             decode_block_tables=decode_tables,
-            decode_seq_lens=to_device(np.asarray(decode_lens, dtype=np.int64)),
+            decode_seq_lens=decode_seq_lens,
+            decode_mask=build_decode_mask(decode_seq_lens,
+                                          decode_tables.shape[1] * self.block_size),
             prefill_query_lens=query_lens,
             prefill_block_tables=prefill_tables,
-            prefill_seq_lens=to_device(np.asarray(prefill_lens, dtype=np.int64)),
+            prefill_seq_lens=prefill_seq_lens,
             prefill_max_query_len=max_query,
-            prefill_max_seq_len=max(prefill_lens, default=0),
+            prefill_max_seq_len=max_prefill_len,
             prefill_token_index=to_device(token_index),
-            prefill_query_mask=to_device(query_mask),
+            prefill_query_mask=prefill_query_mask,
+            prefill_mask=build_prefill_mask(prefill_seq_lens, prefill_query_mask,
+                                            max_prefill_len),
         )

@@ -21,10 +21,18 @@ import torch
 
 @dataclass
 class KVCache:
-    """One layer's paged cache: key and value, each (num_blocks, block_size, kv_heads, D)."""
+    """One layer's paged cache: key and value (num_blocks, block_size, kv_heads, D), views
+    of `stacked` (2, num_blocks, block_size, kv_heads, D) so both move in one op."""
 
-    key: torch.Tensor
-    value: torch.Tensor
+    stacked: torch.Tensor
+
+    @property
+    def key(self) -> torch.Tensor:
+        return self.stacked[0]
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.stacked[1]
 
 
 @dataclass
@@ -37,6 +45,8 @@ class AttentionMetadata:
     num_decode_tokens: int
     decode_block_tables: torch.Tensor  # (Bd, max_blocks) int64, padded with 0
     decode_seq_lens: torch.Tensor  # (Bd,) int64 context length including the new token
+    # (Bd, 1, 1, L) key positions each decode may see (built once per step, not per layer).
+    decode_mask: torch.Tensor
     # Prefill part: requests with one or more new tokens whose context may be cached.
     prefill_query_lens: list[int]  # new tokens per prefill request
     prefill_block_tables: torch.Tensor  # (Bp, max_blocks) int64, padded with 0
@@ -47,6 +57,8 @@ class AttentionMetadata:
     # and the mask of real entries; built once so layers gather without Python loops.
     prefill_token_index: torch.Tensor
     prefill_query_mask: torch.Tensor  # (Bp, max_query_len) bool
+    # (Bp, 1, max_query_len, max_seq_len) causal mask with each request's offset.
+    prefill_mask: torch.Tensor
 
     @property
     def num_prefills(self) -> int:

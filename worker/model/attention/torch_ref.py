@@ -14,17 +14,40 @@ from lmfleet.worker.model.attention.base import AttentionBackend, AttentionMetad
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor):
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    kv_cache.key.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    kv_cache.value.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    """Store the step's k, v (T, Hkv, D) at their slots, both in one indexed copy."""
+    two, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.stacked.shape
+    slots = kv_cache.stacked.view(two, num_blocks * block_size, num_kv_heads, head_dim)
+    slots.index_copy_(1, slot_mapping, torch.stack((k, v)))  # (2, T, Hkv, D)
 
 
-def gather_context(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
-    """cache (N, bs, Hkv, D), block_tables (B, nb) -> (B, Hkv, max_len, D)."""
+def gather_context(kv_cache: KVCache, block_tables: torch.Tensor, max_len: int):
+    """block_tables (B, nb) -> keys, values (B, Hkv, max_len, D), gathered in one op."""
     batch, num_table_blocks = block_tables.shape
-    gathered = cache[block_tables]  # (B, nb, bs, Hkv, D)
-    gathered = gathered.view(batch, num_table_blocks * cache.shape[1], *cache.shape[2:])
-    return gathered[:, :max_len].transpose(1, 2)  # (B, Hkv, L, D)
+    stacked = kv_cache.stacked
+    gathered = stacked[:, block_tables]  # (2, B, nb, bs, Hkv, D)
+    gathered = gathered.view(2, batch, num_table_blocks * stacked.shape[2], *stacked.shape[3:])
+    gathered = gathered[:, :, :max_len].transpose(2, 3)  # (2, B, Hkv, L, D)
+    return gathered[0], gathered[1]
+
+
+def build_decode_mask(seq_lens: torch.Tensor, max_len: int) -> torch.Tensor:
+    """seq_lens (Bd,) -> (Bd, 1, 1, L): key j visible iff j < seq_len."""
+    positions = torch.arange(max_len, device=seq_lens.device)  # (L,)
+    return (positions[None, :] < seq_lens[:, None])[:, None, None, :]
+
+
+def build_prefill_mask(seq_lens: torch.Tensor, query_mask: torch.Tensor,
+                       max_len: int) -> torch.Tensor:
+    """(Bp,) context lengths and (Bp, Q) real-query mask -> (Bp, 1, Q, L) causal mask."""
+    query_lens = query_mask.sum(dim=1)  # (Bp,)
+    # Absolute position of each query row: the new tokens are the last ones.
+    query_pos = (seq_lens - query_lens)[:, None] + torch.arange(
+        query_mask.shape[1], device=seq_lens.device)[None, :]  # (Bp, Q)
+    key_pos = torch.arange(max_len, device=seq_lens.device)  # (L,)
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # (Bp, Q, L)
+    # Padding rows would see nothing (NaN from softmax); let them see key 0.
+    mask = mask & query_mask[:, :, None] | (key_pos == 0)[None, None, :]
+    return mask[:, None]
 
 
 class TorchAttention(AttentionBackend):
@@ -36,50 +59,22 @@ class TorchAttention(AttentionBackend):
         out = torch.empty_like(q)  # (T, Hq, D)
         num_decode = metadata.num_decode_tokens
         if num_decode:
-            out[:num_decode] = self._decode(q[:num_decode], kv_cache, metadata, scale)
+            max_len = metadata.decode_mask.shape[-1]
+            keys, values = gather_context(kv_cache, metadata.decode_block_tables, max_len)
+            attn = F.scaled_dot_product_attention(
+                q[:num_decode, :, None, :],  # (Bd, Hq, 1, D)
+                keys, values, attn_mask=metadata.decode_mask, scale=scale, enable_gqa=True,
+            )  # (Bd, Hq, 1, D)
+            out[:num_decode] = attn[:, :, 0, :]
         if metadata.num_prefills:
-            self._prefill(q[num_decode:], kv_cache, metadata, scale, out[num_decode:])
+            keys, values = gather_context(kv_cache, metadata.prefill_block_tables,
+                                          metadata.prefill_max_seq_len)
+            index = metadata.prefill_token_index  # (Bp, Q)
+            query_mask = metadata.prefill_query_mask  # (Bp, Q)
+            q_padded = q[num_decode:][index].transpose(1, 2)  # (Bp, Hq, Q, D)
+            attn = F.scaled_dot_product_attention(
+                q_padded, keys, values, attn_mask=metadata.prefill_mask, scale=scale,
+                enable_gqa=True,
+            ).transpose(1, 2)  # (Bp, Q, Hq, D)
+            out[num_decode:][index[query_mask]] = attn[query_mask]
         return out
-
-    @staticmethod
-    def _decode(q: torch.Tensor, kv_cache: KVCache, metadata: AttentionMetadata,
-                scale: float) -> torch.Tensor:
-        seq_lens = metadata.decode_seq_lens  # (Bd,)
-        max_len = int(metadata.decode_block_tables.shape[1] * metadata.block_size)
-        keys = gather_context(kv_cache.key, metadata.decode_block_tables, max_len)
-        values = gather_context(kv_cache.value, metadata.decode_block_tables, max_len)
-        positions = torch.arange(max_len, device=q.device)  # (L,)
-        mask = positions[None, :] < seq_lens[:, None]  # (Bd, L)
-        out = F.scaled_dot_product_attention(
-            q[:, :, None, :],  # (Bd, Hq, 1, D)
-            keys,
-            values,
-            attn_mask=mask[:, None, None, :],  # (Bd, 1, 1, L)
-            scale=scale,
-            enable_gqa=True,
-        )  # (Bd, Hq, 1, D)
-        return out[:, :, 0, :]
-
-    @staticmethod
-    def _prefill(q: torch.Tensor, kv_cache: KVCache, metadata: AttentionMetadata,
-                 scale: float, out: torch.Tensor) -> None:
-        max_len = metadata.prefill_max_seq_len
-        keys = gather_context(kv_cache.key, metadata.prefill_block_tables, max_len)
-        values = gather_context(kv_cache.value, metadata.prefill_block_tables, max_len)
-        index = metadata.prefill_token_index  # (Bp, Q)
-        query_mask = metadata.prefill_query_mask  # (Bp, Q)
-        q_padded = q[index].transpose(1, 2)  # (Bp, Hq, Q, D)
-        seq_lens = metadata.prefill_seq_lens  # (Bp,)
-        query_lens = query_mask.sum(dim=1)  # (Bp,)
-        # Absolute position of each query row: the new tokens are the last ones.
-        query_pos = (seq_lens - query_lens)[:, None] + torch.arange(
-            index.shape[1], device=q.device)[None, :]  # (Bp, Q)
-        key_pos = torch.arange(max_len, device=q.device)  # (L,)
-        mask = key_pos[None, None, :] <= query_pos[:, :, None]  # (Bp, Q, L)
-        # Padding rows would see nothing (NaN from softmax); let them see key 0.
-        mask = mask & query_mask[:, :, None] | (key_pos == 0)[None, None, :]
-        attn = F.scaled_dot_product_attention(
-            q_padded, keys, values, attn_mask=mask[:, None], scale=scale, enable_gqa=True
-        )  # (Bp, Hq, Q, D)
-        attn = attn.transpose(1, 2)  # (Bp, Q, Hq, D)
-        out[index[query_mask]] = attn[query_mask]
