@@ -69,15 +69,21 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def suppress_stop_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Before min_tokens outputs exist, EOS and stop_token_ids cannot be sampled."""
+    vocab = logits.shape[1]
+    rows, columns = [], []
     for row, request in enumerate(batch.requests):
         params = request.sampling_params
         if request.num_output_tokens < params.min_tokens:
             banned = set(params.stop_token_ids)
             if not params.ignore_eos:
                 banned.update(batch.eos_token_ids)
-            banned = [t for t in banned if t < logits.shape[1]]
-            if banned:
-                logits[row, banned] = _NEG_INF
+            banned = [t for t in banned if t < vocab]
+            rows.extend([row] * len(banned))
+            columns.extend(banned)
+    if rows:
+        # One indexed write for the whole batch instead of one per row.
+        logits[torch.tensor(rows, device=logits.device),
+               torch.tensor(columns, device=logits.device)] = _NEG_INF
     return logits
 
 
