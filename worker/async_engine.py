@@ -35,7 +35,7 @@ from typing import Optional, Union
 
 from lmfleet.worker.engine import LLMEngine
 from lmfleet.worker.load_report import LoadSnapshot, TokenRateWindow, snapshot_engine
-from lmfleet.worker.request import Request, RequestOutput
+from lmfleet.worker.request import Request, RequestOutput, validate_prompt
 from lmfleet.worker.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -199,17 +199,7 @@ class AsyncEngine:
 
     def _check_prompt(self, prompt_token_ids: list[int]) -> None:
         # Same rules as LLMEngine.validate, from facts that never change after start-up.
-        if not prompt_token_ids:
-            raise ValueError("prompt is empty: at least one token is required")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt_token_ids)} tokens but the model's context is "
-                f"{self.max_model_len} tokens (room for at least one generated token is needed)")
-        for token_id in prompt_token_ids:
-            if isinstance(token_id, bool) or not isinstance(token_id, int) or not (
-                    0 <= token_id < self.vocab_size):
-                raise ValueError(f"prompt token id {token_id!r} is outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
+        validate_prompt(prompt_token_ids, self.max_model_len, self.vocab_size)
 
     # ---- the engine thread -------------------------------------------------------------
     def _run(self) -> None:

@@ -19,7 +19,13 @@ from lmfleet.worker.kv.sessions import SessionCache
 from lmfleet.worker.model.default_model import resolve_model_path
 from lmfleet.worker.model.profiler import profile_cost_model
 from lmfleet.worker.model.runner import ModelRunner
-from lmfleet.worker.request import FinishReason, Request, RequestOutput, RequestStatus
+from lmfleet.worker.request import (
+    FinishReason,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    validate_prompt,
+)
 from lmfleet.worker.scheduler.base import make_scheduler
 from lmfleet.worker.scheduler.cost_model import CostModel
 
@@ -53,18 +59,7 @@ class LLMEngine:
     # ---- admission -------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int]) -> None:
         """Raise ValueError if this prompt can never run (checked before admission)."""
-        if not prompt_token_ids:
-            raise ValueError("prompt is empty: at least one token is required")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(prompt_token_ids)} tokens but the model's context is "
-                f"{self.max_model_len} tokens (room for at least one generated token is needed)")
-        vocab = self.arch.vocab_size
-        for token_id in prompt_token_ids:
-            if isinstance(token_id, bool) or not isinstance(token_id, int) or not (
-                    0 <= token_id < vocab):
-                raise ValueError(f"prompt token id {token_id!r} is outside the vocabulary "
-                                 f"[0, {vocab})")
+        validate_prompt(prompt_token_ids, self.max_model_len, self.arch.vocab_size)
 
     def add_request(self, request: Request) -> Request:
         if request.request_id in self.requests:

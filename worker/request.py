@@ -15,6 +15,22 @@ from typing import Optional
 from lmfleet.worker.sampling_params import SamplingParams
 
 
+def validate_prompt(prompt_token_ids: list[int], max_model_len: int, vocab_size: int) -> None:
+    """Raise ValueError if a prompt can never run: empty, no room left in the context for a
+    generated token, or a token id outside the vocabulary."""
+    if not prompt_token_ids:
+        raise ValueError("prompt is empty: at least one token is required")
+    if len(prompt_token_ids) >= max_model_len:
+        raise ValueError(
+            f"prompt has {len(prompt_token_ids)} tokens but the model's context is "
+            f"{max_model_len} tokens (room for at least one generated token is needed)")
+    for token_id in prompt_token_ids:
+        if isinstance(token_id, bool) or not isinstance(token_id, int) or not (
+                0 <= token_id < vocab_size):
+            raise ValueError(f"prompt token id {token_id!r} is outside the vocabulary "
+                             f"[0, {vocab_size})")
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # not scheduled yet, or preempted and waiting to be resumed
     RUNNING = "running"  # holds device KV blocks and is scheduled each step
