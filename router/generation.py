@@ -200,7 +200,7 @@ class Generation:
         tried: list[str] = []
         last_error = "no replica is healthy"
         for attempt in range(self.max_attempts):
-            replica = model.select(route, exclude=tried)
+            replica = await model.select_for(route, exclude=tried)
             if replica is None:
                 break
             tried.append(replica.address)

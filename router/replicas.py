@@ -8,6 +8,13 @@ poller (`start()` / `stop()`, one asyncio task) calls `GetLoad` on every replica
 a failure marks it unhealthy until the next answer. The generation path marks a replica
 unhealthy at once when a call to it fails with UNAVAILABLE.
 
+Replicas can also come and go while the router runs (`add_replica` / `remove_replica`,
+driven by router/store_sync.py from the shared state store): a model appears with its
+first replica and disappears with its last; a removed replica's channel is closed once
+the requests it still serves have finished. When a `SessionDirectory` is attached
+(`registry.sessions`), `ModelReplicas.select_for` keeps a session's binding there, so
+several routers send one session to the same replica.
+
 Everything here runs on the router's event loop; nothing needs a lock.
 """
 
@@ -18,7 +25,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Protocol
 
 import grpc
 
@@ -42,7 +49,12 @@ CHANNEL_OPTIONS = (
 
 @dataclass
 class Replica:
-    """One worker as the router sees it."""
+    """One worker as the router sees it.
+
+    replica_id: its name in the state store (the address for static workers).
+    published_healthy: health as its publisher last reported it in the store (True for
+        static workers); the router's own load polls set `healthy`.
+    """
 
     address: str
     info: worker_pb2.ModelInfo
@@ -50,6 +62,11 @@ class Replica:
     in_flight: int = 0
     load: Optional[worker_pb2.LoadReport] = None
     healthy: bool = True
+    replica_id: str = ""
+    published_healthy: bool = True
+
+    def __post_init__(self) -> None:
+        self.replica_id = self.replica_id or self.address
 
     @property
     def model_name(self) -> str:
@@ -61,8 +78,21 @@ class Replica:
 
     @property
     def eligible(self) -> bool:
-        """May take new requests: healthy and not draining."""
-        return self.healthy and not (self.load is not None and self.load.draining)
+        """May take new requests: healthy (by our polls and its publisher) and not
+        draining."""
+        return (self.healthy and self.published_healthy
+                and not (self.load is not None and self.load.draining))
+
+
+class SessionDirectory(Protocol):
+    """Session -> replica bindings shared by several routers (the state store). Both
+    calls are best effort: a lookup that cannot be answered returns None."""
+
+    async def get_session(self, model: str, session_id: str) -> Optional[str]:
+        """The replica_id the session is bound to, or None."""
+
+    async def set_session(self, model: str, session_id: str, replica_id: str) -> None:
+        """Bind the session to the replica (restarting the binding's TTL)."""
 
 
 @dataclass
@@ -77,6 +107,7 @@ class ModelReplicas:
     replicas: list[Replica] = field(default_factory=list)
     max_model_len: int = 0
     vocab_size: int = 0
+    sessions: Optional[SessionDirectory] = None
 
     def __post_init__(self) -> None:
         # A session_id always routes with affinity; the model's policy picks a session's
@@ -93,6 +124,12 @@ class ModelReplicas:
         self.vocab_size = replica.info.vocab_size
         self.replicas.append(replica)
 
+    def remove(self, replica: Replica) -> None:
+        """Stop routing to `replica` (requests it serves now finish normally)."""
+        self.replicas = [r for r in self.replicas if r is not replica]
+        if self.replicas:
+            self.max_model_len = min(r.info.max_model_len for r in self.replicas)
+
     @property
     def num_healthy(self) -> int:
         return sum(1 for r in self.replicas if r.eligible)
@@ -103,6 +140,24 @@ class ModelReplicas:
         candidates = [r for r in self.replicas if r.eligible and r.address not in exclude]
         policy = self.affinity if request.session_id is not None else self.policy
         return policy.select(candidates, request)
+
+    async def select_for(self, request: RouteRequest,
+                         exclude: Sequence[str] = ()) -> Optional[Replica]:
+        """`select`, with a session's binding read from and written to the shared
+        `sessions` directory when one is attached: the replica bound there wins if it is
+        a candidate; otherwise this router's own choice (local affinity, then the policy)
+        is bound there. Without a directory or a session_id this is `select`."""
+        session_id = request.session_id
+        if self.sessions is None or session_id is None:
+            return self.select(request, exclude)
+        bound_id = await self.sessions.get_session(self.name, session_id)
+        chosen = next((r for r in self.replicas if r.replica_id == bound_id and r.eligible
+                       and r.address not in exclude), None)
+        if chosen is None:
+            chosen = self.select(request, exclude)
+        if chosen is not None:
+            await self.sessions.set_session(self.name, session_id, chosen.replica_id)
+        return chosen
 
 
 TokenizerLoader = Callable[[str, str], ModelTokenizer]
@@ -120,8 +175,9 @@ class ReplicaRegistry:
                  default_policy: str = "least_loaded",
                  model_policies: Optional[dict[str, str]] = None,
                  max_in_flight: Optional[int] = None, max_queued: Optional[int] = None,
-                 poll_interval: float = 0.5, rpc_timeout: float = 2.0) -> None:
-        if not addresses:
+                 poll_interval: float = 0.5, rpc_timeout: float = 2.0,
+                 allow_no_workers: bool = False) -> None:
+        if not addresses and not allow_no_workers:
             raise ValueError("at least one worker address is needed")
         make_policy(default_policy)  # ValueError for an unknown name, before any I/O
         for name in (model_policies or {}).values():
@@ -137,6 +193,10 @@ class ReplicaRegistry:
         self._pending: list[str] = list(dict.fromkeys(addresses))
         self.models: dict[str, ModelReplicas] = {}
         self._poller: Optional[asyncio.Task] = None
+        self._static_addresses = frozenset(self._pending)
+        self._tokenizers: dict[tuple[str, str], ModelTokenizer] = {}
+        self._retired: list[Replica] = []  # removed; channel closed when idle
+        self.sessions: Optional[SessionDirectory] = None
 
     # ---- lookup -----------------------------------------------------------------------
     def get(self, model: Optional[str]) -> ModelReplicas:
@@ -162,6 +222,11 @@ class ReplicaRegistry:
     def pending_addresses(self) -> list[str]:
         return list(self._pending)
 
+    @property
+    def static_addresses(self) -> frozenset[str]:
+        """The worker addresses given at construction."""
+        return self._static_addresses
+
     def mark_unhealthy(self, replica: Replica) -> None:
         if replica.healthy:
             logger.warning("replica %s (%s) marked unhealthy", replica.address,
@@ -186,8 +251,12 @@ class ReplicaRegistry:
         for address, info in zip(list(self._pending), results, strict=True):
             if info is None:
                 continue
-            await self._add_replica(address, info)
+            await self.add_replica(address, info)
             self._pending.remove(address)
+
+    async def model_info(self, address: str) -> Optional[worker_pb2.ModelInfo]:
+        """The worker's GetModelInfo answer, or None if it did not answer in time."""
+        return await self._model_info(address)
 
     async def _model_info(self, address: str) -> Optional[worker_pb2.ModelInfo]:
         stub = worker_pb2_grpc.WorkerStub(self._channel(address))
@@ -198,18 +267,50 @@ class ReplicaRegistry:
             logger.debug("GetModelInfo(%s) failed: %s", address, error.code())
             return None
 
-    async def _add_replica(self, address: str, info: worker_pb2.ModelInfo) -> None:
+    async def add_replica(self, address: str, info: worker_pb2.ModelInfo,
+                          replica_id: Optional[str] = None) -> Replica:
+        """Route `info.model_name` to the worker at `address` too (creating the model,
+        with its tokenizer, on its first replica)."""
         name = info.model_name
         if name not in self.models:
-            tokenizer = await asyncio.to_thread(self._tokenizer_loader, info.model_path, name)
+            key = (info.model_path, name)
+            if key not in self._tokenizers:  # a model that comes back keeps its tokenizer
+                self._tokenizers[key] = await asyncio.to_thread(
+                    self._tokenizer_loader, info.model_path, name)
             policy = make_policy(self._model_policies.get(name, self._default_policy))
             self.models[name] = ModelReplicas(
-                name=name, tokenizer=tokenizer, policy=policy,
-                admission=Admission(name, self._max_in_flight, self._max_queued))
+                name=name, tokenizer=self._tokenizers[key], policy=policy,
+                admission=Admission(name, self._max_in_flight, self._max_queued),
+                sessions=self.sessions)
         stub = worker_pb2_grpc.WorkerStub(self._channel(address))
-        self.models[name].add(Replica(address=address, info=info, stub=stub))
+        replica = Replica(address=address, info=info, stub=stub, replica_id=replica_id or "")
+        self.models[name].add(replica)
         logger.info("worker %s serves model %s (max_model_len %d)", address, name,
                     info.max_model_len)
+        return replica
+
+    def remove_replica(self, replica: Replica) -> None:
+        """Stop routing to `replica`; its model goes when its last replica does. Requests
+        it serves now finish; its channel is closed by the poller once they have."""
+        model = self.models.get(replica.model_name)
+        if model is None or not any(r is replica for r in model.replicas):
+            return
+        model.remove(replica)
+        if not model.replicas:
+            del self.models[model.name]
+            logger.info("model %s has no replica left; no longer served", model.name)
+        self._retired.append(replica)
+        logger.info("replica %s (%s) removed", replica.address, replica.model_name)
+
+    async def _close_idle_channels(self) -> None:
+        in_use = {r.address for m in self.models.values() for r in m.replicas}
+        in_use.update(self._pending)
+        busy = {r.address for r in self._retired if r.in_flight > 0}
+        for replica in self._retired:
+            address = replica.address
+            if address not in in_use and address not in busy and address in self._channels:
+                await self._channels.pop(address).close()
+        self._retired = [r for r in self._retired if r.address in busy]
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -223,6 +324,8 @@ class ReplicaRegistry:
         await asyncio.gather(*(self._poll_replica(r) for r in replicas))
         if self._pending:
             await self._discover_pending()
+        if self._retired:
+            await self._close_idle_channels()
 
     async def _poll_replica(self, replica: Replica) -> None:
         try:

@@ -7,8 +7,16 @@
 `Router.start()` asks every worker for its model (GetModelInfo), groups workers by model
 name, loads each model's tokenizer, starts the load/health poller, then both servers.
 Workers that do not answer within `discovery_timeout` are retried in the background and
-join their model when they do. `serve_router(config, ready)` runs a Router until its
-task is cancelled or `stop_event` is set (what `lmfleet router` does).
+join their model when they do.
+
+With a state store (`store_url`: "redis://HOST:PORT" shared by several routers, or
+"memory://" for an in-process store that code in this process publishes to through
+`router.store`), replicas are also discovered from the store: models appear and disappear
+with their published replicas, and session bindings are kept in the store so every
+router sends a session to the same replica (router/store_sync.py).
+
+`serve_router(config, ready)` runs a Router until its task is cancelled or `stop_event`
+is set (what `lmfleet router` does).
 """
 
 from __future__ import annotations
@@ -24,6 +32,13 @@ from typing import Optional
 import grpc
 import uvicorn
 
+from lmfleet.cluster.state import (
+    DEFAULT_CLUSTER,
+    MEMORY_URL,
+    URL_SCHEMES,
+    StateStore,
+    open_store,
+)
 from lmfleet.router.app import HttpContext, create_app
 from lmfleet.router.auth import ApiKeyAuth
 from lmfleet.router.generation import DEFAULT_MAX_ATTEMPTS, Generation
@@ -31,6 +46,7 @@ from lmfleet.router.grpc_api import ServingServicer, add_grpc_services
 from lmfleet.router.metrics import RouterMetrics
 from lmfleet.router.policies import DEFAULT_POLICY, make_policy
 from lmfleet.router.replicas import ReplicaRegistry, TokenizerLoader
+from lmfleet.router.store_sync import StoreSync
 from lmfleet.router.tokenizer import load_model_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -43,6 +59,12 @@ class RouterConfig:
     """How to run one router. Ports may be 0 (a free port is picked; see Router.*_address).
 
     workers: worker gRPC addresses ("host:port"); their models are discovered.
+    store_url: a state store to discover replicas from and share sessions through:
+        "redis://HOST:PORT[/DB]" (also rediss://, unix://) or "memory://"; None: none.
+        At least one of `workers` and `store_url` is needed.
+    cluster: the store namespace (keys `lmfleet:{cluster}:...`).
+    store_poll_interval: seconds between listings of the store's replicas.
+    session_ttl: seconds a session binding lives in the store after its last request.
     api_key: required as `Bearer` on /v1/* and on lmfleet.v1.Serving; None: open.
     max_in_flight / max_queued: admission limits per model (None: unlimited).
     policy: default routing policy; model_policies: (model, policy) overrides.
@@ -53,7 +75,7 @@ class RouterConfig:
     discovery_timeout: seconds start() waits for workers to report their model.
     """
 
-    workers: tuple[str, ...]
+    workers: tuple[str, ...] = ()
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 50051
@@ -67,10 +89,25 @@ class RouterConfig:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     poll_interval: float = 0.5
     discovery_timeout: float = 60.0
+    store_url: Optional[str] = None
+    cluster: str = DEFAULT_CLUSTER
+    store_poll_interval: float = 0.5
+    session_ttl: float = 3600.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.workers, str) or not self.workers:
-            raise ValueError("at least one worker address is needed (--worker HOST:PORT)")
+        if isinstance(self.workers, str):
+            raise ValueError("workers must be a sequence of HOST:PORT addresses")
+        if not self.workers and self.store_url is None:
+            raise ValueError("at least one worker address is needed (--worker HOST:PORT), "
+                             "or a state store to discover them from (--redis URL)")
+        if self.store_url is not None and not (
+                self.store_url == MEMORY_URL or self.store_url.startswith(URL_SCHEMES)):
+            raise ValueError(f"state store URL {self.store_url!r} must be {MEMORY_URL} or "
+                             f"start with {', '.join(URL_SCHEMES)}")
+        if not self.cluster:
+            raise ValueError("cluster must be a non-empty name")
+        if self.store_poll_interval <= 0 or self.session_ttl <= 0:
+            raise ValueError("store_poll_interval and session_ttl must be positive")
         object.__setattr__(self, "workers", tuple(self.workers))
         for address in self.workers:
             host, _, port = address.rpartition(":")
@@ -114,7 +151,14 @@ class Router:
         self.registry = ReplicaRegistry(
             config.workers, tokenizer_loader, default_policy=config.policy,
             model_policies=dict(config.model_policies), max_in_flight=config.max_in_flight,
-            max_queued=config.max_queued, poll_interval=config.poll_interval)
+            max_queued=config.max_queued, poll_interval=config.poll_interval,
+            allow_no_workers=config.store_url is not None)
+        self.store: Optional[StateStore] = None
+        self.store_sync: Optional[StoreSync] = None
+        if config.store_url is not None:
+            self.store = open_store(config.store_url, config.cluster)
+            self.store_sync = StoreSync(self.store, self.registry, config.store_poll_interval,
+                                        config.session_ttl)
         self.metrics = RouterMetrics(self.registry)
         self.generation = Generation(self.registry, self.metrics, config.max_attempts)
         self.auth = ApiKeyAuth(config.api_key)
@@ -133,9 +177,15 @@ class Router:
         return f"{self.config.host}:{self.grpc_port}"
 
     async def start(self) -> None:
-        """Discover workers, then serve HTTP and gRPC. Raises OSError if a port is taken."""
+        """Discover workers, then serve HTTP and gRPC. Raises OSError if a port is taken.
+
+        With a store, start-up lists it once; an unreachable store is not fatal (a
+        warning; discovery keeps trying in the background)."""
         await self.registry.discover(self.config.discovery_timeout)
         self.registry.start()
+        if self.store_sync is not None:
+            await self.store_sync.sync_once()
+            self.store_sync.start()
         try:
             await self._start_grpc()
             await self._start_http()
@@ -198,6 +248,8 @@ class Router:
         if self._grpc is not None:
             await self._grpc.stop(grace=2)
             self._grpc = None
+        if self.store_sync is not None:
+            await self.store_sync.stop()
         await self.registry.stop()
 
     async def __aenter__(self) -> Router:

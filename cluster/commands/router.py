@@ -3,6 +3,12 @@
 Prints exactly one line on stdout once both servers accept connections:
 `lmfleet router ready http=HOST:PORT grpc=HOST:PORT` (ports resolved when given as 0).
 Logs go to stderr. SIGINT/SIGTERM stop it gracefully (exit 0).
+
+Workers come either from `--worker` (a fixed list) or from a Redis state store
+(`--redis URL [--cluster NAME]`), where replicas are published with a TTL
+(cluster/state/, cluster/replica_publisher.py): models appear and disappear with their
+replicas, and several routers on one Redis share session affinity. If Redis goes away the
+router keeps serving from its last view and resynchronises when it returns.
 """
 
 from __future__ import annotations
@@ -18,8 +24,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(GetModelInfo); workers serving the same model name are replicas of it, and "
         "several models can be served behind one endpoint.",
     )
-    p.add_argument("--worker", action="append", required=True, metavar="HOST:PORT",
-                   help="a worker's gRPC address (repeat for more workers)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--worker", action="append", metavar="HOST:PORT",
+                        help="a worker's gRPC address (repeat for more workers)")
+    source.add_argument("--redis", default=None, metavar="URL",
+                        help="discover replicas from the Redis state store at URL "
+                        "(redis://HOST:PORT[/DB], rediss://..., unix:///PATH) and share "
+                        "session affinity with the other routers on it")
+    p.add_argument("--cluster", default="default", metavar="NAME",
+                   help="state store namespace (keys lmfleet:{NAME}:...; default 'default')")
+    p.add_argument("--store-poll-interval", type=float, default=0.5, metavar="SECONDS",
+                   help="how often the state store's replicas are listed (default 0.5)")
+    p.add_argument("--session-ttl", type=float, default=3600.0, metavar="SECONDS",
+                   help="how long a session's replica binding lives in the state store "
+                   "after its last request (default 3600)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free port)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: a free port)")
@@ -71,8 +89,12 @@ def run(args: argparse.Namespace) -> int:
     from lmfleet.router.server import RouterConfig, serve_router
 
     policy, model_policies = _policies(args.policy)
+    if args.redis is not None and args.redis.startswith("memory:"):
+        raise ValueError("--redis needs a Redis URL (redis://HOST:PORT)")
     config = RouterConfig(
-        workers=tuple(args.worker), host=args.host, http_port=args.port,
+        workers=tuple(args.worker or ()), store_url=args.redis, cluster=args.cluster,
+        store_poll_interval=args.store_poll_interval, session_ttl=args.session_ttl,
+        host=args.host, http_port=args.port,
         grpc_port=args.grpc_port, api_key=api_key_from_env(args.api_key),
         max_in_flight=args.max_in_flight, max_queued=args.max_queued, policy=policy,
         model_policies=model_policies, max_body_bytes=args.max_body_bytes,
