@@ -172,17 +172,31 @@ def test_priority_order_is_by_queue_then_position():
 
 def test_a_starved_job_is_promoted_to_the_front_of_q0_at_the_bound_not_before():
     scheduler, now = make_scheduler(starvation_s=100.0)
-    q, s = make_request("q", 2), make_request("s", 10)
-    scheduler.add(q)  # Q0
-    scheduler.add(s)  # Q2
+    s, q = make_request("s", 10), make_request("q", 2)
+    scheduler.add(s)  # Q2, at t=0
+    now[0] = 50.0
+    scheduler.add(q)  # Q0, at t=50
     now[0] = 99.5
     assert scheduler.promote_starved() == []
     assert ids(scheduler.priority_order()) == ["q", "s"]
     now[0] = 100.0
-    # q has waited as long but is in Q0 already: only s moves, ahead of q.
     assert scheduler.promote_starved() == [s]
     assert level(scheduler, "s") == 0
     assert ids(scheduler.priority_order()) == ["s", "q"]
+
+
+def test_a_job_waiting_in_q0_is_protected_from_starvation_too():
+    scheduler, now = make_scheduler(starvation_s=100.0)
+    s, q = make_request("s", 10), make_request("q", 2)
+    scheduler.add(s)  # Q2, at t=0
+    now[0] = 50.0
+    scheduler.add(q)  # Q0, at t=50
+    now[0] = 100.0
+    scheduler.promote_starved()  # s goes ahead of q
+    now[0] = 150.0
+    # q has not run for 100 s although it sits in Q0: it goes to the front in turn.
+    assert scheduler.promote_starved() == [q]
+    assert ids(scheduler.priority_order()) == ["q", "s"]
 
 
 def test_running_restarts_the_starvation_clock():

@@ -87,9 +87,11 @@ class MLFQScheduler(Scheduler):
         """Move jobs that have not run for the starvation bound to the front of Q0; among
         those promoted together, the one that waited longest ends up first."""
         now = self.clock()
+        # Q0 jobs count too: promoted jobs go ahead of them, so under a stream of
+        # promotions a job waiting in Q0 would otherwise never run.
         starved = [(entry.last_run, entry.level, entry.position, request_id)
                    for request_id, entry in self.entries.items()
-                   if entry.level > 0 and now - entry.last_run >= self.config.mlfq_starvation_s]
+                   if now - entry.last_run >= self.config.mlfq_starvation_s]
         # Each promotion goes in front of the previous one, so promote the most recently
         # run first (admission order would put the longest-waiting job behind the others).
         promoted = []
