@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/lmfleet generate --stream --chat "Write a haiku about a fleet of GPUs."
+	$(VENV)/bin/lmfleet serve
 
 # redis-server (Debian) is needed by the integration tests that use Redis.
 redis-server:

@@ -1,0 +1,116 @@
+"""Run a real `lmfleet serve` subprocess for a test (no tests here).
+
+    with start_serve(["--replicas", "2"]) as serve:
+        serve.base_url, serve.grpc, serve.models, serve.worker_addresses, serve.worker_pids
+
+Ports are free ones (`--port 0 --grpc-port 0`). Exiting the block stops it: SIGTERM, then
+SIGKILL if it has not exited within STOP_TIMEOUT seconds; `stop()` does that earlier and
+returns the exit code. Its stderr is kept (`serve.stderr_lines`) and copied to ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+READY_LINE = re.compile(
+    r"^lmfleet serve ready http=(?P<http>\S+) grpc=(?P<grpc>\S+) models=(?P<models>\S+)$")
+WORKER_READY = re.compile(r"ready on (?P<address>\S+) \(pid (?P<pid>\d+)")
+# Several workers loading at once on a busy 2-core machine: be patient, but bounded.
+START_TIMEOUT = 400.0
+STOP_TIMEOUT = 90.0
+
+
+@dataclass
+class ServeProcess:
+    http: str
+    grpc: str
+    models: list[str]
+    process: subprocess.Popen
+    stderr_lines: list[str] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.http}"
+
+    @property
+    def worker_addresses(self) -> list[str]:
+        return [m["address"] for line in self.stderr_lines if (m := WORKER_READY.search(line))]
+
+    def child_pids(self) -> list[int]:
+        """The serve process's live child processes (its workers), from /proc."""
+        pids: list[int] = []
+        for children in Path(f"/proc/{self.process.pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids += [int(pid) for pid in children.read_text().split()]
+        return sorted(pids)
+
+    def stop(self, sig: int = 15) -> Optional[int]:
+        """Send `sig` (default SIGTERM); wait (bounded), SIGKILL if needed; exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(STOP_TIMEOUT)
+        return self.process.returncode
+
+
+@contextlib.contextmanager
+def start_serve(extra_args: Sequence[str] = ()) -> Iterator[ServeProcess]:
+    """Run `lmfleet serve` on free ports; yield once it printed its ready line."""
+    command = [sys.executable, "-m", "lmfleet.cluster.cli", "serve", "--port", "0",
+               "--grpc-port", "0", *extra_args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               stdin=subprocess.DEVNULL, text=True)
+    stderr_lines: list[str] = []
+    threading.Thread(target=_pump_stderr, args=(process, stderr_lines), daemon=True).start()
+    serve = None
+    try:
+        line = _first_line(process, START_TIMEOUT)
+        match = READY_LINE.match(line)
+        if match is None:
+            raise RuntimeError(f"unexpected first line from lmfleet serve: {line!r}")
+        serve = ServeProcess(match["http"], match["grpc"], match["models"].split(","),
+                             process, stderr_lines)
+        yield serve
+    finally:
+        if serve is None:
+            serve = ServeProcess("", "", [], process, stderr_lines)
+        serve.stop()
+        process.stdout.close()
+
+
+def _pump_stderr(process: subprocess.Popen, lines: list[str]) -> None:
+    with contextlib.suppress(ValueError, OSError):
+        for text in process.stderr:
+            lines.append(text.rstrip("\n"))
+            sys.stderr.write(text)
+
+
+def _first_line(process: subprocess.Popen, timeout: float) -> str:
+    lines: queue.Queue[Optional[str]] = queue.Queue()
+
+    def pump() -> None:  # keeps draining stdout so serve never blocks on the pipe
+        with contextlib.suppress(ValueError, OSError):
+            for text in process.stdout:
+                lines.put(text.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, name="serve-stdout", daemon=True).start()
+    try:
+        line = lines.get(timeout=timeout)
+    except queue.Empty:
+        raise TimeoutError("lmfleet serve printed no ready line in time") from None
+    if line is None:
+        raise RuntimeError(f"lmfleet serve exited before it was ready ({process.wait(30)})")
+    return line

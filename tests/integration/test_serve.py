@@ -1,0 +1,154 @@
+"""`lmfleet serve`: local workers + the in-process router behind one endpoint, as a real
+subprocess (free ports, real workers)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from lmfleet.cluster.commands import serve as serve_command
+from tests.integration.serve_process import start_serve
+
+
+def server_test(test):
+    """Starts real workers (SmolLM2) and the router."""
+    return pytest.mark.integration(pytest.mark.model(test))
+
+# A small KV cache keeps several workers light on a shared machine.
+SMALL_KV = ["--num-kv-blocks", "128"]
+MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+@pytest.fixture(scope="module")
+def serve():
+    with start_serve(["--replicas", "2", *SMALL_KV]) as process:
+        yield process
+
+
+def _gone(pid: int, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    serve_command.add_parser(parser.add_subparsers())
+    return parser.parse_args(["serve", *argv])
+
+
+@server_test
+def test_ready_line_names_the_model_and_two_workers_started(serve):
+    assert serve.models == ["default"]
+    assert len(serve.worker_addresses) == 2
+    assert len(set(serve.worker_addresses)) == 2
+    assert len(serve.child_pids()) == 2
+
+
+@server_test
+def test_models_endpoint_lists_default_with_two_replicas(serve):
+    response = httpx.get(f"{serve.base_url}/v1/models", timeout=30)
+    assert response.status_code == 200
+    cards = response.json()["data"]
+    assert [(c["id"], c["num_replicas"]) for c in cards] == [("default", 2)]
+
+
+@server_test
+def test_chat_completion_equals_offline_greedy(serve, default_model_dir):
+    import openai
+
+    from lmfleet.worker import LLM, SamplingParams
+
+    client = openai.OpenAI(base_url=f"{serve.base_url}/v1", api_key="unused", max_retries=0,
+                           timeout=120)
+    answer = client.chat.completions.create(model="default", messages=MESSAGES,
+                                            temperature=0, max_tokens=24)
+    llm = LLM(str(default_model_dir))
+    offline = llm.generate([llm.apply_chat_template(MESSAGES)],
+                           SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    assert answer.choices[0].message.content == offline.text
+    assert answer.usage.completion_tokens == len(offline.output_token_ids)
+
+
+@server_test
+def test_sigterm_exits_0_and_stops_every_worker():
+    with start_serve(["--replicas", "2", *SMALL_KV]) as serve:
+        pids = serve.child_pids()
+        assert len(pids) == 2
+        assert serve.stop(signal.SIGTERM) == 0
+    assert all(_gone(pid) for pid in pids), pids
+    assert any("stopping 2 worker(s)" in line for line in serve.stderr_lines)
+
+
+@server_test
+def test_two_models_behind_one_endpoint(default_model_dir):
+    # The same weights twice: once as the embedded model, once as a directory.
+    with start_serve(["--model", "default", "--model", str(default_model_dir),
+                      *SMALL_KV]) as serve:
+        second = default_model_dir.name
+        assert serve.models == ["default", second]
+        cards = httpx.get(f"{serve.base_url}/v1/models", timeout=30).json()["data"]
+        assert sorted(c["id"] for c in cards) == sorted(["default", second])
+        texts = []
+        for model in ("default", second):
+            response = httpx.post(f"{serve.base_url}/v1/completions", timeout=120, json={
+                "model": model, "prompt": "The sky is", "max_tokens": 8, "temperature": 0})
+            assert response.status_code == 200, response.text
+            texts.append(response.json()["choices"][0]["text"])
+        assert texts[0] == texts[1] and texts[0]
+        missing = httpx.post(f"{serve.base_url}/v1/completions", timeout=30, json={
+            "model": "nope", "prompt": "x", "max_tokens": 1})
+        assert missing.status_code == 404
+        pids = serve.child_pids()
+        assert serve.stop(signal.SIGINT) == 0
+    assert all(_gone(pid) for pid in pids), pids
+
+
+@server_test
+def test_a_worker_failing_at_start_up_is_reported_with_its_stderr(tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "lmfleet.cluster.cli", "serve", "--model", str(empty),
+         "--port", "0", "--grpc-port", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "error: model 'not-a-model'" in result.stderr
+    assert "no config.json" in result.stderr  # the worker's own last stderr line
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/no/such/dir"], "model not found"),
+    (["--model", "default", "--model", "default"], "used twice"),
+    (["--model-name", "a", "--model-name", "b"], "--model-name"),
+    (["--replicas", "0"], "--replicas"),
+])
+def test_bad_model_arguments_are_value_errors(argv, message):
+    with pytest.raises(ValueError, match=message):
+        serve_command.model_specs(_parse(*argv))
+
+
+def test_model_specs_name_models_and_forward_only_changed_engine_flags(tmp_path):
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    specs = serve_command.model_specs(_parse(
+        "--model", "default", "--model", str(model_dir), "--replicas", "3",
+        "--max-num-seqs", "4", "--scheduler", "mlfq", "--device", "cpu"))
+    assert [(s.name, s.model, s.replicas) for s in specs] == [
+        ("default", "default", 3), ("my-model", str(model_dir), 3)]
+    assert dict(specs[0].engine_flags) == {"--max-num-seqs": "4", "--scheduler": "mlfq"}
+    named = serve_command.model_specs(_parse("--model", "default", "--model-name", "chat"))
+    assert named[0].name == "chat"
+    assert serve_command.model_name("/models/llama.Q4_0.gguf") == "llama.Q4_0"
