@@ -4,12 +4,14 @@ Workload (sim/workload.py): Poisson arrivals, prompts of 16-160 tokens, 80% of o
 8-24 tokens and 20% 128-256 tokens, enforced with min_tokens = max_tokens (greedy), so
 lengths are exact; the scheduler is never told them.
 
-(a) Real engine, default model on CPU: the engine's cost model is calibrated first
-    (`profile_cost_model`), capacity (requests/s at a full batch) derived from it, and
-    the same job list (arrivals at `--real-load` x capacity) is replayed on an FCFS engine
-    and then an MLFQ engine, each driven from this thread: requests are added once their
+(a) Real engine, default model on CPU: an FCFS engine and an MLFQ engine, each in its own
+    process with one thread (sim/replay.py), at the same time so that a CPU shared with
+    other work slows both alike. They are calibrated (sim/calibrate.py: the start-up
+    profile, then a step-time model fitted on a saturating burst of this workload, which
+    gives the capacity in requests/s), then both replay the same job list (arrivals at
+    `--real-load` x capacity), each driven from one thread: requests are added once their
     arrival time has passed (wall clock), then `step()`. JCT and TTFT count from the
-    arrival time. The two policies must also produce identical tokens.
+    arrival time. Both policies' tokens are compared.
 (b) Discrete-event simulation (sim/simulator.py) with the real scheduler classes on a fake
     clock and step times from the same calibrated cost model: `--sim-requests` jobs at
     each of `--loads` x capacity, for FCFS, MLFQ and a yardstick that knows the output
@@ -29,14 +31,14 @@ import argparse
 import json
 import multiprocessing
 import platform
-import random
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from sim.metrics import JobRecord, summarize
+from sim.calibrate import fit_cost_model, probe_summary
+from sim.replay import engine_worker, make_prompts
 from sim.simulator import ORACLE, SimConfig, simulate
-from sim.workload import Job, WorkloadSpec, capacity_per_s, make_jobs
+from sim.workload import WorkloadSpec, capacity_per_s, make_jobs
 
 from lmfleet.worker.scheduler.cost_model import CostModel
 
@@ -51,130 +53,90 @@ METRICS = (("jct_mean_s", "JCT mean"), ("jct_p99_s", "JCT p99"), ("ttft_mean_s",
 # ---- (a) the real engine ----------------------------------------------------------------------
 
 
-def engine_options(args: argparse.Namespace, policy: str, base_quantum_s: float) -> dict:
+def engine_options(args: argparse.Namespace, policy: str) -> dict:
     options = dict(scheduler=policy, max_num_seqs=args.max_num_seqs,
                    num_kv_blocks=args.num_kv_blocks, host_kv_memory_bytes=args.host_kv_mib << 20)
     if policy == "mlfq":
-        options.update(mlfq_starvation_s=args.mlfq_starvation_s,
-                       mlfq_base_quantum_s=base_quantum_s)
+        options.update(mlfq_starvation_s=args.mlfq_starvation_s)
+        if args.mlfq_base_quantum_s is not None:
+            options.update(mlfq_base_quantum_s=args.mlfq_base_quantum_s)
     return options
 
 
-def base_quantum(args: argparse.Namespace, cost: CostModel) -> float:
-    """The engine's default rule (one decode step of a half-full batch) on the benchmark's
-    calibration, so the real MLFQ engine and the simulation use the same quanta."""
-    if args.mlfq_base_quantum_s is not None:
-        return args.mlfq_base_quantum_s
-    return cost.decode_step_time(max(1, args.max_num_seqs // 2), 0)
+def _receive(conn, timeout_s: float, what: str) -> dict:
+    if not conn.poll(timeout_s):
+        raise RuntimeError(f"{what}: no answer within {timeout_s:.0f} s")
+    message = conn.recv()
+    if "error" in message:
+        raise RuntimeError(f"{what} failed:\n{message['error']}")
+    return message
 
 
-def calibrate(runner, num_profiles: int = 3) -> tuple[CostModel, list[dict]]:
-    """Field-wise median of several profiles: one profile on a shared, busy machine can be
-    far off (a single slow step bends the least-squares line)."""
-    import statistics
-
-    from lmfleet.worker.model.profiler import profile_cost_model
-
-    profiles = [profile_cost_model(runner).as_dict() for _ in range(num_profiles)]
-    median = {key: statistics.median(p[key] for p in profiles) for key in profiles[0]}
-    return CostModel(**median), profiles
-
-
-def make_prompts(jobs: list[Job], vocab_size: int, seed: int) -> dict[str, list[int]]:
-    # Random ids: no two prompts share a prefix, so prefix caching plays no part.
-    rng = random.Random(seed)
-    return {j.job_id: [rng.randrange(100, vocab_size) for _ in range(j.prompt_len)]
-            for j in jobs}
-
-
-def replay(engine, jobs: list[Job], prompts: dict[str, list[int]], timeout_s: float) -> dict:
-    """Feed `jobs` to the engine at their arrival times (wall clock) and step until all
-    finish; returns the summary, the tokens per request and engine counters."""
-    from lmfleet.worker.request import Request
-    from lmfleet.worker.sampling_params import SamplingParams
-
-    records = {j.job_id: JobRecord(j.job_id, j.arrival_s, j.output_len, j.is_long)
-               for j in jobs}
-    tokens: dict[str, list[int]] = {}
-    pending = sorted(jobs, key=lambda j: j.arrival_s)
-    index, num_steps, busy_s = 0, 0, 0.0
-    start = time.perf_counter()
-    while index < len(pending) or engine.has_work():
-        now = time.perf_counter() - start
-        if now > timeout_s:
-            raise RuntimeError(f"real-engine run exceeded {timeout_s:.0f} s")
-        while index < len(pending) and pending[index].arrival_s <= now:
-            job = pending[index]
-            params = SamplingParams(max_tokens=job.output_len, min_tokens=job.output_len,
-                                    temperature=0)
-            engine.add_request(Request(job.job_id, prompts[job.job_id], params))
-            index += 1
-        if not engine.has_work():
-            time.sleep(min(pending[index].arrival_s - now, 0.05))
-            continue
-        step_start = time.perf_counter()
-        outputs = engine.step()
-        step_end = time.perf_counter()
-        num_steps += 1
-        busy_s += step_end - step_start
-        for output in outputs:
-            record = records[output.request_id]
-            record.on_tokens(step_end - start, len(output.new_token_ids))
-            if output.finished:
-                record.finish_s = step_end - start
-                tokens[output.request_id] = list(output.output_token_ids)
-    makespan = time.perf_counter() - start
-    summary = summarize(list(records.values()))
-    # Compare mean_step_s with the calibrated full-batch decode step: a machine busier than
-    # at calibration time runs the workload at a higher load than the one asked for.
-    summary.update(num_steps=num_steps, busy_s=busy_s, makespan_s=makespan,
-                   busy_fraction=busy_s / makespan, mean_step_s=busy_s / max(num_steps, 1),
-                   num_preemptions=engine.scheduler.num_preemptions,
-                   swap_out_blocks=engine.kv_manager.swap_stats.num_swap_out_blocks)
-    return {"summary": summary, "tokens": tokens}
-
-
-def run_real(args: argparse.Namespace, spec: WorkloadSpec) -> tuple[CostModel, dict]:
-    import gc
-
-    from lmfleet.worker.config import EngineConfig
-    from lmfleet.worker.engine import LLMEngine
-
-    result: dict = {}
-    jobs = prompts = None
-    cost = None
+def run_real(args: argparse.Namespace, spec: WorkloadSpec) -> tuple[CostModel, float, dict]:
+    """Both engines calibrate and probe at the same time, then replay the same jobs at the
+    same time (sim/replay.py). Returns the fitted cost model, MLFQ's base quantum and the
+    results."""
+    context = multiprocessing.get_context("spawn")
+    probe_jobs = make_jobs(spec, args.probe_requests, 1.0, args.seed + 1)
+    workers = {}
+    try:
+        for policy in POLICIES:
+            conn, child_conn = context.Pipe()
+            process = context.Process(target=engine_worker, args=(
+                child_conn, args.model, engine_options(args, policy), args.threads, probe_jobs,
+                args.seed + 1))
+            process.start()
+            child_conn.close()
+            workers[policy] = (process, conn)
+        print(f"engines calibrating; probing with {len(probe_jobs)} requests at once ...",
+              flush=True)
+        probes = {p: _receive(conn, args.real_timeout_s, f"{p} engine start")
+                  for p, (_, conn) in workers.items()}
+        steps = probes["fcfs"]["steps"]
+        profiled = CostModel(**probes["fcfs"]["profiled"])
+        cost = fit_cost_model(steps, profiled.prefill_base_s)
+        probe = probe_summary(steps, cost, spec, args.max_num_seqs)
+        # The load is what the FCFS engine was measured to complete at a full batch (robust);
+        # the fitted model shapes the simulation's steps.
+        capacity = probe["measured_full_batch_req_per_s"]
+        rate = args.real_load * capacity
+        jobs = make_jobs(spec, args.real_requests, rate, args.seed)
+        prompts = make_prompts(jobs, probes["fcfs"]["vocab_size"], args.seed)
+        base_quantum_s = probes["mlfq"]["base_quantum_s"]
+        print(f"profiled: {profiled}\nfitted on the probe: {cost}\n"
+              f"capacity {capacity:.2f} req/s measured at a full batch (the fitted model says "
+              f"{probe['fitted_capacity_req_per_s']:.2f}) -> rate {rate:.2f} req/s, "
+              f"{len(jobs)} requests over {jobs[-1].arrival_s:.0f} s; MLFQ base quantum "
+              f"{base_quantum_s * 1e3:.0f} ms\nreal engines replaying ...", flush=True)
+        for _, conn in workers.values():
+            conn.send((jobs, prompts, args.real_timeout_s))
+        runs = {p: _receive(conn, args.real_timeout_s + 60, f"{p} replay")
+                for p, (_, conn) in workers.items()}
+    finally:
+        for process, conn in workers.values():
+            conn.close()
+            process.join(timeout=30)
+            if process.is_alive():
+                process.terminate()
+    result = {
+        "profiles": probes["fcfs"]["profiles"], "profiled_cost_model": profiled.as_dict(),
+        "probe": probe,
+        "mlfq_probe_measured_full_batch_req_per_s": probe_summary(
+            probes["mlfq"]["steps"], cost, spec, args.max_num_seqs)[
+                "measured_full_batch_req_per_s"],
+        "mlfq_engine_cost_model": probes["mlfq"]["engine_cost_model"],
+        "torch_threads": probes["fcfs"]["torch_threads"],
+        "cost_model": cost.as_dict(), "capacity_req_per_s": capacity,
+        "mlfq_base_quantum_s": base_quantum_s,
+        "full_batch_step_s": cost.decode_step_time(args.max_num_seqs, 0),
+        "rate_req_per_s": rate, "load": args.real_load, "num_requests": len(jobs),
+        "arrival_span_s": jobs[-1].arrival_s,
+    }
     for policy in POLICIES:
-        options = engine_options(args, policy, base_quantum(args, cost) if cost else 0.0)
-        engine = LLMEngine(EngineConfig.from_options(args.model, **options))
-        if cost is None:
-            # Calibrate on the first engine (FCFS), before any request: it sets the load for
-            # both policies, MLFQ's quanta and the simulation's step times.
-            cost, profiles = calibrate(engine.runner)
-            result["profiles"] = profiles
-            capacity = capacity_per_s(cost, spec, args.max_num_seqs)
-            rate = args.real_load * capacity
-            jobs = make_jobs(spec, args.real_requests, rate, args.seed)
-            prompts = make_prompts(jobs, engine.arch.vocab_size, args.seed)
-            result.update(cost_model=cost.as_dict(), capacity_req_per_s=capacity,
-                          mlfq_base_quantum_s=base_quantum(args, cost),
-                          full_batch_step_s=cost.decode_step_time(args.max_num_seqs, 0),
-                          rate_req_per_s=rate, load=args.real_load, num_requests=len(jobs),
-                          arrival_span_s=jobs[-1].arrival_s)
-            print(f"calibrated: {cost}\ncapacity {capacity:.2f} req/s -> rate {rate:.2f} req/s, "
-                  f"{len(jobs)} requests over {jobs[-1].arrival_s:.0f} s", flush=True)
-        if engine.cost_model is not None:  # MLFQ's own start-up profile (skip-join uses it)
-            result[f"{policy}_engine_cost_model"] = engine.cost_model.as_dict()
-        print(f"real engine, {policy}: replaying ...", flush=True)
-        run = replay(engine, jobs, prompts, args.real_timeout_s)
-        result[policy] = run["summary"]
-        result.setdefault("_tokens", {})[policy] = run["tokens"]
-        print(f"  {format_row(policy, run['summary'])}", flush=True)
-        del engine
-        gc.collect()
-    tokens = result.pop("_tokens")
+        result[policy] = runs[policy]["summary"]
     result["num_requests_with_different_tokens"] = sum(
-        tokens["fcfs"][j.job_id] != tokens["mlfq"][j.job_id] for j in jobs)
-    return cost, result
+        runs["fcfs"]["tokens"][j.job_id] != runs["mlfq"]["tokens"][j.job_id] for j in jobs)
+    return cost, base_quantum_s, result
 
 
 # ---- (b) the simulation -----------------------------------------------------------------------
@@ -187,10 +149,11 @@ def _simulate_one(task: tuple) -> dict:
     return simulate(jobs, config, cost)
 
 
-def run_sim(args: argparse.Namespace, spec: WorkloadSpec, cost: CostModel) -> dict:
+def run_sim(args: argparse.Namespace, spec: WorkloadSpec, cost: CostModel,
+            base_quantum_s: float) -> dict:
     base = SimConfig(policy="fcfs", max_num_seqs=args.max_num_seqs,
                      num_kv_blocks=args.num_kv_blocks, num_host_blocks=args.sim_host_blocks,
-                     mlfq_base_quantum_s=base_quantum(args, cost),
+                     mlfq_base_quantum_s=base_quantum_s,
                      mlfq_starvation_s=args.mlfq_starvation_s)
     top = max(args.loads)
     # (key, load, config): every policy at every load, then MLFQ's starvation sweep.
@@ -225,19 +188,23 @@ def format_row(label: str, s: dict) -> str:
                        f"{s.get('jct_mean_long_s', float('nan')):>9.2f}"])
 
 
+HEADER = " ".join([f"{'':<14}"] + [f"{name:>9}" for _, name in METRICS]
+                  + [f"{'short JCT':>9}", f"{'long JCT':>9}"])
+
+
+def table_real(real: dict) -> str:
+    lines = [f"real engine ({real['num_requests']} requests, load {real['load']:g} of "
+             f"{real['capacity_req_per_s']:.2f} req/s; seconds)", HEADER]
+    lines += [format_row(p, real[p]) for p in POLICIES]
+    lines.append(f"requests whose tokens differ between policies: "
+                 f"{real['num_requests_with_different_tokens']}")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
-    header = " ".join([f"{'':<14}"] + [f"{name:>9}" for _, name in METRICS]
-                      + [f"{'short JCT':>9}", f"{'long JCT':>9}"])
-    lines = []
-    real = result.get("real_engine")
-    if real:
-        lines += [f"real engine ({real['num_requests']} requests, load {real['load']:g} of "
-                  f"{real['capacity_req_per_s']:.2f} req/s; seconds)", header]
-        lines += [format_row(p, real[p]) for p in POLICIES]
-        lines.append(f"requests whose tokens differ between policies: "
-                     f"{real['num_requests_with_different_tokens']}")
+    lines = [table_real(result["real_engine"])] if result.get("real_engine") else []
     sim = result["simulation"]
-    lines += ["", f"simulation ({sim['num_requests']} requests per run; seconds)", header]
+    lines += ["", f"simulation ({sim['num_requests']} requests per run; seconds)", HEADER]
     for load, runs in sim["by_load"].items():
         lines += [format_row(f"{p[:6]} @ {load}", runs[p]) for p in SIM_POLICIES]
         f, m, o = runs["fcfs"], runs["mlfq"], runs[ORACLE]
@@ -246,7 +213,7 @@ def table(result: dict) -> str:
                      f"TTFT mean {f['ttft_mean_s'] / m['ttft_mean_s']:.1f}x; "
                      f"FCFS/oracle mean JCT {f['jct_mean_s'] / o['jct_mean_s']:.2f}x")
     sweep = sim["mlfq_starvation_sweep"]
-    lines += ["", f"MLFQ starvation bound at load {sweep['load']:g}", header]
+    lines += ["", f"MLFQ starvation bound at load {sweep['load']:g}", HEADER]
     for bound, summary in sorted(sweep["by_starvation_s"].items(), key=lambda kv: float(kv[0])):
         lines.append(format_row(f"starve {bound}", summary))
     verdict = result["target"]
@@ -322,9 +289,11 @@ def main() -> None:
     parser.add_argument("--mlfq-base-quantum-s", type=float, default=None,
                         help="default: the engine's (one decode step of a half-full batch)")
     parser.add_argument("--real-requests", type=int, default=80)
+    parser.add_argument("--probe-requests", type=int, default=40,
+                        help="saturating burst that fits the step-time model and capacity")
     parser.add_argument("--real-load", type=float, default=0.9)
-    parser.add_argument("--real-timeout-s", type=float, default=300.0,
-                        help="give up on a policy's real run after this long")
+    parser.add_argument("--real-timeout-s", type=float, default=600.0,
+                        help="give up on an engine's start-up or replay after this long")
     parser.add_argument("--skip-real", action="store_true",
                         help="simulation only, with --cost-model-json's cost model")
     parser.add_argument("--cost-model-json", default=None,
@@ -333,6 +302,9 @@ def main() -> None:
     parser.add_argument("--sim-host-blocks", type=int, default=4096)
     parser.add_argument("--loads", type=lambda s: [float(v) for v in s.split(",")],
                         default=[0.5, 0.7, 0.85, 0.95])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the real engines (0: torch's default); one "
+                             "thread keeps step times steadier on a CPU shared with others")
     parser.add_argument("--workers", type=int, default=2, help="simulation processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -346,16 +318,15 @@ def main() -> None:
     if args.skip_real:
         if not args.cost_model_json:
             parser.error("--skip-real needs --cost-model-json")
-        saved = json.loads(Path(args.cost_model_json).read_text())
-        cost = CostModel(**saved["real_engine"]["cost_model"])
+        saved = json.loads(Path(args.cost_model_json).read_text())["real_engine"]
+        cost = CostModel(**saved["cost_model"])
+        base_quantum_s = args.mlfq_base_quantum_s or saved["mlfq_base_quantum_s"]
     else:
-        import torch
-
-        result["torch_threads"] = torch.get_num_threads()
-        cost, result["real_engine"] = run_real(args, spec)
+        cost, base_quantum_s, result["real_engine"] = run_real(args, spec)
+        print(table_real(result["real_engine"]), flush=True)
     result["cost_model"] = cost.as_dict()
     print("simulating ...", flush=True)
-    result["simulation"] = run_sim(args, spec, cost)
+    result["simulation"] = run_sim(args, spec, cost, base_quantum_s)
     result["target"] = check_target(result["simulation"], args.mlfq_starvation_s)
     result["wall_s"] = time.perf_counter() - started
     out = Path(args.out)

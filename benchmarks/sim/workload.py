@@ -78,12 +78,25 @@ def step_time(cost: CostModel, num_decodes: int, decode_context: int,
             + cost.prefill_per_token_s * num_prefill_tokens)
 
 
+def _moments(low: int, high: int) -> tuple[float, float]:
+    """Mean and mean square of an integer uniform on [low, high]."""
+    mean = (low + high) / 2
+    return mean, ((high - low + 1) ** 2 - 1) / 12 + mean**2
+
+
 def capacity_per_s(cost: CostModel, spec: WorkloadSpec, max_num_seqs: int) -> float:
-    """Requests per second a saturated engine completes (see the module docstring)."""
-    batch = max_num_seqs
-    mean_context = spec.mean_prompt_len + spec.mean_output_len / 2
-    per_decode = step_time(cost, batch, int(batch * mean_context), 0) / batch
-    # The first output token comes from the prefill step, the rest from decode steps.
-    per_request = (spec.mean_output_len - 1) * per_decode \
-        + cost.prefill_per_token_s * spec.mean_prompt_len
+    """Requests per second a saturated engine completes (see the module docstring): per
+    request, its prefill tokens plus L-1 decodes, each a 1/B share of a full batch's fixed
+    cost plus its own per-sequence and per-context-token cost (context P+1 .. P+L-1)."""
+    short_mean, short_square = _moments(*spec.short_output)
+    long_mean, long_square = _moments(*spec.long_output)
+    f = spec.short_fraction
+    mean_len = f * short_mean + (1 - f) * long_mean
+    mean_len_square = f * short_square + (1 - f) * long_square
+    mean_prompt = spec.mean_prompt_len
+    # E[sum of decode contexts] = E[L-1] E[P] + E[L(L-1)] / 2 (P and L independent)
+    context_sum = (mean_len - 1) * mean_prompt + (mean_len_square - mean_len) / 2
+    per_request = ((mean_len - 1) * (cost.decode_base_s / max_num_seqs + cost.decode_per_seq_s)
+                   + cost.decode_per_ctx_token_s * context_sum
+                   + cost.prefill_per_token_s * mean_prompt)
     return 1.0 / per_request
