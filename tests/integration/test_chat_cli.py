@@ -85,14 +85,16 @@ def test_reset_forgets_the_conversation(serve):
 
 
 def test_ctrl_c_stops_the_answer_but_not_the_chat(serve):
-    child = _spawn(serve.base_url, "--max-tokens", "400")
+    # A 1500-token answer streams for far longer than the test takes to interrupt it, on
+    # a quiet machine too (a 400-token one once finished before the Ctrl-C landed).
+    child = _spawn(serve.base_url, "--max-tokens", "1500")
     child.sendline("Write a very long story about a lighthouse keeper and a storm.")
     child.expect_exact("storm.\r\n")  # the terminal's echo of our line
     child.expect(r"\w")  # the answer is streaming
     child.sendintr()
     child.expect_exact("[interrupted]")
     # Closing the stream aborted the generation: the worker is idle well before a
-    # 400-token answer (about 50 ms a token here) could have finished.
+    # 1500-token answer could have finished.
     (worker,) = serve.worker_addresses
     assert wait_until(lambda: worker_load(worker).num_running == 0, timeout=5.0)
     child.expect_exact(">>> ")
