@@ -27,6 +27,7 @@ from lmfleet.worker.model.attention.torch_ref import (
     build_decode_mask,
     build_prefill_mask,
 )
+from lmfleet.worker.model.cpu_linear import transpose_linears
 from lmfleet.worker.model.loader import load_model
 from lmfleet.worker.model.sampler import SamplingBatch, sample
 from lmfleet.worker.request import Request, TokenLogprobs
@@ -72,6 +73,8 @@ class ModelRunner:
             # Attention here is full-context; past the window the model would differ.
             max_len = min(max_len, self.arch.sliding_window)
         self.model = load_model(model_dir, max_len, self.dtype, self.device)
+        if self.device.type == "cpu":
+            transpose_linears(self.model)
         self.num_blocks = self._num_kv_blocks(max_len)
         # A lone request must always fit, so the context is capped by the KV capacity.
         self.max_model_len = min(max_len, self.num_blocks * self.block_size)
