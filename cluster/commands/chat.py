@@ -149,8 +149,14 @@ def _read_line() -> Optional[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
+
     import httpx
 
+    # A process started in the background by a non-interactive shell inherits SIGINT as
+    # ignored, and Python then never raises KeyboardInterrupt: Ctrl-C must always stop an
+    # answer here, so take the signal back explicitly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.max_tokens < 1:
         raise ValueError(f"invalid --max-tokens {args.max_tokens}: must be >= 1")
     if args.temperature < 0:
