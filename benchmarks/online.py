@@ -1,9 +1,7 @@
 """Online serving benchmark: a load generator for a running endpoint (used by `lmfleet bench`).
 
-Targets:
-- `http`: an OpenAI endpoint (the lmfleet router), streaming POST /v1/completions;
-- `grpc`: one worker's lmfleet.v1.Worker/Generate directly (no router), for measuring
-  what the router adds.
+Targets: `http` (an OpenAI endpoint, streaming POST /v1/completions) and `grpc` (one
+worker's Generate directly, to measure what the router adds).
 Both get the same workload: synthetic prompts of random token ids (so no tokenizer and no
 prefix sharing: every (run, round) draws fresh ids) with `ignore_eos` and `max_tokens`,
 greedy, so every output is exactly the requested length. Arrivals are Poisson at
@@ -14,14 +12,10 @@ with text, gRPC chunks), TPOT ((E2E - TTFT) / (output tokens - 1)), E2E. A run r
 mean/p50/p90/p99 of each, request and token throughput, and goodput under an SLO
 (requests/s with TTFT <= slo_ttft_ms and TPOT <= slo_tpot_ms, as in DistServe).
 
-    report = asyncio.run(benchmark([TargetSpec("http", "http://127.0.0.1:8000")],
-                                   Workload(num_requests=32), concurrencies=[1, 8]))
-    # online_report.write_report(report, RESULTS_DIR, "online") -> online.json + .png
+Use: `benchmark([TargetSpec("http", URL)], Workload(), [1, 8])`; online_report writes it.
 
-With two targets, each concurrency level runs them back to back in alternating order
-(ABBA... over `rounds`), so a drifting machine load hits both alike, and `comparisons`
-gives their differences and ratios.
-"""
+Two targets run back to back per concurrency, alternating (ABBA.. over `rounds`) so a
+drifting load hits both alike; `comparisons` gives their differences and ratios."""
 
 from __future__ import annotations
 
