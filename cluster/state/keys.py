@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from urllib.parse import quote, unquote
 
+from lmfleet.cluster.state.base import check_name
+
 PREFIX = "lmfleet"
 
 
@@ -50,7 +52,12 @@ class KeyLayout:
         return f"{self.namespace}replica:{encode(model)}:{encode(replica_id)}"
 
     def session(self, model: str, session_id: str) -> str:
+        """Validates both names (ValueError), as every per-session key does."""
+        check_name("model", model)
+        check_name("session_id", session_id)
         return f"{self.namespace}session:{encode(model)}:{encode(session_id)}"
 
     def kv_hint(self, model: str, session_id: str) -> str:
+        check_name("model", model)
+        check_name("session_id", session_id)
         return f"{self.namespace}kvhint:{encode(model)}:{encode(session_id)}"

@@ -100,27 +100,17 @@ class MemoryStore(StateStore):
     # ---- sessions and KV hints ----------------------------------------------------------
     def set_session(self, model: str, session_id: str, replica_id: str,
                     ttl_s: float) -> None:
-        self._put(self._session_key(model, session_id), replica_id, ttl_s)
+        self._put(self._keys.session(model, session_id), replica_id, ttl_s)
 
     def get_session(self, model: str, session_id: str) -> Optional[str]:
-        return self._get(self._session_key(model, session_id))
+        return self._get(self._keys.session(model, session_id))
 
     def put_kv_hint(self, model: str, session_id: str, replica_id: str,
                     ttl_s: float) -> None:
-        self._put(self._hint_key(model, session_id), replica_id, ttl_s)
+        self._put(self._keys.kv_hint(model, session_id), replica_id, ttl_s)
 
     def get_kv_hint(self, model: str, session_id: str) -> Optional[str]:
-        return self._get(self._hint_key(model, session_id))
-
-    def _session_key(self, model: str, session_id: str) -> str:
-        check_name("model", model)
-        check_name("session_id", session_id)
-        return self._keys.session(model, session_id)
-
-    def _hint_key(self, model: str, session_id: str) -> str:
-        check_name("model", model)
-        check_name("session_id", session_id)
-        return self._keys.kv_hint(model, session_id)
+        return self._get(self._keys.kv_hint(model, session_id))
 
     def _put(self, key: str, replica_id: str, ttl_s: float) -> None:
         check_name("replica_id", replica_id)

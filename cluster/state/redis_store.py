@@ -156,29 +156,19 @@ class RedisStore(StateStore):
     # ---- sessions and KV hints ----------------------------------------------------------
     def set_session(self, model: str, session_id: str, replica_id: str,
                     ttl_s: float) -> None:
-        self._put("set_session", self._session_key(model, session_id), replica_id, ttl_s)
+        self._put("set_session", self._keys.session(model, session_id), replica_id, ttl_s)
 
     def get_session(self, model: str, session_id: str) -> Optional[str]:
-        key = self._session_key(model, session_id)
+        key = self._keys.session(model, session_id)
         return self._call("get_session", lambda: self._client.get(key))
 
     def put_kv_hint(self, model: str, session_id: str, replica_id: str,
                     ttl_s: float) -> None:
-        self._put("put_kv_hint", self._hint_key(model, session_id), replica_id, ttl_s)
+        self._put("put_kv_hint", self._keys.kv_hint(model, session_id), replica_id, ttl_s)
 
     def get_kv_hint(self, model: str, session_id: str) -> Optional[str]:
-        key = self._hint_key(model, session_id)
+        key = self._keys.kv_hint(model, session_id)
         return self._call("get_kv_hint", lambda: self._client.get(key))
-
-    def _session_key(self, model: str, session_id: str) -> str:
-        check_name("model", model)
-        check_name("session_id", session_id)
-        return self._keys.session(model, session_id)
-
-    def _hint_key(self, model: str, session_id: str) -> str:
-        check_name("model", model)
-        check_name("session_id", session_id)
-        return self._keys.kv_hint(model, session_id)
 
     def _put(self, what: str, key: str, replica_id: str, ttl_s: float) -> None:
         check_name("replica_id", replica_id)
