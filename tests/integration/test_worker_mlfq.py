@@ -11,6 +11,7 @@ import pytest
 from lmfleet.proto.v1 import worker_pb2 as pb
 from lmfleet.proto.v1 import worker_pb2_grpc
 from lmfleet.worker import LLM, SamplingParams
+from lmfleet.worker.model.arch import ArchConfig
 from tests.integration.worker_process import start_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -61,8 +62,11 @@ def test_mlfq_worker_is_exact_and_reports_queues_swaps_and_sessions(default_mode
             assert load.scheduler == "mlfq"
             assert [q.name for q in load.queues] == [f"mlfq-q{i}" for i in range(8)]
             assert load.num_swap_out_blocks > 0 and load.num_swap_in_blocks > 0
-            assert load.swap_out_bytes == load.num_swap_out_blocks * (
-                load.swap_out_bytes // load.num_swap_out_blocks)
+            # Bytes follow from the model: 16 tokens x K and V of every layer, fp32.
+            arch = ArchConfig.from_model_dir(default_model_dir)
+            block_bytes = 16 * arch.kv_bytes_per_token * 4
+            assert load.swap_out_bytes == load.num_swap_out_blocks * block_bytes
+            assert load.swap_in_bytes == load.num_swap_in_blocks * block_bytes
             assert load.num_preemptions > 0
             assert load.cost_model.prefill_per_token_s > 0
             assert load.num_total_host_blocks > 0

@@ -99,12 +99,6 @@ class BlockPool:
         self._cached_blocks[block_hash] = block_id
         return True
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached hash (e.g. after weights change)."""
-        for block_hash, block_id in list(self._cached_blocks.items()):
-            self.block_hashes[block_id] = None
-            del self._cached_blocks[block_hash]
-
     def _evict(self, block_id: int) -> None:
         block_hash = self.block_hashes[block_id]
         if block_hash is not None:

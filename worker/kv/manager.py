@@ -89,9 +89,6 @@ class KVCacheManager:
             block_ids.append(block_id)
         return PrefixHit(block_ids)
 
-    def can_allocate(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None):
-        return self._num_blocks_needed(request, num_new_tokens, hit) <= self.num_free_blocks
-
     def allocate(self, request: Request, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
         """Make the request's blocks cover `num_new_tokens` more tokens (after any prefix hit,
         which is applied here: the hit blocks become the request's first blocks and its

@@ -19,8 +19,7 @@ Without overlap (and always on CPU) the same copies run synchronously.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -38,21 +37,10 @@ def consecutive_runs(ids: list[int]) -> list[tuple[int, int, int]]:
 
 
 @dataclass
-class SwapCounters:
-    num_swap_out_blocks: int = 0
-    num_swap_in_blocks: int = 0
-    swap_out_bytes: int = 0
-    swap_in_bytes: int = 0
-    # Host-side time spent issuing and finishing copies (for the offload-cost report).
-    seconds: float = 0.0
-
-
-@dataclass
 class KVSwapper:
     device_storage: torch.Tensor  # (L, 2, N, bs, H, D)
     host_storage: torch.Tensor  # (Nh, L, 2, bs, H, D)
     overlap: bool = True
-    counters: SwapCounters = field(default_factory=SwapCounters)
 
     def __post_init__(self) -> None:
         self.device = self.device_storage.device
@@ -63,18 +51,11 @@ class KVSwapper:
 
     def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
         """Perform this step's copies; returns once the forward pass may safely run."""
-        if not swap_out and not swap_in:
-            return
-        start = time.perf_counter()
+        # Block counts are kept by KVCacheManager.swap_stats, which decides the swaps.
         if swap_out:
             self._swap_out(swap_out)
         if swap_in:
             self._swap_in(swap_in)
-        self.counters.num_swap_out_blocks += len(swap_out)
-        self.counters.num_swap_in_blocks += len(swap_in)
-        self.counters.swap_out_bytes += len(swap_out) * self.block_bytes
-        self.counters.swap_in_bytes += len(swap_in) * self.block_bytes
-        self.counters.seconds += time.perf_counter() - start
 
     def finish_pending(self) -> None:
         """Wait for device->host copies still in flight (only needed before the host tier
