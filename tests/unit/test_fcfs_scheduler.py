@@ -13,6 +13,7 @@ from lmfleet.worker.request import Request, RequestStatus
 from lmfleet.worker.sampling_params import SamplingParams
 from lmfleet.worker.scheduler.base import SchedulerOutput
 from lmfleet.worker.scheduler.fcfs import FCFSScheduler
+from tests.unit.scheduler_helpers import ids, plan
 
 BLOCK_SIZE = 4
 FAKE_TOKEN = 7
@@ -41,14 +42,6 @@ def run_step(scheduler: FCFSScheduler) -> SchedulerOutput:
         if request.num_computed_tokens == request.num_tokens:
             request.append_output_token(FAKE_TOKEN, None)
     return output
-
-
-def plan(output: SchedulerOutput) -> list[tuple[str, int]]:
-    return [(s.request.request_id, s.num_new_tokens) for s in output.scheduled]
-
-
-def ids(requests: list[Request]) -> list[str]:
-    return [r.request_id for r in requests]
 
 
 # ---- token budget and chunked prefill ------------------------------------------------------

@@ -1,5 +1,5 @@
 """MLFQ step selection and KV placement on a fake clock: limits, strict priority,
-eviction, swap, recompute, headroom, prefetch, abort (set-up in mlfq_helpers.py)."""
+eviction, swap, recompute, headroom, prefetch, abort (set-up in scheduler_helpers.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from lmfleet.worker.request import Request, RequestStatus
 from lmfleet.worker.sampling_params import SamplingParams
-from tests.unit.mlfq_helpers import (
+from tests.unit.scheduler_helpers import (
     ids,
     make_request,
     make_scheduler,

@@ -1,12 +1,12 @@
 """MLFQ queue mechanics on a fake clock: skip-join, priority, demotion, round-robin,
-starvation, order (set-up in mlfq_helpers.py)."""
+starvation, order (set-up in scheduler_helpers.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from lmfleet.worker.scheduler.cost_model import CostModel
-from tests.unit.mlfq_helpers import (
+from tests.unit.scheduler_helpers import (
     ids,
     level,
     make_request,

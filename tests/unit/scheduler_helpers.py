@@ -1,4 +1,5 @@
-"""Shared set-up of the MLFQ unit tests: a scheduler on a fake clock, with no model.
+"""Shared set-up of the scheduler unit tests: an MLFQ scheduler on a fake clock with no
+model, and `plan` / `ids` (used by the FCFS tests too).
 
 Times are in fake seconds chosen so every comparison is exact: prefill costs 1 s per
 token, the base quantum is 4 s, so with 4 queues the quanta are 4, 8, 16 and 32 s and a
