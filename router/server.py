@@ -146,7 +146,11 @@ class Router:
     """Both front doors over one ReplicaRegistry. Start once, stop once."""
 
     def __init__(self, config: RouterConfig,
-                 tokenizer_loader: TokenizerLoader = load_model_tokenizer) -> None:
+                 tokenizer_loader: TokenizerLoader = load_model_tokenizer,
+                 store: Optional[StateStore] = None) -> None:
+        """store: a state store object to discover replicas from (e.g. the MemoryStore a
+        controller in this process publishes to); it takes the place of
+        `config.store_url`, which must then be set (MEMORY_URL for an in-process one)."""
         self.config = config
         self.registry = ReplicaRegistry(
             config.workers, tokenizer_loader, default_policy=config.policy,
@@ -155,8 +159,11 @@ class Router:
             allow_no_workers=config.store_url is not None)
         self.store: Optional[StateStore] = None
         self.store_sync: Optional[StoreSync] = None
+        if store is not None and config.store_url is None:
+            raise ValueError("a router given a store needs config.store_url set")
         if config.store_url is not None:
-            self.store = open_store(config.store_url, config.cluster)
+            self.store = store if store is not None else open_store(config.store_url,
+                                                                     config.cluster)
             self.store_sync = StoreSync(self.store, self.registry, config.store_poll_interval,
                                         config.session_ttl)
         self.metrics = RouterMetrics(self.registry)

@@ -1,19 +1,24 @@
-"""`lmfleet serve`: the all-in-one endpoint. Starts N local workers per model, then the
-router in this process in front of all of them.
+"""`lmfleet serve`: the all-in-one endpoint. Starts (or joins, `--ray-address`) a Ray
+cluster, runs the controller, which places each model's replicas as Ray actors and keeps
+them healthy and scaled, and the router in front of them, in this one process, sharing an
+in-memory state store.
 
-Contract: progress and logs go to stderr; once every worker is loaded and both front
-doors accept connections, exactly one line goes to stdout (flushed):
+Contract: progress and logs go to stderr (one `replica ... ready on ADDRESS (pid N)` line
+per first replica); once every model has its first replicas and both front doors accept
+connections, exactly one line goes to stdout (flushed):
 
     lmfleet serve ready http=HOST:PORT grpc=HOST:PORT models=NAME[,NAME...]
 
-SIGINT/SIGTERM (also during start-up): stop the router, then SIGTERM the workers (they
-drain for up to --drain-timeout), SIGKILL any left after a bounded wait; exit 0. A worker
-that dies during start-up: `error: model 'NAME': ... last stderr lines ...`, exit 1.
+SIGINT/SIGTERM (also during start-up): stop the router, drain the replicas (up to
+--drain-timeout), stop them and the local Ray cluster; exit 0. A replica that fails during
+start-up: `error: model 'NAME': ...` with the worker's own error, exit 1.
 
-Model names: `--model-name` values pair with `--model` values in order; without one a
-model is called 'default' (the embedded model) or by its directory (or .gguf file) name.
-The engine flags (--device, --dtype, --max-num-seqs, --scheduler, ...) are the worker's
-own, copied from `lmfleet worker`'s parser, so both always accept the same ones.
+The fleet comes from `--config fleet.yaml` (cluster/fleet_config.py: several models, each
+with its size, autoscaling and engine options) or from the flags: each `--model` (named by
+the matching `--model-name`, else 'default' or its directory name) with `--replicas N`, or
+autoscaled between `--min-replicas` and `--max-replicas`. The engine flags (--device,
+--dtype, --max-num-seqs, --scheduler, ...) are the worker's own, copied from `lmfleet
+worker`'s parser, so both always accept the same ones.
 """
 
 from __future__ import annotations
@@ -26,34 +31,38 @@ from pathlib import Path
 
 from lmfleet.cluster.commands import worker as worker_command
 
-# Worker flags that serve sets itself per replica instead of copying.
-_NOT_ENGINE_FLAGS = {"help", "model", "model_name", "host", "port"}
 _DEFAULT_MODEL_ALIASES = ("default", "SmolLM2-135M-Instruct")
-
-
-def _worker_engine_actions() -> list[argparse.Action]:
-    parser = argparse.ArgumentParser()
-    worker_command.add_parser(parser.add_subparsers())
-    worker_parser = parser._subparsers._group_actions[0].choices["worker"]
-    return [a for a in worker_parser._actions if a.dest not in _NOT_ENGINE_FLAGS]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve models end to end: local workers and the router in one command",
-        description="Start --replicas local workers for each --model, then the router (OpenAI "
+        help="serve models end to end: Ray replicas, controller and router in one command",
+        description="Start the replicas of each --model (or of each model in --config) as "
+        "Ray actors, kept healthy and autoscaled by the controller, and the router (OpenAI "
         "HTTP API and lmfleet.v1 gRPC API) in front of them. Prints 'lmfleet serve ready "
         "http=HOST:PORT grpc=HOST:PORT models=...' on stdout when ready.",
     )
+    p.add_argument("--config", default=None, metavar="FLEET_YAML",
+                   help="fleet config (models, sizes, autoscaling, engine options); "
+                   "replaces --model, --replicas and the engine flags")
     p.add_argument("--model", action="append", default=None, metavar="MODEL",
                    help="model directory, .gguf file or 'default' (embedded SmolLM2); repeat "
                    "to serve several models behind one endpoint (default: 'default')")
     p.add_argument("--model-name", action="append", default=None, metavar="NAME",
                    help="name clients use for the matching --model (in order; default: "
                    "'default' or the directory name)")
-    p.add_argument("--replicas", type=int, default=1, metavar="N",
-                   help="workers (replicas) per model (default 1)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="replicas per model, fixed (default 1)")
+    p.add_argument("--min-replicas", type=int, default=None, metavar="N",
+                   help="autoscale each model from N replicas (with --max-replicas)")
+    p.add_argument("--max-replicas", type=int, default=None, metavar="N",
+                   help="autoscale each model up to N replicas")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="join this Ray cluster (HOST:PORT or 'auto') instead of starting a "
+                   "local one")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long a replica being removed may finish its requests")
     p.add_argument("--host", default="127.0.0.1", help="address the router listens on")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free port)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: a free port)")
@@ -67,12 +76,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queued", type=int, default=None, metavar="N",
                    help="requests per model waiting beyond --max-in-flight (more get 503)")
     p.add_argument("--start-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="how long to wait for the workers of a model to load")
+                   help="how long to wait for the first replicas of every model")
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"],
-                   help="router log level; info or debug also shows the workers' logs")
-    engine = p.add_argument_group("engine options (passed to every worker)")
-    for action in _worker_engine_actions():
+                   help="log level; info also shows the controller's decisions and the "
+                   "replicas' logs")
+    engine = p.add_argument_group("engine options (passed to every replica)")
+    for action in worker_command.engine_actions():
         engine._add_action(copy.copy(action))
     p.set_defaults(func=run)
 
@@ -88,7 +98,7 @@ def model_name(model: str) -> str:
 def engine_flags(args: argparse.Namespace) -> dict[str, str | None]:
     """The engine flags given on the command line that differ from the worker's defaults."""
     flags: dict[str, str | None] = {}
-    for action in _worker_engine_actions():
+    for action in worker_command.engine_actions():
         value = getattr(args, action.dest, None)
         if value is None or value == action.default or not action.option_strings:
             continue
@@ -97,32 +107,56 @@ def engine_flags(args: argparse.Namespace) -> dict[str, str | None]:
     return flags
 
 
-def model_specs(args: argparse.Namespace):
-    """One ModelSpec per --model; raises ValueError for bad combinations."""
-    from lmfleet.cluster.launcher import ModelSpec
+def fleet_config(args: argparse.Namespace):
+    """The FleetConfig of the command line (from --config, or from the flags); raises
+    ValueError for bad combinations."""
+    from lmfleet.cluster.autoscaler import AutoscalingConfig
+    from lmfleet.cluster.fleet_config import (
+        ControllerConfig,
+        FleetConfig,
+        ModelDeployment,
+        load_fleet_config,
+    )
 
+    flags = engine_flags(args)
+    if args.config is not None:
+        given = [name for name, value in (("--model", args.model), ("--model-name",
+                 args.model_name), ("--replicas", args.replicas), ("--min-replicas",
+                 args.min_replicas), ("--max-replicas", args.max_replicas)) if value]
+        given += list(flags)
+        if given:
+            raise ValueError(f"--config describes the models; drop {', '.join(given)}")
+        return load_fleet_config(args.config)
     models = args.model or ["default"]
     names = args.model_name or []
     if names and len(names) != len(models):
         raise ValueError(f"{len(names)} --model-name for {len(models)} --model: give one "
                          "name per model, in the same order, or none")
-    if args.replicas < 1:
+    if args.replicas is not None and (args.min_replicas or args.max_replicas):
+        raise ValueError("give --replicas (a fixed size) or --min/--max-replicas, not both")
+    if args.replicas is not None and args.replicas < 1:
         raise ValueError(f"invalid --replicas {args.replicas}: must be >= 1")
+    low = args.replicas or args.min_replicas or 1
+    high = args.replicas or args.max_replicas or low
+    try:
+        scaling = AutoscalingConfig(min_replicas=low, max_replicas=high)
+    except ValueError as error:
+        raise ValueError(f"invalid --min-replicas/--max-replicas: {error}") from None
     for model in models:
         if model not in _DEFAULT_MODEL_ALIASES and not os.path.exists(model):
             raise ValueError(f"model not found: {model} (a directory, a .gguf file or "
                              "'default')")
     names = names or [model_name(m) for m in models]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"model name {duplicates[0]!r} is used twice; set --model-name")
-    flags = engine_flags(args)
-    return [ModelSpec(name=n, model=m, replicas=args.replicas, engine_flags=flags)
-            for n, m in zip(names, models, strict=True)]
+    scheduler = flags.pop("--scheduler", None) or "fcfs"
+    controller = ControllerConfig(drain_timeout_s=max(args.drain_timeout, 0.1),
+                                  start_timeout_s=args.start_timeout)
+    return FleetConfig(tuple(
+        ModelDeployment(name=n, path=m, scheduler=scheduler, engine=flags, autoscaling=scaling)
+        for n, m in zip(names, models, strict=True)), controller)
 
 
 class _Stop(Exception):
-    """SIGINT/SIGTERM arrived while the workers were loading."""
+    """SIGINT/SIGTERM arrived while the replicas were loading."""
 
 
 def _progress(message: str) -> None:
@@ -130,76 +164,56 @@ def _progress(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
+    import asyncio
     import logging
     import signal
 
-    from lmfleet.cluster.launcher import LaunchError, LocalProcessLauncher
+    from lmfleet.cluster.controller import FleetStartError
+    from lmfleet.cluster.controller_metrics import ControllerCollector
+    from lmfleet.cluster.fleet_runtime import running_fleet
+    from lmfleet.cluster.state import MEMORY_URL, MemoryStore
     from lmfleet.router.auth import api_key_from_env
     from lmfleet.router.server import RouterConfig
 
-    specs = model_specs(args)
-    # Checked before any worker loads; the real addresses replace the placeholder later.
+    fleet = fleet_config(args)
+    # Checked before anything starts.
     config = RouterConfig(
-        workers=("127.0.0.1:0",), host=args.host, http_port=args.port,
+        store_url=MEMORY_URL, cluster=fleet.cluster, host=args.host, http_port=args.port,
         grpc_port=args.grpc_port, api_key=api_key_from_env(args.api_key),
         max_in_flight=args.max_in_flight, max_queued=args.max_queued, policy=args.policy,
-        discovery_timeout=60.0)
+        discovery_timeout=0.0)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    drain_timeout = getattr(args, "drain_timeout", 30.0) or 0.0
-    launcher = LocalProcessLauncher(
-        host=args.host if args.host not in ("0.0.0.0", "::") else "127.0.0.1",
-        start_timeout=args.start_timeout, stop_timeout=drain_timeout + 15.0,
-        progress=_progress, echo_logs=args.log_level in ("debug", "info"))
 
     def interrupt(signum, frame) -> None:
         raise _Stop()
 
-    # Until the event loop takes over, a signal interrupts the (blocking) loading.
+    # Until the event loop takes over, a signal interrupts the (blocking) start-up.
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    store = MemoryStore(fleet.cluster)
     try:
-        try:
-            addresses = [a for spec in specs for a in launcher.start(spec)]
-        except _Stop:
-            _progress("interrupted while loading; workers stopped")
-            return 0
-        except LaunchError as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            return 1
-        # Until the event loop's handlers are in place, a signal is only remembered.
-        pending: list[int] = []
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda signum, frame: pending.append(signum))
-        config = dataclasses.replace(config, workers=tuple(addresses))
-        import asyncio
-
-        asyncio.run(_serve_router(config, [s.name for s in specs], pending))
+        with running_fleet(fleet, store, args.ray_address, args.start_timeout, _progress,
+                           verbose=args.log_level in ("debug", "info")) as controller:
+            # Until the event loop's handlers are in place, a signal is only remembered.
+            pending: list[int] = []
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda signum, frame: pending.append(signum))
+            asyncio.run(_serve_router(config, store, ControllerCollector(controller),
+                                      [m.name for m in fleet.models], pending))
         return 0
+    except _Stop:
+        _progress("interrupted while loading; replicas stopped")
+        return 0
+    except (FleetStartError, TimeoutError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     finally:
-        with _signals_ignored():
-            launcher.stop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-class _signals_ignored:
-    """Shutdown must not be cut short by a second Ctrl-C; it is bounded anyway."""
-
-    def __enter__(self) -> None:
-        import signal
-
-        self._saved = {s: signal.signal(s, signal.SIG_IGN)
-                       for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def __exit__(self, *exc_info) -> None:
-        import signal
-
-        for signum, handler in self._saved.items():
-            signal.signal(signum, handler)
-
-
-async def _serve_router(config, model_names: list[str], pending: list[int]) -> None:
+async def _serve_router(config, store, collector, model_names: list[str],
+                        pending: list[int]) -> None:
     import asyncio
     import signal
 
@@ -211,7 +225,8 @@ async def _serve_router(config, model_names: list[str], pending: list[int]) -> N
         loop.add_signal_handler(signum, stop.set)
     if pending:
         stop.set()
-    router = Router(config)
+    router = Router(config, store=store)
+    router.metrics.registry.register(collector)
     try:
         await router.start()
         print(f"lmfleet serve ready http={router.http_address} grpc={router.grpc_address} "

@@ -61,6 +61,47 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# Worker flags that are not engine options: who serves, where, and how it stops.
+_NOT_ENGINE_FLAGS = {"help", "model", "model_name", "host", "port", "drain_timeout"}
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """A worker parser for argv built by code (fleet configs): errors raise ValueError
+    instead of exiting the process."""
+
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def _worker_parser(parser_class: type[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    root = parser_class(prog="lmfleet")
+    add_parser(root.add_subparsers(parser_class=parser_class))
+    return root._subparsers._group_actions[0].choices["worker"]
+
+
+def engine_actions() -> list[argparse.Action]:
+    """The worker's engine options (--device, --dtype, --max-num-seqs, ...) as argparse
+    actions, for commands that pass them on (`lmfleet serve`, fleet configs)."""
+    parser = _worker_parser(argparse.ArgumentParser)
+    return [a for a in parser._actions if a.dest not in _NOT_ENGINE_FLAGS]
+
+
+def parse_worker_argv(argv: list[str]) -> argparse.Namespace:
+    """`lmfleet worker` arguments parsed from `argv` (without the 'worker' word); bad
+    ones raise ValueError with argparse's message."""
+    return _worker_parser(_RaisingParser).parse_args(argv)
+
+
+def build_engine(args: argparse.Namespace):
+    """Load the model and build the LLMEngine the arguments describe; returns
+    (engine, model_name)."""
+    from lmfleet.worker.config import EngineConfig
+    from lmfleet.worker.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.from_options(args.model, **engine_options(args)))
+    return engine, args.model_name or engine.model_dir.name
+
+
 def engine_options(args: argparse.Namespace) -> dict:
     """Engine options from the command line; unset ones are left to the engine."""
     options = {"device": args.device, "dtype": args.dtype, "policy": args.scheduler}
@@ -86,11 +127,8 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from lmfleet.worker.async_engine import AsyncEngine
-    from lmfleet.worker.config import EngineConfig
-    from lmfleet.worker.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig.from_options(args.model, **engine_options(args)))
-    model_name = args.model_name or engine.model_dir.name
+    engine, model_name = build_engine(args)
     return asyncio.run(_serve(AsyncEngine(engine), args, model_name))
 
 

@@ -3,6 +3,9 @@
     with start_serve(["--replicas", "2"]) as serve:
         serve.base_url, serve.grpc, serve.models, serve.worker_addresses, serve.worker_pids
 
+(The workers are Ray actors: their pids come from serve's `replica ... ready on ADDRESS
+(pid N)` progress lines; `descendant_pids()` also finds Ray's own processes.)
+
 Ports are free ones (`--port 0 --grpc-port 0`). Exiting the block stops it: SIGTERM, then
 SIGKILL if it has not exited within STOP_TIMEOUT seconds; `stop()` does that earlier and
 returns the exit code. Its stderr is kept (`serve.stderr_lines`) and copied to ours.
@@ -45,13 +48,21 @@ class ServeProcess:
     def worker_addresses(self) -> list[str]:
         return [m["address"] for line in self.stderr_lines if (m := WORKER_READY.search(line))]
 
-    def child_pids(self) -> list[int]:
-        """The serve process's live child processes (its workers), from /proc."""
-        pids: list[int] = []
-        for children in Path(f"/proc/{self.process.pid}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                pids += [int(pid) for pid in children.read_text().split()]
-        return sorted(pids)
+    @property
+    def worker_pids(self) -> list[int]:
+        return [int(m["pid"]) for line in self.stderr_lines if (m := WORKER_READY.search(line))]
+
+    def descendant_pids(self) -> list[int]:
+        """Every live process below serve (Ray's and the replicas'), from /proc."""
+        found: list[int] = []
+        todo = [self.process.pid]
+        while todo:
+            for children in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+                with contextlib.suppress(OSError):
+                    pids = [int(pid) for pid in children.read_text().split()]
+                    found += pids
+                    todo += pids
+        return sorted(set(found))
 
     def stop(self, sig: int = 15) -> Optional[int]:
         """Send `sig` (default SIGTERM); wait (bounded), SIGKILL if needed; exit code."""

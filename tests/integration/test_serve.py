@@ -1,5 +1,5 @@
-"""`lmfleet serve`: local workers + the in-process router behind one endpoint, as a real
-subprocess (free ports, real workers)."""
+"""`lmfleet serve`: Ray replicas, controller and router behind one endpoint, as a real
+subprocess (free ports, a real local Ray cluster, real workers)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def test_ready_line_names_the_model_and_two_workers_started(serve):
     assert serve.models == ["default"]
     assert len(serve.worker_addresses) == 2
     assert len(set(serve.worker_addresses)) == 2
-    assert len(serve.child_pids()) == 2
+    assert len(set(serve.worker_pids)) == 2
+    assert set(serve.worker_pids) <= set(serve.descendant_pids())
 
 
 @server_test
@@ -83,13 +84,13 @@ def test_chat_completion_equals_offline_greedy(serve, default_model_dir):
 
 
 @server_test
-def test_sigterm_exits_0_and_stops_every_worker():
+def test_sigterm_exits_0_and_stops_every_worker_and_ray():
     with start_serve(["--replicas", "2", *SMALL_KV]) as serve:
-        pids = serve.child_pids()
-        assert len(pids) == 2
+        pids = serve.descendant_pids()
+        assert len(serve.worker_pids) == 2 and set(serve.worker_pids) <= set(pids)
         assert serve.stop(signal.SIGTERM) == 0
     assert all(_gone(pid) for pid in pids), pids
-    assert any("stopping 2 worker(s)" in line for line in serve.stderr_lines)
+    assert any("stopping replicas" in line for line in serve.stderr_lines)
 
 
 @server_test
@@ -111,7 +112,7 @@ def test_two_models_behind_one_endpoint(default_model_dir):
         missing = httpx.post(f"{serve.base_url}/v1/completions", timeout=30, json={
             "model": "nope", "prompt": "x", "max_tokens": 1})
         assert missing.status_code == 404
-        pids = serve.child_pids()
+        pids = serve.descendant_pids()
         assert serve.stop(signal.SIGINT) == 0
     assert all(_gone(pid) for pid in pids), pids
 
@@ -125,7 +126,7 @@ def test_a_worker_failing_at_start_up_is_reported_with_its_stderr(tmp_path):
          "--port", "0", "--grpc-port", "0"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "error: model 'not-a-model'" in result.stderr
-    assert "no config.json" in result.stderr  # the worker's own last stderr line
+    assert "no config.json" in result.stderr  # the worker's own error
     assert result.stdout == ""
 
 
@@ -134,21 +135,31 @@ def test_a_worker_failing_at_start_up_is_reported_with_its_stderr(tmp_path):
     (["--model", "default", "--model", "default"], "used twice"),
     (["--model-name", "a", "--model-name", "b"], "--model-name"),
     (["--replicas", "0"], "--replicas"),
+    (["--replicas", "2", "--max-replicas", "3"], "not both"),
+    (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas/--max-replicas"),
+    (["--config", "fleet.yaml", "--max-num-seqs", "4"], "drop --max-num-seqs"),
 ])
 def test_bad_model_arguments_are_value_errors(argv, message):
     with pytest.raises(ValueError, match=message):
-        serve_command.model_specs(_parse(*argv))
+        serve_command.fleet_config(_parse(*argv))
 
 
-def test_model_specs_name_models_and_forward_only_changed_engine_flags(tmp_path):
+def test_flags_become_a_fleet_forwarding_only_changed_engine_flags(tmp_path):
     model_dir = tmp_path / "my-model"
     model_dir.mkdir()
-    specs = serve_command.model_specs(_parse(
+    fleet = serve_command.fleet_config(_parse(
         "--model", "default", "--model", str(model_dir), "--replicas", "3",
-        "--max-num-seqs", "4", "--scheduler", "mlfq", "--device", "cpu"))
-    assert [(s.name, s.model, s.replicas) for s in specs] == [
-        ("default", "default", 3), ("my-model", str(model_dir), 3)]
-    assert dict(specs[0].engine_flags) == {"--max-num-seqs": "4", "--scheduler": "mlfq"}
-    named = serve_command.model_specs(_parse("--model", "default", "--model-name", "chat"))
-    assert named[0].name == "chat"
+        "--max-num-seqs", "4", "--scheduler", "mlfq", "--device", "cpu",
+        "--drain-timeout", "7"))
+    assert [(m.name, m.path, m.autoscaling.min_replicas, m.autoscaling.max_replicas)
+            for m in fleet.models] == [("default", "default", 3, 3),
+                                       ("my-model", str(model_dir), 3, 3)]
+    assert dict(fleet.models[0].engine) == {"--max-num-seqs": "4"}
+    assert fleet.models[0].scheduler == "mlfq"
+    assert fleet.controller.drain_timeout_s == 7.0
+    scaled = serve_command.fleet_config(_parse("--min-replicas", "1", "--max-replicas", "3"))
+    assert (scaled.models[0].autoscaling.min_replicas,
+            scaled.models[0].autoscaling.max_replicas) == (1, 3)
+    named = serve_command.fleet_config(_parse("--model", "default", "--model-name", "chat"))
+    assert named.models[0].name == "chat"
     assert serve_command.model_name("/models/llama.Q4_0.gguf") == "llama.Q4_0"

@@ -1,0 +1,265 @@
+"""The fleet config: which models the controller keeps running, how, and how many.
+
+    cluster: default              # state-store namespace (optional)
+    controller:                   # optional; ControllerConfig's fields
+      reconcile_interval_s: 0.5
+    models:
+      - name: chat                # the name clients use (required, unique)
+        path: default             # model directory, .gguf file or "default"
+        min_replicas: 1           # or `replicas: N` for a fixed size
+        max_replicas: 3
+        tp: 1                     # tensor-parallel ranks per replica
+        pp: 1                     # pipeline stages per replica
+        cpus_per_rank: 1          # CPUs in each rank's placement bundle
+        scheduler: mlfq           # fcfs | mlfq
+        engine:                   # `lmfleet worker` engine options, by flag name
+          max_num_seqs: 8
+          host_kv_memory: 1GiB
+        autoscaling:              # AutoscalingConfig's other fields
+          target_load_per_replica: 4
+          upscale_delay_s: 2
+          downscale_delay_s: 30
+
+Everything is checked when the file is read, before anything starts: unknown keys, bad
+values and engine options the worker would reject raise ValueError naming the place
+(`models[1].engine.max_num_seqs: ...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Optional
+
+from lmfleet.cluster.autoscaler import AutoscalingConfig
+from lmfleet.cluster.placement import ReplicaPlacement
+
+DEFAULT_MODEL_ALIASES = ("default", "SmolLM2-135M-Instruct")
+SCHEDULERS = ("fcfs", "mlfq")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """How the controller runs its fleet.
+
+    reconcile_interval_s: one round (health checks, heartbeats, scaling) this often.
+    health_check_timeout_s: a replica's health check / GetLoad must answer within this.
+    unhealthy_after: consecutive failed checks after which a replica is replaced.
+    start_timeout_s: a replica not serving this long after its start is replaced.
+    drain_timeout_s: a replica being removed finishes its requests for at most this long.
+    replica_ttl_s: TTL of the replicas' records in the state store.
+    restart_backoff_s: wait after a failed start before the next one (doubles, <= 30 s).
+    replica_host: address replicas listen on (default: their node's IP).
+    """
+
+    reconcile_interval_s: float = 0.5
+    health_check_timeout_s: float = 2.0
+    unhealthy_after: int = 3
+    start_timeout_s: float = 600.0
+    drain_timeout_s: float = 30.0
+    replica_ttl_s: float = 5.0
+    restart_backoff_s: float = 1.0
+    replica_host: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "replica_host":
+                if value is not None and (not isinstance(value, str) or not value):
+                    raise ValueError(f"replica_host must be a host name, got {value!r}")
+            elif f.name == "unhealthy_after":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"unhealthy_after must be an integer >= 1, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{f.name} must be a positive number, got {value!r}")
+        if self.replica_ttl_s <= self.reconcile_interval_s:
+            raise ValueError(f"replica_ttl_s ({self.replica_ttl_s}) must exceed "
+                             f"reconcile_interval_s ({self.reconcile_interval_s})")
+
+
+@dataclass(frozen=True)
+class ModelDeployment:
+    """One model of the fleet. `engine` holds worker flags ("--max-num-seqs": "8"; None
+    for a switch), already validated against `lmfleet worker`'s parser."""
+
+    name: str
+    path: str = "default"
+    tp: int = 1
+    pp: int = 1
+    cpus_per_rank: float = 1.0
+    scheduler: str = "fcfs"
+    engine: Mapping[str, Optional[str]] = field(default_factory=dict)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or self.name != self.name.strip():
+            raise ValueError(f"invalid model name {self.name!r}")
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError(f"path must be a model directory, .gguf file or 'default', got "
+                             f"{self.path!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got "
+                             f"{self.scheduler!r}")
+        self.placement.check_supported()  # also validates tp, pp and cpus_per_rank
+        object.__setattr__(self, "engine", MappingProxyType(dict(self.engine)))
+
+    @property
+    def placement(self) -> ReplicaPlacement:
+        device = self.engine.get("--device") or "cpu"
+        return ReplicaPlacement(self.tp, self.pp, use_gpu=device.startswith("cuda"),
+                                cpus_per_rank=self.cpus_per_rank)
+
+    def worker_argv(self) -> list[str]:
+        """The replica's `lmfleet worker` arguments (without --host / --port)."""
+        argv = ["--model", self.path, "--model-name", self.name, "--scheduler", self.scheduler]
+        for flag, value in self.engine.items():
+            argv += [flag] if value is None else [flag, value]
+        return argv
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    models: tuple[ModelDeployment, ...]
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    cluster: str = "default"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
+        if not self.models:
+            raise ValueError("a fleet needs at least one model")
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model name {duplicates[0]!r} is used twice")
+        if not isinstance(self.cluster, str) or not self.cluster:
+            raise ValueError(f"cluster must be a non-empty name, got {self.cluster!r}")
+
+    def model(self, name: str) -> ModelDeployment:
+        for deployment in self.models:
+            if deployment.name == name:
+                return deployment
+        raise KeyError(name)
+
+
+# ---- reading ---------------------------------------------------------------------------
+
+_MODEL_KEYS = ("name", "path", "replicas", "min_replicas", "max_replicas", "tp", "pp",
+               "cpus_per_rank", "scheduler", "engine", "autoscaling")
+_SCALING_KEYS = tuple(f.name for f in dataclasses.fields(AutoscalingConfig)
+                      if f.name not in ("min_replicas", "max_replicas"))
+
+
+def load_fleet_config(path: str | os.PathLike) -> FleetConfig:
+    """Read and check a fleet YAML file; ValueError (naming the file) for anything wrong."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ValueError(f"cannot read fleet config {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    return fleet_config_from_dict(data, source=str(path))
+
+
+def fleet_config_from_dict(data: Any, source: str = "fleet config") -> FleetConfig:
+    """A FleetConfig from parsed YAML/JSON; ValueError `SOURCE: PLACE: problem`."""
+    _check_mapping(data, source, ("cluster", "controller", "models"))
+    try:
+        controller = ControllerConfig(**_check_mapping(
+            data.get("controller") or {}, f"{source}: controller",
+            tuple(f.name for f in dataclasses.fields(ControllerConfig))))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: controller: {error}") from None
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise ValueError(f"{source}: models: a list of at least one model is required")
+    deployments = [_model(entry, f"{source}: models[{i}]") for i, entry in enumerate(models)]
+    try:
+        return FleetConfig(tuple(deployments), controller, data.get("cluster", "default"))
+    except ValueError as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
+def _model(entry: Any, where: str) -> ModelDeployment:
+    entry = _check_mapping(entry, where, _MODEL_KEYS)
+    if "name" not in entry:
+        raise ValueError(f"{where}: 'name' is required")
+    sizes = {"min_replicas", "max_replicas"} & entry.keys()
+    if "replicas" in entry and sizes:
+        raise ValueError(f"{where}: give 'replicas' or min_replicas/max_replicas, not both")
+    scaling = dict(_check_mapping(entry.get("autoscaling") or {}, f"{where}.autoscaling",
+                                  _SCALING_KEYS))
+    fixed = entry.get("replicas")
+    scaling["min_replicas"] = entry.get("min_replicas", 1 if fixed is None else fixed)
+    scaling["max_replicas"] = entry.get("max_replicas",
+                                        scaling["min_replicas"] if fixed is None else fixed)
+    try:
+        autoscaling = AutoscalingConfig(**scaling)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
+    path = str(entry.get("path", "default"))
+    if path not in DEFAULT_MODEL_ALIASES and not os.path.exists(os.path.expanduser(path)):
+        raise ValueError(f"{where}.path: model not found: {path} (a directory, a .gguf file "
+                         "or 'default')")
+    engine = engine_flags(entry.get("engine") or {}, f"{where}.engine")
+    try:
+        return ModelDeployment(
+            name=entry["name"], path=os.path.expanduser(path), tp=entry.get("tp", 1),
+            pp=entry.get("pp", 1), cpus_per_rank=entry.get("cpus_per_rank", 1.0),
+            scheduler=entry.get("scheduler", "fcfs"), engine=engine, autoscaling=autoscaling)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def engine_flags(options: Any, where: str) -> dict[str, Optional[str]]:
+    """Engine options by name (`max_num_seqs: 8`, `max-num-seqs: 8`) as worker flags,
+    each value checked the way `lmfleet worker` would check it."""
+    from lmfleet.cluster.commands.worker import engine_actions
+
+    actions = {a.dest: a for a in engine_actions() if a.option_strings}
+    actions.pop("scheduler", None)  # a field of its own in the model entry
+    options = _check_mapping(options, where, tuple(sorted(actions)), normalise=True)
+    flags: dict[str, Optional[str]] = {}
+    for key, value in options.items():
+        action = actions[key.replace("-", "_")]
+        flag = max(action.option_strings, key=len)
+        if action.nargs == 0:  # a switch: true turns it on
+            if value is not True and value is not False:
+                raise ValueError(f"{where}.{key}: expected true or false, got {value!r}")
+            if value:
+                flags[flag] = None
+            continue
+        text = str(value)
+        try:
+            parsed = action.type(text) if action.type is not None else text
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}.{key}: invalid value {value!r}") from None
+        if action.choices is not None and parsed not in action.choices:
+            raise ValueError(f"{where}.{key}: {value!r} is not one of "
+                             f"{', '.join(map(str, action.choices))}")
+        flags[flag] = text
+    if "host_kv_memory" in {k.replace("-", "_") for k in options}:
+        from lmfleet.worker.config import parse_size
+
+        try:
+            parse_size(flags["--host-kv-memory"])
+        except ValueError as error:
+            raise ValueError(f"{where}.host_kv_memory: {error}") from None
+    return flags
+
+
+def _check_mapping(value: Any, where: str, allowed: tuple[str, ...],
+                   normalise: bool = False) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {type(value).__name__}")
+    for key in value:
+        name = str(key).replace("-", "_") if normalise else key
+        if name not in allowed:
+            raise ValueError(f"{where}: unknown key {key!r} (known: {', '.join(allowed)})")
+    return value

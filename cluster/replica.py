@@ -1,0 +1,103 @@
+"""Rank 0 of a replica as a Ray actor: an `lmfleet worker` (engine + gRPC server) living in
+the actor's process, placed by the controller in the replica's placement group.
+
+Requests never pass through Ray: the router talks gRPC (worker.proto) straight to the
+address `start()` returns, exactly as to a plain `lmfleet worker`. Ray only places,
+watches and stops the process, so the data path costs what a plain worker costs.
+
+The actor is threaded (`max_concurrency`) so the controller can call `wait_until_stopped`
+(its death watch: the call returns when the replica is stopped on purpose and fails with
+a RayActorError when the process dies) while `start()` is still loading the model.
+
+    actor = replica_actor_class().options(...).remote(["--model", "default", ...])
+    address, pid = ray.get(actor.start.remote(None))   # "NODE_IP:PORT" once loaded
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+# start(), wait_until_stopped(), shutdown() and pid() may all be in progress at once.
+ACTOR_MAX_CONCURRENCY = 4
+
+
+class ReplicaActor:
+    """One replica's worker inside a Ray actor. Construct through `replica_actor_class()`.
+
+    worker_argv: `lmfleet worker` arguments (no --host/--port: the actor picks them), e.g.
+        ["--model", "default", "--model-name", "chat", "--max-num-seqs", "8"]; parsed on
+        construction, so bad arguments fail the actor's creation with a ValueError.
+    """
+
+    def __init__(self, worker_argv: list[str]) -> None:
+        from lmfleet.cluster.commands.worker import parse_worker_argv
+
+        self._args = parse_worker_argv([*worker_argv, "--port", "0"])
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._server = None
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self, host: Optional[str] = None) -> tuple[str, int]:
+        """Load the model and serve it; returns (the worker's gRPC address "HOST:PORT",
+        this process's pid).
+
+        host: the address to listen on (default: this node's IP as Ray knows it, so
+        routers on other nodes can reach it)."""
+        import ray
+
+        from lmfleet.cluster.commands.worker import build_engine
+        from lmfleet.worker.async_engine import AsyncEngine
+        from lmfleet.worker.server import WorkerServer
+
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        host = host or ray.util.get_node_ip_address()
+        engine, model_name = build_engine(self._args)
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, name="replica-loop", daemon=True).start()
+
+        async def serve() -> tuple[WorkerServer, int]:  # grpc.aio needs the loop running
+            server = WorkerServer(AsyncEngine(engine), model_name)
+            return server, await server.start(host, 0)
+
+        server, port = asyncio.run_coroutine_threadsafe(serve(), loop).result()
+        with self._lock:
+            self._loop, self._server = loop, server
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        logger.info("replica of %s serving on %s (pid %d)", model_name, address, os.getpid())
+        return address, os.getpid()
+
+    def wait_until_stopped(self) -> bool:
+        """Blocks until `shutdown()` ran; the controller's death watch (see module doc)."""
+        self._stopped.wait()
+        return True
+
+    def shutdown(self, drain_timeout: float = 0.0) -> int:
+        """Drain for up to `drain_timeout` s, abort what is left, stop serving. Returns
+        how many requests were aborted. Idempotent."""
+        with self._lock:
+            loop, server, self._server = self._loop, self._server, None
+        aborted = 0
+        if server is not None and loop is not None:
+            aborted = asyncio.run_coroutine_threadsafe(
+                server.shutdown(drain_timeout), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+        self._stopped.set()
+        return aborted
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def replica_actor_class():
+    """The Ray actor class of `ReplicaActor` (Ray is imported only when a fleet runs)."""
+    import ray
+
+    return ray.remote(max_concurrency=ACTOR_MAX_CONCURRENCY)(ReplicaActor)
