@@ -1,0 +1,231 @@
+"""The fleet on a real local Ray cluster, in the test process (tests/integration/
+fleet_harness.py): autoscaling under a spike with two models scaling on their own, and
+replicas killed (Ray actor kill, SIGKILL) with requests in flight.
+
+Every completion is greedy on token-id prompts and compared with the offline engine's
+text for the same prompt, so "succeeded" always means "succeeded with the right answer".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from lmfleet.cluster.fleet_config import fleet_config_from_dict
+from tests.integration.fleet_harness import in_process_fleet
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+PROMPTS = [[504, 3458, 282, 4649, 314], [1645, 1848, 314, 253, 1345, 28],
+           [20323, 30, 1205, 359, 346], [1318, 2016, 282, 260, 2372, 314]]
+ENGINE = {"max_num_seqs": 2, "num_kv_blocks": 64, "max_model_len": 256}
+WAIT_S = 240.0  # bound on every wait for replicas (loading on a busy 2-core machine)
+
+
+@pytest.fixture(scope="module")
+def expected(default_model_dir) -> dict[tuple[int, ...], dict[int, str]]:
+    """prompt -> max_tokens -> the offline greedy text."""
+    from lmfleet.worker import LLM, SamplingParams
+
+    llm = LLM(str(default_model_dir), max_model_len=256)
+    texts: dict[tuple[int, ...], dict[int, str]] = {}
+    for max_tokens in (12, 48):
+        outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                       ignore_eos=True), use_tqdm=False)
+        for prompt, output in zip(PROMPTS, outputs, strict=True):
+            texts.setdefault(tuple(prompt), {})[max_tokens] = output.text
+    return texts
+
+
+@dataclass
+class StreamResult:
+    prompt: tuple[int, ...]
+    text: str = ""
+    chunks: int = 0
+    error: str = ""
+    finish_reason: str = ""
+    first_chunk_at: float = field(default=float("inf"))
+
+
+def stream_completion(base_url: str, model: str, prompt: list[int],
+                      max_tokens: int) -> StreamResult:
+    """One streaming /v1/completions; never raises (transport errors become `error`)."""
+    result = StreamResult(tuple(prompt))
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    try:
+        with httpx.stream("POST", f"{base_url}/v1/completions", json=body,
+                          timeout=120) as response:
+            if response.status_code != 200:
+                response.read()
+                result.error = f"HTTP {response.status_code}: {response.text}"
+                return result
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                frame = json.loads(line[len("data: "):])
+                if "error" in frame:
+                    result.error = frame["error"]["message"]
+                    continue
+                choice = frame["choices"][0]
+                if choice["text"]:
+                    result.text += choice["text"]
+                    result.chunks += 1
+                    result.first_chunk_at = min(result.first_chunk_at, time.monotonic())
+                result.finish_reason = choice["finish_reason"] or result.finish_reason
+    except httpx.HTTPError as error:
+        result.error = f"{type(error).__name__}: {error}"
+    return result
+
+
+# ---- autoscaling -------------------------------------------------------------------------
+
+SPIKE_FLEET = {
+    "controller": {"reconcile_interval_s": 0.3, "replica_ttl_s": 3.0},
+    "models": [
+        {"name": "a", "min_replicas": 1, "max_replicas": 3, "engine": ENGINE,
+         "autoscaling": {"target_load_per_replica": 2, "upscale_delay_s": 0.5,
+                         "downscale_delay_s": 4, "max_starting": 2}},
+        {"name": "b", "min_replicas": 1, "max_replicas": 2, "scheduler": "mlfq",
+         "engine": ENGINE | {"max_num_seqs": 4},
+         "autoscaling": {"target_load_per_replica": 6, "upscale_delay_s": 0.5,
+                         "downscale_delay_s": 4}},
+    ],
+}
+
+
+class Traffic:
+    """`clients` threads sending completions to `model` until stopped; keeps results."""
+
+    def __init__(self, base_url: str, model: str, clients: int) -> None:
+        self.results: list[StreamResult] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(base_url, model, i))
+                         for i in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _client(self, base_url: str, model: str, index: int) -> None:
+        sent = 0
+        while not self._stop.is_set():
+            prompt = PROMPTS[(index + sent) % len(PROMPTS)]
+            self.results.append(stream_completion(base_url, model, prompt, 12))
+            sent += 1
+
+    def stop(self) -> list[StreamResult]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(180)
+        return self.results
+
+
+def check_all_correct(results: list[StreamResult], expected, max_tokens: int) -> None:
+    assert results
+    wrong = [(r.error, r.text) for r in results
+             if r.error or r.text != expected[r.prompt][max_tokens]]
+    assert not wrong, wrong[:3]
+
+
+def test_a_spike_scales_one_model_to_max_and_back_while_the_other_stays(expected):
+    with in_process_fleet(fleet_config_from_dict(SPIKE_FLEET)) as fleet:
+        assert (len(fleet.ready("a")), len(fleet.ready("b"))) == (1, 1)
+        b_sizes: list[int] = []
+
+        def a_at(size: int) -> bool:
+            b_sizes.append(len(fleet.ready("b")))
+            return fleet.settled_at("a") == size
+
+        spike = Traffic(fleet.base_url, "a", clients=8)
+        try:
+            assert fleet.wait_for(lambda: a_at(3), WAIT_S), fleet.controller.snapshot()
+        finally:
+            spike_results = spike.stop()
+        # A trickle goes on while "a" scales in: replicas drain under live requests.
+        trickle = Traffic(fleet.base_url, "a", clients=1)
+        try:
+            assert fleet.wait_for(lambda: a_at(1), WAIT_S), fleet.controller.snapshot()
+        finally:
+            trickle_results = trickle.stop()
+        snapshot = fleet.controller.snapshot()
+        assert snapshot["a"].starts == 3 and snapshot["a"].stops == {"scale_in": 2}
+        assert set(b_sizes) == {1} and snapshot["b"].starts == 1
+        check_all_correct(spike_results, expected, 12)
+        check_all_correct(trickle_results, expected, 12)
+
+        # Now "b" takes a burst: it scales on its own, "a" stays at its minimum.
+        a_sizes: list[int] = []
+
+        def b_at(size: int) -> bool:
+            a_sizes.append(len(fleet.ready("a")))
+            return fleet.settled_at("b") == size
+
+        burst = Traffic(fleet.base_url, "b", clients=12)
+        try:
+            assert fleet.wait_for(lambda: b_at(2), WAIT_S), fleet.controller.snapshot()
+        finally:
+            burst_results = burst.stop()
+        assert fleet.wait_for(lambda: b_at(1), WAIT_S), fleet.controller.snapshot()
+        assert set(a_sizes) == {1}
+        check_all_correct(burst_results, expected, 12)
+        decisions = fleet.controller.snapshot()["b"]
+        assert decisions.starts == 2 and decisions.stops == {"scale_in": 1}
+
+
+# ---- failures ----------------------------------------------------------------------------
+
+FAILURE_FLEET = {
+    "controller": {"reconcile_interval_s": 0.3, "replica_ttl_s": 3.0},
+    "models": [{"name": "f", "replicas": 2, "engine": ENGINE}],
+}
+
+
+@pytest.mark.parametrize("kill", ["ray_kill", "sigkill"])
+def test_a_replica_killed_mid_stream_loses_no_waiting_request_and_is_replaced(
+        kill, expected):
+    with in_process_fleet(fleet_config_from_dict(FAILURE_FLEET)) as fleet:
+        assert fleet.wait_for(lambda: len(fleet.router.registry.get("f").replicas) == 2,
+                              WAIT_S)
+        victim = next(r for r in fleet.controller.replicas("f") if r.replica_id == "f-0")
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(stream_completion, fleet.base_url, "f", p, 48)
+                       for p in prompts]
+            # Kill once the victim is generating (some streams have started).
+            assert fleet.wait_for(lambda: victim.last_load is not None
+                                  and victim.last_load.num_running > 0
+                                  and victim.last_load.num_waiting > 0, WAIT_S)
+            killed_at = time.monotonic()
+            if kill == "ray_kill":
+                import ray
+
+                ray.kill(victim.actor, no_restart=True)
+            else:
+                os.kill(victim.pid, signal.SIGKILL)
+            results = [f.result(timeout=300) for f in futures]  # none hangs
+
+        failed = [r for r in results if r.error]
+        # Requests streaming from the victim end with a clear error event...
+        assert failed, "the victim was generating, so some stream must have broken"
+        assert all(r.first_chunk_at < killed_at for r in failed), [
+            (r.error, r.chunks) for r in failed]
+        assert all("replica" in r.error or "worker" in r.error for r in failed), failed
+        # ...and every other request, including those waiting on the victim, completes.
+        check_all_correct([r for r in results if not r.error], expected, 48)
+        assert len(failed) < len(results)
+
+        def restored() -> bool:
+            ready = fleet.ready("f")
+            return len(ready) == 2 and "f-0" not in ready
+
+        assert fleet.wait_for(restored, WAIT_S), fleet.controller.snapshot()
+        assert fleet.controller.snapshot()["f"].stops == {"died": 1}
+        again = stream_completion(fleet.base_url, "f", PROMPTS[0], 12)
+        assert (again.error, again.text) == ("", expected[tuple(PROMPTS[0])][12])
