@@ -26,6 +26,7 @@ from typing import Optional
 
 READY_LINE = re.compile(
     r"^lmfleet serve ready http=(?P<http>\S+) grpc=(?P<grpc>\S+) models=(?P<models>\S+)$")
+CONTROLLER_READY = re.compile(r"^lmfleet controller ready models=(?P<models>\S+)$")
 WORKER_READY = re.compile(r"ready on (?P<address>\S+) \(pid (?P<pid>\d+)")
 # Several workers loading at once on a busy 2-core machine: be patient, but bounded.
 START_TIMEOUT = 400.0
@@ -79,25 +80,35 @@ class ServeProcess:
 @contextlib.contextmanager
 def start_serve(extra_args: Sequence[str] = ()) -> Iterator[ServeProcess]:
     """Run `lmfleet serve` on free ports; yield once it printed its ready line."""
-    command = [sys.executable, "-m", "lmfleet.cluster.cli", "serve", "--port", "0",
-               "--grpc-port", "0", *extra_args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    with _start("serve", ["--port", "0", "--grpc-port", "0", *extra_args],
+                READY_LINE) as (process, match, stderr_lines):
+        yield ServeProcess(match["http"], match["grpc"], match["models"].split(","),
+                           process, stderr_lines)
+
+
+@contextlib.contextmanager
+def start_controller(args: Sequence[str]) -> Iterator[ServeProcess]:
+    """Run `lmfleet controller ARGS`; yield once it printed its ready line (`http` and
+    `grpc` are empty: a controller serves no requests)."""
+    with _start("controller", args, CONTROLLER_READY) as (process, match, stderr_lines):
+        yield ServeProcess("", "", match["models"].split(","), process, stderr_lines)
+
+
+@contextlib.contextmanager
+def _start(command: str, args: Sequence[str], ready: re.Pattern):
+    process = subprocess.Popen([sys.executable, "-m", "lmfleet.cluster.cli", command, *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                stdin=subprocess.DEVNULL, text=True)
     stderr_lines: list[str] = []
     threading.Thread(target=_pump_stderr, args=(process, stderr_lines), daemon=True).start()
-    serve = None
     try:
         line = _first_line(process, START_TIMEOUT)
-        match = READY_LINE.match(line)
+        match = ready.match(line)
         if match is None:
-            raise RuntimeError(f"unexpected first line from lmfleet serve: {line!r}")
-        serve = ServeProcess(match["http"], match["grpc"], match["models"].split(","),
-                             process, stderr_lines)
-        yield serve
+            raise RuntimeError(f"unexpected first line from lmfleet {command}: {line!r}")
+        yield process, match, stderr_lines
     finally:
-        if serve is None:
-            serve = ServeProcess("", "", [], process, stderr_lines)
-        serve.stop()
+        ServeProcess("", "", [], process, stderr_lines).stop()
         process.stdout.close()
 
 
@@ -121,7 +132,7 @@ def _first_line(process: subprocess.Popen, timeout: float) -> str:
     try:
         line = lines.get(timeout=timeout)
     except queue.Empty:
-        raise TimeoutError("lmfleet serve printed no ready line in time") from None
+        raise TimeoutError("no ready line in time") from None
     if line is None:
-        raise RuntimeError(f"lmfleet serve exited before it was ready ({process.wait(30)})")
+        raise RuntimeError(f"exited before it was ready ({process.wait(30)})")
     return line

@@ -182,14 +182,18 @@ def test_a_spike_scales_one_model_to_max_and_back_while_the_other_stays(expected
 # ---- failures ----------------------------------------------------------------------------
 
 FAILURE_FLEET = {
-    "controller": {"reconcile_interval_s": 0.3, "replica_ttl_s": 3.0},
+    "controller": {"reconcile_interval_s": 0.3, "replica_ttl_s": 3.0,
+                   "health_check_timeout_s": 1.0},
     "models": [{"name": "f", "replicas": 2, "engine": ENGINE}],
 }
 
 
-@pytest.mark.parametrize("kill", ["ray_kill", "sigkill"])
+@pytest.mark.parametrize("kill, stop_reason", [
+    ("ray_kill", "died"), ("sigkill", "died"),
+    # A frozen process answers nothing: it fails its health checks and is replaced.
+    ("sigstop", "unhealthy")])
 def test_a_replica_killed_mid_stream_loses_no_waiting_request_and_is_replaced(
-        kill, expected):
+        kill, stop_reason, expected):
     with in_process_fleet(fleet_config_from_dict(FAILURE_FLEET)) as fleet:
         assert fleet.wait_for(lambda: len(fleet.router.registry.get("f").replicas) == 2,
                               WAIT_S)
@@ -208,7 +212,7 @@ def test_a_replica_killed_mid_stream_loses_no_waiting_request_and_is_replaced(
 
                 ray.kill(victim.actor, no_restart=True)
             else:
-                os.kill(victim.pid, signal.SIGKILL)
+                os.kill(victim.pid, signal.SIGKILL if kill == "sigkill" else signal.SIGSTOP)
             results = [f.result(timeout=300) for f in futures]  # none hangs
 
         failed = [r for r in results if r.error]
@@ -226,6 +230,6 @@ def test_a_replica_killed_mid_stream_loses_no_waiting_request_and_is_replaced(
             return len(ready) == 2 and "f-0" not in ready
 
         assert fleet.wait_for(restored, WAIT_S), fleet.controller.snapshot()
-        assert fleet.controller.snapshot()["f"].stops == {"died": 1}
+        assert fleet.controller.snapshot()["f"].stops == {stop_reason: 1}
         again = stream_completion(fleet.base_url, "f", PROMPTS[0], 12)
         assert (again.error, again.text) == ("", expected[tuple(PROMPTS[0])][12])

@@ -1,36 +1,43 @@
-"""Two `lmfleet router --redis` processes over one real redis-server, in front of two real
-workers that the test publishes (cluster/replica_publisher.py): both routers discover
-the same replicas, a session sent alternately through both lands on one replica, and a
-Redis restart interrupts nothing while the routers resynchronise after it. Which worker
-served a request is read from the workers (their prefix-cache query counters).
+"""The Kubernetes shape on one machine: `lmfleet controller` (two Ray replicas of one
+model, published to a real redis-server) and two `lmfleet router --redis` processes in
+front: both routers discover the same replicas, a session sent alternately through both
+lands on one replica, and a Redis restart (with a replica killed while Redis is away)
+interrupts nothing while the routers resynchronise after it. Which replica served a
+request is read from the replicas (their prefix-cache query counters).
 
 The tests run in order and share the fleet; the last one restarts Redis."""
 
 from __future__ import annotations
 
-import contextlib
+import os
 import re
+import signal
 
 import httpx
 import pytest
 
-from lmfleet.cluster.replica_publisher import ReplicaPublisher
 from lmfleet.cluster.state import RedisStore
+from tests.integration.serve_process import WORKER_READY, start_controller
 from tests.integration.test_router_helpers import (
     openai_client,
     served_by,
     start_router,
     wait_until,
 )
-from tests.integration.worker_process import worker_process
 from tests.redis_server import RedisServerMissing, start_redis_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
 CLUSTER = "itest"
 CHAT = [{"role": "user", "content": "Hello!"}]
-WORKER_ARGS = ["--max-model-len", "512", "--model-name", "smol"]
-HEARTBEAT_S, TTL_S = 0.3, 2.0
+FLEET_YAML = f"""
+cluster: {CLUSTER}
+controller: {{reconcile_interval_s: 0.3, replica_ttl_s: 2.0}}
+models:
+  - name: smol
+    replicas: 2
+    engine: {{max_model_len: 512, num_kv_blocks: 128}}
+"""
 WAIT_S = 90.0  # bound on every wait for routers to catch up (a busy 2-core machine)
 HEALTHY_LINE = re.compile(r'^lmfleet:replica_healthy\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
 
@@ -46,15 +53,11 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def workers(default_model_dir):
-    with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(worker_process(default_model_dir, WORKER_ARGS))
-               for _ in range(2)]
-
-
-@pytest.fixture(scope="module")
-def addresses(workers):
-    return [w.address for w in workers]
+def controller(redis_server, tmp_path_factory):
+    config = tmp_path_factory.mktemp("fleet") / "fleet.yaml"
+    config.write_text(FLEET_YAML)
+    with start_controller(["--config", str(config), "--redis", redis_server.url]) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +66,19 @@ def store(redis_server):
         yield store
 
 
-@pytest.fixture(scope="module")
-def publishers(store, workers):
-    publishers = [ReplicaPublisher(store, w.model_name, w.address, replica_id=f"replica-{i}",
-                                   interval_s=HEARTBEAT_S, ttl_s=TTL_S).start()
-                  for i, w in enumerate(workers)]
-    yield publishers
-    for publisher in publishers:
-        publisher.stop(remove=False)
+def published(store) -> list[str]:
+    """Addresses of the replicas in the store, in replica-id order."""
+    return [record.address for record in store.list_replicas("smol")]
 
 
 @pytest.fixture(scope="module")
-def routers(redis_server, publishers):
+def addresses(controller, store):
+    assert wait_until(lambda: len(published(store)) == 2, WAIT_S)
+    return published(store)
+
+
+@pytest.fixture(scope="module")
+def routers(redis_server, controller):
     args = ["--redis", redis_server.url, "--cluster", CLUSTER, "--policy", "round_robin",
             "--store-poll-interval", "0.2"]
     with start_router([], args) as first, start_router([], args) as second:
@@ -129,32 +133,37 @@ def test_a_session_sent_through_both_routers_stays_on_one_replica(routers, clien
     turns = [served_by(addresses, lambda c=c: chat(c, session_id="conversation-1"))
              for c in (first, second, first, second)]
     assert turns == [turns[0]] * 4 and len(turns[0]) == 1
-    assert store.get_session("smol", "conversation-1") == f"replica-{turns[0][0]}"
+    assert store.get_session("smol", "conversation-1") == f"smol-{turns[0][0]}"
 
 
 def test_a_redis_restart_interrupts_nothing_and_the_routers_resynchronise(
-        routers, clients, addresses, redis_server, publishers, store):
+        routers, clients, addresses, redis_server, controller, store):
     assert wait_until(lambda: all_see(routers, addresses), WAIT_S)
+    pids = {m["address"]: int(m["pid"]) for line in controller.stderr_lines
+            if (m := WORKER_READY.search(line))}
     redis_server.stop()
     # The routers serve from their last view, with and without a session.
     for client in clients:
         assert chat(client).choices[0].message.content
         assert chat(client, session_id="during-outage").choices[0].message.content
-    publishers[1].stop(remove=False)  # replica-1 is withdrawn while Redis is away
+    # A replica dies while Redis is away: the controller replaces it (and cannot tell
+    # the store); the routers stop sending to it on their own.
+    os.kill(pids[addresses[1]], signal.SIGKILL)
+    for client in clients:
+        assert chat(client).choices[0].message.content
     redis_server.start()  # same port, empty
 
-    # replica-0 is republished by its heartbeats; replica-1 never is, and goes.
-    assert wait_until(lambda: all_see(routers, addresses[:1]), WAIT_S), [
+    # The controller republishes the live replicas: the survivor and the replacement.
+    assert wait_until(lambda: len(published(store)) == 2
+                      and addresses[1] not in published(store), WAIT_S), published(store)
+    now = published(store)
+    assert addresses[0] in now
+    assert wait_until(lambda: all_see(routers, now), WAIT_S), [
         replicas_seen(r) for r in routers]
-    for client in clients:
-        assert served_by(addresses, lambda c=client: chat(c)) == [0]
-
-    # A replica published after the restart is discovered again, and sessions are
-    # shared through the store again.
-    publishers[1].start()
-    assert wait_until(lambda: all_see(routers, addresses), WAIT_S), [
-        replicas_seen(r) for r in routers]
-    turns = [served_by(addresses, lambda c=c: chat(c, session_id="after-restart"))
+    # Sessions are shared through the store again.
+    turns = [served_by(now, lambda c=c: chat(c, session_id="after-restart"))
              for c in (clients[1], clients[0], clients[1])]
     assert turns == [turns[0]] * 3 and len(turns[0]) == 1
-    assert store.get_session("smol", "after-restart") == f"replica-{turns[0][0]}"
+    bound = store.get_session("smol", "after-restart")
+    assert [r.address for r in store.list_replicas("smol") if r.replica_id == bound] == [
+        now[turns[0][0]]]
