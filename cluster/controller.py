@@ -37,8 +37,7 @@ from typing import Optional
 
 from lmfleet.cluster.autoscaler import Autoscaler, ReplicaLoad, ScalingDecision
 from lmfleet.cluster.fleet_config import FleetConfig, ModelDeployment
-from lmfleet.cluster.replica_handle import ReplicaHandle, ReplicaState
-from lmfleet.cluster.replica_publisher import load_summary
+from lmfleet.cluster.replica_handle import ReplicaHandle, ReplicaState, load_summary
 from lmfleet.cluster.state import ReplicaRecord, StateStore, StateStoreError
 
 logger = logging.getLogger(__name__)

@@ -28,6 +28,18 @@ from lmfleet.proto.v1 import worker_pb2, worker_pb2_grpc
 logger = logging.getLogger(__name__)
 
 
+# LoadReport fields copied into the replica's record in the state store.
+LOAD_FIELDS = ("num_running", "num_waiting", "num_swapped", "kv_cache_usage",
+               "host_kv_cache_usage", "num_sessions", "generation_tokens_per_second")
+
+
+def load_summary(report: worker_pb2.LoadReport) -> dict[str, float]:
+    """The numbers of a LoadReport that go into the store (`draining` as 0/1)."""
+    summary = {name: float(getattr(report, name)) for name in LOAD_FIELDS}
+    summary["draining"] = 1.0 if report.draining else 0.0
+    return summary
+
+
 class ReplicaState(enum.Enum):
     STARTING = "starting"
     READY = "ready"

@@ -6,7 +6,7 @@ Logs go to stderr. SIGINT/SIGTERM stop it gracefully (exit 0).
 
 Workers come either from `--worker` (a fixed list) or from a Redis state store
 (`--redis URL [--cluster NAME]`), where replicas are published with a TTL
-(cluster/state/, cluster/replica_publisher.py): models appear and disappear with their
+(cluster/state/; the controller publishes them): models appear and disappear with their
 replicas, and several routers on one Redis share session affinity. If Redis goes away the
 router keeps serving from its last view and resynchronises when it returns.
 """

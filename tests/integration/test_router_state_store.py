@@ -112,9 +112,13 @@ def chat(client, **extra):
                                           extra_body=extra)
 
 
-def test_both_routers_discover_the_published_replicas(routers, addresses):
+def test_both_routers_discover_the_published_replicas(routers, addresses, store):
     assert wait_until(lambda: all_see(routers, addresses), WAIT_S), [
         replicas_seen(r) for r in routers]
+    # The controller heartbeats each replica with its health and a load summary.
+    for record in store.list_replicas("smol"):
+        assert record.healthy and record.ttl_s == 2.0
+        assert record.load["draining"] == 0.0 and 0.0 <= record.load["kv_cache_usage"] <= 1.0
     for router in routers:
         models = httpx.get(f"{router.base_url}/v1/models", timeout=30).json()["data"]
         assert [(m["id"], m["num_replicas"]) for m in models] == [("smol", 2)]
