@@ -48,6 +48,11 @@ def test_convert_help_documents_options():
         (["convert", "--gguf", "/no/such/model.gguf", "--out", "/tmp/x"], "GGUF file not found"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["convert", "--gguf", "x.gguf", "--bogus"], "unrecognized arguments: --bogus"),
+        (["controller", "--config", "/no/fleet.yaml", "--redis", "redis://127.0.0.1:1"],
+         "cannot read fleet config /no/fleet.yaml"),
+        (["controller", "--config", "f.yaml", "--redis", "memory://"], "needs a Redis URL"),
+        (["serve", "--config", "/no/fleet.yaml"], "cannot read fleet config"),
+        (["serve", "--replicas", "2", "--min-replicas", "1"], "not both"),
     ],
 )
 def test_bad_invocations_print_one_line_and_exit_2(args, message):
