@@ -1,25 +1,23 @@
 """Autoscaling benchmark: a traffic spike against `lmfleet serve`, as a timeline.
 
-Starts `lmfleet serve` (a subprocess on free ports) with a one-model fleet that autoscales
-between --min-replicas and --max-replicas (tests/integration/serve_process.py's start_serve;
-it SIGTERMs serve at the end, whatever happens), then offers three phases of Poisson arrivals of
-streaming /v1/completions requests (random token-id prompts, `ignore_eos`, so lengths are
-exact): low (--low-rate for --low-s), spike (--spike-rate for --spike-s), low again
-(--after-rate for --after-s). Every request's send time, TTFT, E2E and success are kept
-(client-side, through benchmarks/online.py's HttpTarget). A sampler polls GET /metrics
-every --sample-interval-s for the replicas by state (lmfleet:fleet_replicas), the
-autoscaler's desired replicas and total load, and lmfleet:num_requests_waiting/running (sum
-and per replica). After the load it waits for every request, then samples on until the
-fleet is back at min_replicas (at most --tail-s).
+Starts `lmfleet serve` on free ports (tests/integration/serve_process.py's start_serve, which
+SIGTERMs it at the end whatever happens) with one model autoscaled between --min-replicas
+and --max-replicas, and offers three phases of Poisson arrivals of streaming
+/v1/completions requests (random token-id prompts, `ignore_eos`, so lengths are exact):
+--low-rate for --low-s, --spike-rate for --spike-s, --after-rate for --after-s. Each
+request's send time, TTFT, E2E and success are recorded client-side (online.py's
+HttpTarget). A sampler polls GET /metrics every --sample-interval-s: replicas by state, the
+autoscaler's desired replicas and total load, lmfleet:num_requests_waiting/running (sum and
+per replica). After the load it waits for every request, then samples on until the fleet
+is back at min_replicas (at most --tail-s).
 
 Reported: time_to_scale_up_s (spike start -> first sample with max_replicas ready),
-time_to_scale_down_s (spike end -> first sample back at min_replicas ready after the last
-one above it), failures, per-phase latency summaries, p99 TTFT per --window-s window of
-send times, and the controller's decisions (serve's stderr at --log-level info). Client
-and replicas share the machine's CPUs, so on a small machine TTFT includes that contention.
-Writes benchmarks/results/autoscale.json and .png (offered load and replicas; requests on
-the replicas; TTFT with its p99 per window; one time axis).
-Run: `.venv/bin/python benchmarks/autoscale.py` (about 2-3 minutes with the defaults).
+time_to_scale_down_s (spike end -> first sample back at min_replicas after the last one
+above it; also from the last request's completion), failures, per-phase latency, p99 TTFT
+per --window-s window of send times, the controller's decisions (serve's stderr). Client
+and replicas share the CPUs: on a small machine TTFT includes that contention.
+Writes benchmarks/results/autoscale.json and .png (--out, --name).
+Run: `.venv/bin/python benchmarks/autoscale.py` (a few minutes with the defaults).
 """
 
 from __future__ import annotations
@@ -72,14 +70,12 @@ class Phase:
 
 
 def make_phases(args: argparse.Namespace) -> list[Phase]:
-    phases, start = [], 0.0
-    for name, rate, duration in (("low", args.low_rate, args.low_s),
-                                 ("spike", args.spike_rate, args.spike_s),
-                                 ("after", args.after_rate, args.after_s)):
+    phases: list[Phase] = []
+    for name in ("low", "spike", "after"):
+        rate, duration = getattr(args, f"{name}_rate"), getattr(args, f"{name}_s")
         if not (rate > 0 and duration > 0):
-            raise ValueError(f"phase {name}: rate and duration must be > 0")
-        phases.append(Phase(name, rate, duration, start))
-        start += duration
+            raise ValueError(f"--{name}-rate and --{name}-s must be > 0")
+        phases.append(Phase(name, rate, duration, sum(p.duration_s for p in phases)))
     return phases
 
 
@@ -103,13 +99,13 @@ async def drive(target, schedule: list[tuple[str, BenchRequest]], t0: float,
     """Send each request at its arrival time; one record per request. Requests still
     running at `deadline_s` (from t0) are cancelled and count as failed."""
     async def one(phase: str, request: BenchRequest) -> dict:
-        await asyncio.sleep(max(0.0, t0 + request.arrival_s - time.perf_counter()))
-        sent = time.perf_counter() - t0
-        record = {"phase": phase, "sent_s": sent, "ok": False, "ttft_ms": None,
+        record = {"phase": phase, "sent_s": request.arrival_s, "ok": False, "ttft_ms": None,
                   "e2e_ms": None, "output_len": 0, "error": "timed out"}
         try:
+            await asyncio.sleep(max(0.0, t0 + request.arrival_s - time.perf_counter()))
+            record["sent_s"] = time.perf_counter() - t0
             result = await target.send(request)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the deadline passed: a failure, not our end
             return record
         record.update(ok=result.ok, output_len=result.output_len, error=result.error,
                       ttft_ms=None if result.ttft_s is None else result.ttft_s * 1000,
@@ -181,8 +177,10 @@ def windows(records: list[dict], end_s: float, width_s: float) -> list[dict]:
     return out
 
 
-def scaling_times(samples: list[dict], spike: Phase, low: int, high: int) -> dict:
+def scaling_times(samples: list[dict], records: list[dict], spike: Phase, low: int,
+                  high: int) -> dict:
     good = [s for s in samples if "ready" in s]
+    done = max((r["sent_s"] + r["e2e_ms"] / 1000 for r in records if r["ok"]), default=None)
     spike_end = spike.start_s + spike.duration_s
     up = next((s["t"] for s in good if s["t"] >= spike.start_s and s["ready"] >= high), None)
     above = [s["t"] for s in good if s["t"] >= spike.start_s and s["ready"] > low]
@@ -191,6 +189,9 @@ def scaling_times(samples: list[dict], spike: Phase, low: int, high: int) -> dic
         down = next((s["t"] for s in good if s["t"] > above[-1] and s["ready"] <= low), None)
     return {"time_to_scale_up_s": None if up is None else up - spike.start_s,
             "time_to_scale_down_s": None if down is None else down - spike_end,
+            "last_request_done_s": done,
+            "min_replicas_after_last_request_s": None if down is None or done is None
+            else down - done,
             "max_ready": max((s["ready"] for s in good), default=None),
             "max_desired": max((s["desired"] for s in good if s["desired"] is not None),
                                default=None)}
@@ -212,11 +213,10 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("offered load (req/s)")
     right = ax.twinx()
     t = [s["t"] for s in samples]
-    right.step(t, [s["ready"] for s in samples], where="post", color="C0", label="ready")
-    right.step(t, [s["desired"] for s in samples], where="post", color="C3", ls="--",
-               label="desired")
-    right.step(t, [s["starting"] for s in samples], where="post", color="C2", ls=":",
-               label="starting")
+    for key, color, style in (("ready", "C0", "-"), ("desired", "C3", "--"),
+                              ("starting", "C2", ":")):
+        right.step(t, [s[key] for s in samples], where="post", color=color, ls=style,
+                   label=key)
     right.set_ylabel("replicas")
     right.set_ylim(0, result["config"]["max_replicas"] + 0.5)
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
@@ -234,7 +234,7 @@ def plot(result: dict, path: Path) -> None:
                alpha=0.5, label="each request")
     p99 = [w["ttft_p99_ms"] if w["ttft_p99_ms"] is not None else math.nan for w in win]
     ax.stairs(p99, [w["start_s"] for w in win] + [win[-1]["start_s"] + width], color="C3",
-              label=f"p99 per {width:g} s")
+              baseline=None, label=f"p99 per {width:g} s")
     failed = [r["sent_s"] for r in result["records"] if not r["ok"]]
     if failed:
         ax.scatter(failed, [ax.get_ylim()[1]] * len(failed), marker="x", color="red",
@@ -385,7 +385,8 @@ def main() -> None:
     result = {
         "benchmark": "autoscale", "config": vars(args) | {"fleet": fleet(args)},
         "phases": [asdict(p) for p in phases],
-        "scaling": scaling_times(samples, spike, args.min_replicas, args.max_replicas),
+        "scaling": scaling_times(samples, records, spike, args.min_replicas,
+                                 args.max_replicas),
         "num_requests": len(records), "num_failed": sum(not r["ok"] for r in records),
         "errors": sorted({r["error"] for r in records if r["error"]})[:5],
         "by_phase": by_phase, "windows": windows(records, end_s, args.window_s),
@@ -399,12 +400,13 @@ def main() -> None:
     plot(result, out / f"{args.name}.png")
     s = result["scaling"]
     print(f"scale-up {_fmt(s['time_to_scale_up_s'])}, scale-down "
-          f"{_fmt(s['time_to_scale_down_s'])}, max ready {s['max_ready']}; "
+          f"{_fmt(s['time_to_scale_down_s'])} (after the last request: "
+          f"{_fmt(s['min_replicas_after_last_request_s'])}), max ready {s['max_ready']}; "
           f"{result['num_failed']} of {result['num_requests']} failed; serve exit {exit_code}")
-    for name, report in by_phase.items():
-        if report and report["ttft_ms"]:
-            print(f"  {name:5s}: {report['num_requests']} req, TTFT p50 "
-                  f"{report['ttft_ms']['p50']:.0f} ms, p99 {report['ttft_ms']['p99']:.0f} ms")
+    for name, r in by_phase.items():
+        ttft = r and r["ttft_ms"]
+        print(f"  {name:5s}: " + (f"{r['num_requests']} req, TTFT p50 {ttft['p50']:.0f} ms, "
+                                  f"p99 {ttft['p99']:.0f} ms" if ttft else "no TTFT"))
     print(f"wrote {out / args.name}.json and .png")
 
 

@@ -118,6 +118,7 @@ class CacheConfig:
 
 
 SCHEDULER_POLICIES = ("fcfs", "mlfq")
+MLFQ_LAST_QUEUE_ORDERS = ("fcfs", "round_robin")
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,11 @@ class SchedulerConfig:
     mlfq_base_quantum_s: Optional[float] = None
     # A job that has not run for this long is promoted to the top queue (FastServe: 3 s).
     mlfq_starvation_s: float = 3.0
+    # Order within the last queue, where the long jobs end up. "fcfs": a job keeps its
+    # place when it spends a quantum there, so long jobs finish in the order they got
+    # there. "round_robin": it goes to the back, so long jobs share the slots (processor
+    # sharing), which stretches every long job; benchmarks/scheduling.py measures both.
+    mlfq_last_queue: str = "fcfs"
     # Free device blocks kept for arrivals and growth by proactive swap-out (None: 1/16
     # of the device blocks). Only used when a host tier exists.
     kv_headroom_blocks: Optional[int] = None
@@ -146,6 +152,9 @@ class SchedulerConfig:
             raise ValueError("invalid mlfq_base_quantum_s: must be > 0")
         if self.mlfq_starvation_s <= 0:
             raise ValueError("invalid mlfq_starvation_s: must be > 0")
+        if self.mlfq_last_queue not in MLFQ_LAST_QUEUE_ORDERS:
+            raise ValueError(f"invalid mlfq_last_queue {self.mlfq_last_queue!r}; known: "
+                             f"{', '.join(MLFQ_LAST_QUEUE_ORDERS)}")
         if self.kv_headroom_blocks is not None and self.kv_headroom_blocks < 0:
             raise ValueError("invalid kv_headroom_blocks: must be >= 0")
         if self.max_num_seqs < 1:

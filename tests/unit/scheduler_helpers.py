@@ -28,12 +28,14 @@ COST = CostModel(prefill_base_s=0.0, prefill_per_token_s=1.0, decode_base_s=0.5,
 def make_scheduler(num_blocks: int = 16, num_host_blocks: int = 0, max_num_seqs: int = 8,
                    max_num_batched_tokens: int = 64, headroom: int = 0,
                    base_quantum_s: float | None = 4.0, starvation_s: float = 100.0,
-                   cost_model: CostModel = COST) -> tuple[MLFQScheduler, list[float]]:
+                   cost_model: CostModel = COST,
+                   last_queue: str = "fcfs") -> tuple[MLFQScheduler, list[float]]:
     """A scheduler on a fake clock; set `now[0]` to move time."""
     config = SchedulerConfig(policy="mlfq", max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens,
                              mlfq_num_queues=4, mlfq_base_quantum_s=base_quantum_s,
-                             mlfq_starvation_s=starvation_s, kv_headroom_blocks=headroom)
+                             mlfq_starvation_s=starvation_s, kv_headroom_blocks=headroom,
+                             mlfq_last_queue=last_queue)
     now = [0.0]
     kv = KVCacheManager(num_blocks, BLOCK_SIZE, num_host_blocks=num_host_blocks)
     return MLFQScheduler(config, kv, cost_model, clock=lambda: now[0]), now

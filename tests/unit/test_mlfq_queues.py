@@ -1,4 +1,4 @@
-"""MLFQ queue mechanics on a fake clock: skip-join, priority, demotion, round-robin,
+"""MLFQ queue mechanics on a fake clock: skip-join, priority, demotion, last-queue order,
 starvation, order (set-up in scheduler_helpers.py)."""
 
 from __future__ import annotations
@@ -91,8 +91,21 @@ def test_a_demoted_job_goes_to_the_back_of_the_next_queue():
     assert level(scheduler, "a") == 1
 
 
-def test_the_last_queue_is_round_robin():
+def test_the_last_queue_keeps_its_order_by_default():
     scheduler, _ = make_scheduler()
+    x, y = make_request("x", 20), make_request("y", 30)
+    scheduler.add(x)
+    scheduler.add(y)
+    assert (level(scheduler, "x"), level(scheduler, "y")) == (3, 3)
+    scheduler.charge(x, 32)  # Q3's 32 s spent: x keeps its place ahead of y
+    assert ids(scheduler.priority_order()) == ["x", "y"]
+    scheduler.charge(x, 40)
+    assert ids(scheduler.priority_order()) == ["x", "y"]
+    assert scheduler.entries["x"].service_s == 0.0 and level(scheduler, "x") == 3
+
+
+def test_the_last_queue_can_be_round_robin():
+    scheduler, _ = make_scheduler(last_queue="round_robin")
     x, y = make_request("x", 20), make_request("y", 30)
     scheduler.add(x)
     scheduler.add(y)

@@ -6,8 +6,11 @@ be demoted out of them at once); an API `priority` moves that starting queue up 
 priority) or down. Each step the scheduler walks jobs in priority order (queue, then
 position) and runs as many as the token budget, `max_num_seqs` and KV allow. Every job
 in a step is charged the step's time; one that has spent its queue's quantum moves to
-the back of the next queue (the last queue is round-robin). A job that has not run for
-`mlfq_starvation_s` goes to the front of Q0. Output length is never assumed known.
+the back of the next queue. In the last queue a job that spends its quantum keeps its
+place (`mlfq_last_queue="fcfs"`, the default: long jobs finish in the order they got
+there) or goes to the back ("round_robin": the long jobs share the batch slots, which
+stretches each of them). A job that has not run for `mlfq_starvation_s` goes to the
+front of Q0. Output length is never assumed known.
 Preemption happens at step boundaries: a job not chosen keeps its KV where it is unless
 memory is needed.
 
@@ -78,10 +81,12 @@ class MLFQScheduler(Scheduler):
         entry.service_s += seconds
         entry.last_run = self.clock()
         if entry.service_s >= self.quantum(entry.level):
-            # Demote; in the last queue, go round-robin to its back instead.
-            entry.level = min(entry.level + 1, self.num_queues - 1)
             entry.service_s = 0.0
-            entry.position = next(self._back)
+            if entry.level < self.num_queues - 1:  # demote to the back of the next queue
+                entry.level += 1
+                entry.position = next(self._back)
+            elif self.config.mlfq_last_queue == "round_robin":
+                entry.position = next(self._back)
 
     def promote_starved(self) -> list[Request]:
         """Move jobs that have not run for the starvation bound to the front of Q0; among
