@@ -1,8 +1,8 @@
 """Scheduling benchmark: FCFS vs skip-join MLFQ on a heavy-tailed workload, same run.
 
 Workload (sim/workload.py): Poisson arrivals, prompts of 16-160 tokens, 80% of outputs
-8-24 tokens and 20% 128-256 tokens, enforced with min_tokens = max_tokens (greedy), so
-lengths are exact; the scheduler is never told them.
+4-16 tokens and 20% 256-768 tokens (flags change them), enforced with min_tokens =
+max_tokens (greedy), so lengths are exact; the scheduler is never told them.
 
 (a) Real engine, default model on CPU: an FCFS engine and an MLFQ engine, each in its own
     process with one thread (sim/replay.py), at the same time so that a CPU shared with
@@ -161,6 +161,9 @@ def run_sim(args: argparse.Namespace, spec: WorkloadSpec, cost: CostModel,
             for load in args.loads for policy in SIM_POLICIES]
     runs += [((f"{bound:g}",), top, replace(base, policy="mlfq", mlfq_starvation_s=bound))
              for bound in STARVATION_SWEEP if bound != args.mlfq_starvation_s]
+    runs += [((f"{bound:g} round_robin",), top, replace(
+        base, policy="mlfq", mlfq_starvation_s=bound, mlfq_last_queue="round_robin"))
+        for bound in (args.mlfq_starvation_s, 1e9)]
     tasks = [(load, spec, args.sim_requests, args.seed, config, cost) for _, load, config in runs]
     # spawn: the parent has torch's thread pools running; the children need none of it.
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
@@ -214,8 +217,9 @@ def table(result: dict) -> str:
                      f"FCFS/oracle mean JCT {f['jct_mean_s'] / o['jct_mean_s']:.2f}x")
     sweep = sim["mlfq_starvation_sweep"]
     lines += ["", f"MLFQ starvation bound at load {sweep['load']:g}", HEADER]
-    for bound, summary in sorted(sweep["by_starvation_s"].items(), key=lambda kv: float(kv[0])):
-        lines.append(format_row(f"starve {bound}", summary))
+    for bound, summary in sorted(sweep["by_starvation_s"].items(),
+                                 key=lambda kv: (len(kv[0].split()), float(kv[0].split()[0]))):
+        lines.append(format_row(f"starve {bound}"[:14], summary))
     verdict = result["target"]
     lines += ["", f"target at load {verdict['load']}: mean JCT ratio "
               f"{verdict['mean_jct_ratio']:.2f} (>= 2: {verdict['mean_2x']}), p99 no worse: "
@@ -277,6 +281,13 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _length_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition(",")
+    if not (low.isdigit() and high.isdigit() and 0 < int(low) <= int(high)):
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 < LO <= HI, got {text!r}")
+    return int(low), int(high)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -309,9 +320,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--name", default="scheduling", help="output file stem")
+    parser.add_argument("--short-fraction", type=float, default=WorkloadSpec.short_fraction)
+    parser.add_argument("--short-output", type=_length_range, default=WorkloadSpec.short_output,
+                        help="LO,HI output tokens of short jobs")
+    parser.add_argument("--long-output", type=_length_range, default=WorkloadSpec.long_output,
+                        help="LO,HI output tokens of long jobs")
     args = parser.parse_args()
 
-    spec = WorkloadSpec()
+    spec = WorkloadSpec(short_fraction=args.short_fraction, short_output=args.short_output,
+                        long_output=args.long_output)
     result: dict = {"workload": spec.as_dict(), "machine": platform.platform(),
                     "args": {k: v for k, v in vars(args).items()}}
     started = time.perf_counter()

@@ -38,8 +38,8 @@ LONG_THRESHOLD = 64
 @dataclass(frozen=True)
 class WorkloadSpec:
     short_fraction: float = 0.8
-    short_output: tuple[int, int] = (8, 24)
-    long_output: tuple[int, int] = (128, 256)
+    short_output: tuple[int, int] = (4, 16)
+    long_output: tuple[int, int] = (256, 768)
     prompt_len: tuple[int, int] = (16, 160)
 
     @property

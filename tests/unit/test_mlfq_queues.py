@@ -141,6 +141,26 @@ def test_a_starved_job_is_promoted_to_the_front_of_q0_at_the_bound_not_before():
     assert ids(scheduler.priority_order()) == ["s", "q"]
 
 
+def test_a_boost_lasts_one_q0_quantum_then_the_job_returns_to_its_place():
+    scheduler, now = make_scheduler(starvation_s=100.0)
+    x, y, z = make_request("x", 20), make_request("y", 30), make_request("z", 2)
+    for request in (x, y):
+        scheduler.add(request)  # both Q3, x ahead of y
+    now[0] = 10.0
+    scheduler.charge(x, 5)  # x has 5 s of Q3 service; y has not run since t=0
+    now[0] = 100.0
+    assert scheduler.promote_starved() == [y]
+    scheduler.add(z)  # Q0, behind the boosted y
+    assert ids(scheduler.priority_order()) == ["y", "z", "x"]
+    scheduler.charge(y, 3)
+    assert level(scheduler, "y") == 0  # Q0's quantum (4 s) not spent yet
+    scheduler.charge(y, 1)
+    # Back in Q3 at its old place (behind x, which got there first), not demoted to Q1.
+    assert ids(scheduler.priority_order()) == ["z", "x", "y"]
+    assert (level(scheduler, "y"), scheduler.entries["y"].service_s) == (3, 0.0)
+    assert scheduler.entries["x"].service_s == 5.0
+
+
 def test_a_job_waiting_in_q0_is_protected_from_starvation_too():
     scheduler, now = make_scheduler(starvation_s=100.0)
     s, q = make_request("s", 10), make_request("q", 2)

@@ -9,8 +9,10 @@ in a step is charged the step's time; one that has spent its queue's quantum mov
 the back of the next queue. In the last queue a job that spends its quantum keeps its
 place (`mlfq_last_queue="fcfs"`, the default: long jobs finish in the order they got
 there) or goes to the back ("round_robin": the long jobs share the batch slots, which
-stretches each of them). A job that has not run for `mlfq_starvation_s` goes to the
-front of Q0. Output length is never assumed known.
+stretches each of them). A job that has not run for `mlfq_starvation_s` is boosted: it
+goes to the front of Q0 for one Q0 quantum, then back to the queue, place and attained
+service it had, so a boost guarantees progress without reordering the long jobs.
+Output length is never assumed known.
 Preemption happens at step boundaries: a job not chosen keeps its KV where it is unless
 memory is needed.
 
@@ -43,6 +45,8 @@ class QueueEntry:
     position: int  # order within the level: smaller runs first
     service_s: float = 0.0  # service attained at this level
     last_run: float = 0.0  # clock time it last ran (or arrived)
+    # While boosted to Q0 against starvation: the (level, position, service_s) to return to.
+    home: Optional[tuple[int, int, float]] = None
 
 
 class MLFQScheduler(Scheduler):
@@ -82,15 +86,19 @@ class MLFQScheduler(Scheduler):
         entry.last_run = self.clock()
         if entry.service_s >= self.quantum(entry.level):
             entry.service_s = 0.0
-            if entry.level < self.num_queues - 1:  # demote to the back of the next queue
+            if entry.home is not None:  # the boost is over: back to where it waited
+                entry.level, entry.position, entry.service_s = entry.home
+                entry.home = None
+            elif entry.level < self.num_queues - 1:  # demote to the back of the next queue
                 entry.level += 1
                 entry.position = next(self._back)
             elif self.config.mlfq_last_queue == "round_robin":
                 entry.position = next(self._back)
 
     def promote_starved(self) -> list[Request]:
-        """Move jobs that have not run for the starvation bound to the front of Q0; among
-        those promoted together, the one that waited longest ends up first."""
+        """Boost jobs that have not run for the starvation bound to the front of Q0 (for
+        one Q0 quantum; see `charge`); among those boosted together, the one that waited
+        longest ends up first."""
         now = self.clock()
         # Q0 jobs count too: promoted jobs go ahead of them, so under a stream of
         # promotions a job waiting in Q0 would otherwise never run.
@@ -102,6 +110,8 @@ class MLFQScheduler(Scheduler):
         promoted = []
         for _, _, _, request_id in sorted(starved, reverse=True):
             entry = self.entries[request_id]
+            if entry.home is None:  # boosted again before running: keep the first home
+                entry.home = (entry.level, entry.position, entry.service_s)
             entry.level, entry.service_s, entry.position = 0, 0.0, next(self._front)
             entry.last_run = now
             promoted.append(self.jobs[request_id])
