@@ -20,9 +20,11 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,",
            "List three primary colors:", "1, 2, 3, 4, 5,", "The quick brown fox",
            "Q: What is the boiling point of water?\nA:", "My favourite food is"]
 MAX_TOKENS = 20
+# A microsecond quantum with a round-robin last queue reorders the jobs every step, and
+# 10 device blocks for 3 running jobs force swaps.
 WORKER_ARGS = ["--scheduler", "mlfq", "--host-kv-memory", "64MiB", "--num-kv-blocks", "10",
                "--max-num-seqs", "3", "--mlfq-base-quantum-s", "0.000001",
-               "--mlfq-starvation-s", "1000000"]
+               "--mlfq-starvation-s", "1000000", "--mlfq-last-queue", "round_robin"]
 
 
 @pytest.fixture(scope="module")
