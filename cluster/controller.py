@@ -251,8 +251,9 @@ class Controller:
         decision = state.autoscaler.decide(loads, num_starting + num_unpolled)
         state.last_decision = decision
         if decision.num_to_start or decision.num_to_stop:
-            logger.info("autoscaler model=%s %s %s", state.deployment.name, decision.reason,
-                        " ".join(f"{k}={v}" for k, v in decision.as_log_fields().items()))
+            fields = decision.as_log_fields()
+            logger.info("autoscaler model=%s %s: %s", fields.pop("model"), decision.reason,
+                        " ".join(f"{k}={v}" for k, v in fields.items()))
         if decision.num_to_start and self._clock() >= state.next_start_at:
             for _ in range(decision.num_to_start):
                 self._start_replica(state)
