@@ -316,7 +316,7 @@ FLAGS = (
     ("--upscale-delay-s", float, 1.0, None), ("--downscale-delay-s", float, 10.0, None),
     ("--max-starting", int, 2, None), ("--reconcile-interval-s", float, 0.5, None),
     ("--low-rate", float, 0.5, "req/s before the spike"), ("--low-s", float, 20.0, None),
-    ("--spike-rate", float, 6.0, None), ("--spike-s", float, 40.0, None),
+    ("--spike-rate", float, 2.5, None), ("--spike-s", float, 40.0, None),
     ("--after-rate", float, 0.5, "req/s after the spike"), ("--after-s", float, 40.0, None),
     ("--input-len", int, 64, None), ("--output-len", int, 32, None), ("--seed", int, 0, None),
     ("--sample-interval-s", float, 0.5, None), ("--window-s", float, 5.0, None),
