@@ -64,6 +64,12 @@ def test_models_endpoint_lists_default_with_two_replicas(serve):
     assert response.status_code == 200
     cards = response.json()["data"]
     assert [(c["id"], c["num_replicas"]) for c in cards] == [("default", 2)]
+    # The controller's numbers are on the same /metrics as the router's.
+    metrics = httpx.get(f"{serve.base_url}/metrics", timeout=30).text.splitlines()
+    for line in ('lmfleet:fleet_replicas{model_name="default",state="ready"} 2.0',
+                 'lmfleet:fleet_replica_starts_total{model_name="default"} 2.0',
+                 'lmfleet:autoscaler_desired_replicas{model_name="default"} 2.0'):
+        assert line in metrics, line
 
 
 @server_test
