@@ -28,8 +28,9 @@ def cpus_needed(config: FleetConfig) -> float:
 
 def init_ray(config: FleetConfig, address: Optional[str] = None,
              log_to_driver: bool = False) -> bool:
-    """Join the cluster at `address`, or start a local one. Returns True when this call
-    started it (the caller then owns its shutdown). Idempotent."""
+    """Join the cluster at `address`, or start a local one (even when another one runs
+    on this machine). Returns True when this call started it (the caller then owns its
+    shutdown). When Ray is already initialised in this process it is used as it is."""
     import ray
 
     if ray.is_initialized():
@@ -40,7 +41,9 @@ def init_ray(config: FleetConfig, address: Optional[str] = None,
         ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=log_to_driver)
         return False
     num_cpus = max(float(os.cpu_count() or 1), cpus_needed(config))
-    ray.init(num_cpus=int(num_cpus + 0.999), namespace=RAY_NAMESPACE,
+    # address="local": always a cluster of our own. Without it ray.init joins whatever
+    # cluster `ray start` left running on this machine (or $RAY_ADDRESS names).
+    ray.init(address="local", num_cpus=int(num_cpus + 0.999), namespace=RAY_NAMESPACE,
              include_dashboard=False, object_store_memory=_LOCAL_OBJECT_STORE_BYTES,
              log_to_driver=log_to_driver, configure_logging=False)
     return True

@@ -95,7 +95,6 @@ class ReplicaHandle:
     def launch(self, replica_host: Optional[str]) -> None:
         """Reserve the placement group and create the rank-0 actor; loading goes on in the
         background (`poll_start`)."""
-        import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -110,7 +109,6 @@ class ReplicaHandle:
         self._actor = replica_actor_class().options(
             num_cpus=placement.cpus_per_rank, num_gpus=1 if placement.use_gpu else 0,
             scheduling_strategy=strategy, max_restarts=0,
-            name=f"lmfleet-{self.replica_id}-{ray.get_runtime_context().get_job_id()}",
         ).remote(self.deployment.worker_argv())
         self._start_ref = self._actor.start.remote(replica_host)
         self._watch_ref = self._actor.wait_until_stopped.remote()

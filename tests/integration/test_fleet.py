@@ -30,6 +30,17 @@ ENGINE = {"max_num_seqs": 2, "num_kv_blocks": 64, "max_model_len": 256}
 WAIT_S = 240.0  # bound on every wait for replicas (loading on a busy 2-core machine)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    """One local Ray cluster for the module (each fleet uses it and leaves it running),
+    sized for the largest fleet here."""
+    from lmfleet.cluster.ray_cluster import init_ray, shutdown_ray
+
+    init_ray(fleet_config_from_dict(SPIKE_FLEET))
+    yield
+    shutdown_ray()
+
+
 @pytest.fixture(scope="module")
 def expected(default_model_dir) -> dict[tuple[int, ...], dict[int, str]]:
     """prompt -> max_tokens -> the offline greedy text."""
