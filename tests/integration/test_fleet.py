@@ -145,26 +145,31 @@ def check_all_correct(results: list[StreamResult], expected, max_tokens: int) ->
     assert not wrong, wrong[:3]
 
 
+def load_until(fleet, model: str, clients: int, size: int, other: str,
+               other_sizes: list[int]) -> list[StreamResult]:
+    """`clients` streams of requests to `model` until it has settled at `size` READY
+    replicas (none starting or draining); the `other` model's READY counts seen meanwhile
+    go to `other_sizes`. Returns the requests' results."""
+    def settled() -> bool:
+        other_sizes.append(len(fleet.ready(other)))
+        return fleet.settled_at(model) == size
+
+    traffic = Traffic(fleet.base_url, model, clients)
+    try:
+        reached = fleet.wait_for(settled, WAIT_S)
+    finally:
+        results = traffic.stop()
+    assert reached, fleet.controller.snapshot()
+    return results
+
+
 def test_a_spike_scales_one_model_to_max_and_back_while_the_other_stays(expected):
     with in_process_fleet(fleet_config_from_dict(SPIKE_FLEET)) as fleet:
         assert (len(fleet.ready("a")), len(fleet.ready("b"))) == (1, 1)
         b_sizes: list[int] = []
-
-        def a_at(size: int) -> bool:
-            b_sizes.append(len(fleet.ready("b")))
-            return fleet.settled_at("a") == size
-
-        spike = Traffic(fleet.base_url, "a", clients=8)
-        try:
-            assert fleet.wait_for(lambda: a_at(3), WAIT_S), fleet.controller.snapshot()
-        finally:
-            spike_results = spike.stop()
+        spike_results = load_until(fleet, "a", 8, 3, "b", b_sizes)
         # A trickle goes on while "a" scales in: replicas drain under live requests.
-        trickle = Traffic(fleet.base_url, "a", clients=1)
-        try:
-            assert fleet.wait_for(lambda: a_at(1), WAIT_S), fleet.controller.snapshot()
-        finally:
-            trickle_results = trickle.stop()
+        trickle_results = load_until(fleet, "a", 1, 1, "b", b_sizes)
         snapshot = fleet.controller.snapshot()
         assert snapshot["a"].starts == 3 and snapshot["a"].stops == {"scale_in": 2}
         assert set(b_sizes) == {1} and snapshot["b"].starts == 1
@@ -173,17 +178,8 @@ def test_a_spike_scales_one_model_to_max_and_back_while_the_other_stays(expected
 
         # Now "b" takes a burst: it scales on its own, "a" stays at its minimum.
         a_sizes: list[int] = []
-
-        def b_at(size: int) -> bool:
-            a_sizes.append(len(fleet.ready("a")))
-            return fleet.settled_at("b") == size
-
-        burst = Traffic(fleet.base_url, "b", clients=12)
-        try:
-            assert fleet.wait_for(lambda: b_at(2), WAIT_S), fleet.controller.snapshot()
-        finally:
-            burst_results = burst.stop()
-        assert fleet.wait_for(lambda: b_at(1), WAIT_S), fleet.controller.snapshot()
+        burst_results = load_until(fleet, "b", 12, 2, "a", a_sizes)
+        load_until(fleet, "b", 0, 1, "a", a_sizes)
         assert set(a_sizes) == {1}
         check_all_correct(burst_results, expected, 12)
         decisions = fleet.controller.snapshot()["b"]
