@@ -40,6 +40,10 @@ def init_ray(config: FleetConfig, address: Optional[str] = None,
     if address:
         ray.init(address=address, namespace=RAY_NAMESPACE, log_to_driver=log_to_driver)
         return False
+    # A signal sent to our whole process group (a terminal's, `timeout`'s) also stops the
+    # GCS we start; Ray's calls would then wait 60 s for it before giving up. Our own
+    # cluster lives and dies with this process, so a short wait is enough.
+    os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "5")
     num_cpus = max(float(os.cpu_count() or 1), cpus_needed(config))
     # address="local": always a cluster of our own. Without it ray.init joins whatever
     # cluster `ray start` left running on this machine (or $RAY_ADDRESS names).
