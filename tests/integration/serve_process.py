@@ -102,7 +102,7 @@ def _start(command: str, args: Sequence[str], ready: re.Pattern):
     stderr_lines: list[str] = []
     threading.Thread(target=_pump_stderr, args=(process, stderr_lines), daemon=True).start()
     try:
-        line = _first_line(process, START_TIMEOUT)
+        line = first_line(process, START_TIMEOUT)
         match = ready.match(line)
         if match is None:
             raise RuntimeError(f"unexpected first line from lmfleet {command}: {line!r}")
@@ -119,16 +119,18 @@ def _pump_stderr(process: subprocess.Popen, lines: list[str]) -> None:
             sys.stderr.write(text)
 
 
-def _first_line(process: subprocess.Popen, timeout: float) -> str:
+def first_line(process: subprocess.Popen, timeout: float) -> str:
+    """The first line `process` prints on stdout (its ready line); its stdout keeps being
+    drained afterwards so it never blocks on the pipe."""
     lines: queue.Queue[Optional[str]] = queue.Queue()
 
-    def pump() -> None:  # keeps draining stdout so serve never blocks on the pipe
+    def pump() -> None:
         with contextlib.suppress(ValueError, OSError):
             for text in process.stdout:
                 lines.put(text.rstrip("\n"))
         lines.put(None)
 
-    threading.Thread(target=pump, name="serve-stdout", daemon=True).start()
+    threading.Thread(target=pump, name="stdout-pump", daemon=True).start()
     try:
         line = lines.get(timeout=timeout)
     except queue.Empty:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from typing import Optional
 import grpc
 
 from lmfleet.proto.v1 import worker_pb2, worker_pb2_grpc
+from tests.integration.serve_process import first_line
 
 READY_LINE = re.compile(r"^lmfleet router ready http=(?P<http>\S+) grpc=(?P<grpc>\S+)$")
 START_TIMEOUT = 180.0
@@ -50,7 +49,7 @@ def start_router(workers: Sequence[str], extra_args: Sequence[str] = (),
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
                                env={**os.environ, **(env or {})})
     try:
-        line = _first_line(process, START_TIMEOUT)
+        line = first_line(process, START_TIMEOUT)
         match = READY_LINE.match(line)
         if match is None:
             raise RuntimeError(f"unexpected first line from the router: {line!r}")
@@ -64,25 +63,6 @@ def start_router(workers: Sequence[str], extra_args: Sequence[str] = (),
                 process.kill()
                 process.wait(STOP_TIMEOUT)
         process.stdout.close()
-
-
-def _first_line(process: subprocess.Popen, timeout: float) -> str:
-    lines: queue.Queue[Optional[str]] = queue.Queue()
-
-    def pump() -> None:  # keeps draining stdout so the router never blocks on the pipe
-        with contextlib.suppress(ValueError):
-            for text in process.stdout:
-                lines.put(text.rstrip("\n"))
-        lines.put(None)
-
-    threading.Thread(target=pump, name="router-stdout", daemon=True).start()
-    try:
-        line = lines.get(timeout=timeout)
-    except queue.Empty:
-        raise TimeoutError("the router printed no ready line in time") from None
-    if line is None:
-        raise RuntimeError(f"the router exited before it was ready ({process.wait(30)})")
-    return line
 
 
 def openai_client(router: RouterProcess, api_key: str = "unused", timeout: float = 120.0):
