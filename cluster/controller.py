@@ -217,7 +217,9 @@ class Controller:
             if reason is not None:
                 logger.warning("model %s: replica %s on %s died: %s", state.deployment.name,
                                replica.replica_id, replica.address, reason)
-                self._drop(state, replica, "died")
+                # One that was draining was on its way out: it is not replaced.
+                self._drop(state, replica, "scale_in" if replica.state is ReplicaState.DRAINING
+                           else "died")
         ready = state.in_state(ReplicaState.READY)
         for replica in ready:
             replica.begin_health_check(self.settings.health_check_timeout_s)
