@@ -33,13 +33,9 @@ import contextlib
 import json
 import math
 import os
-import queue
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, replace
@@ -49,48 +45,12 @@ from autoscale import environment  # also puts the repository root on sys.path
 from online import TargetSpec, Workload, make_requests, open_target, run_load, summarize
 
 from tests.integration.serve_process import start_serve
+from tests.integration.test_router_helpers import start_router
 from tests.integration.worker_process import worker_process
 
 SETUPS = ("ray", "plain")
-ROUTER_READY = re.compile(r"^lmfleet router ready http=(?P<http>\S+) grpc=(?P<grpc>\S+)$")
 START_TIMEOUT_S = 400.0
 STOP_TIMEOUT_S = 60.0
-
-
-@contextlib.contextmanager
-def start_router(worker: str) -> Iterator[str]:
-    """`lmfleet router --worker WORKER` on free ports; yields its base URL; SIGTERM at the
-    end (SIGKILL if it outlives STOP_TIMEOUT_S)."""
-    command = [sys.executable, "-m", "lmfleet.cluster.cli", "router", "--worker", worker,
-               "--port", "0", "--grpc-port", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                               text=True)
-    lines: queue.Queue = queue.Queue()
-
-    def pump() -> None:  # drains stdout for the router's life, so it never blocks on it
-        with contextlib.suppress(ValueError, OSError):
-            for text in process.stdout:
-                lines.put(text.rstrip("\n"))
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        try:
-            line = lines.get(timeout=START_TIMEOUT_S)
-        except queue.Empty:
-            line = None
-        match = ROUTER_READY.match(line or "")
-        if match is None:
-            raise RuntimeError(f"lmfleet router did not get ready: {line!r} "
-                               f"(exit {process.poll()})")
-        yield f"http://{match['http']}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(30)
 
 
 @contextlib.contextmanager
@@ -111,8 +71,8 @@ def start_setup(setup: str, args: argparse.Namespace, tmp: Path) -> Iterator[str
         flags = ["--model-name", "default", "--max-num-seqs", str(args.max_num_seqs),
                  "--num-kv-blocks", str(args.num_kv_blocks)]
         with worker_process(args.model, flags, START_TIMEOUT_S, STOP_TIMEOUT_S) as worker, \
-                start_router(worker.address) as url:
-            yield url
+                start_router([worker.address]) as router:
+            yield router.base_url
 
 
 async def measure(url: str, workload: Workload, concurrencies: list[int], warmup: int,

@@ -37,8 +37,8 @@ from typing import Any, Optional
 
 from lmfleet.cluster.autoscaler import AutoscalingConfig
 from lmfleet.cluster.placement import ReplicaPlacement
+from lmfleet.worker.model.default_model import DEFAULT_MODEL_ALIASES
 
-DEFAULT_MODEL_ALIASES = ("default", "SmolLM2-135M-Instruct")
 SCHEDULERS = ("fcfs", "mlfq")
 
 
@@ -203,18 +203,29 @@ def _model(entry: Any, where: str) -> ModelDeployment:
         autoscaling = AutoscalingConfig(**scaling)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from None
-    path = str(entry.get("path", "default"))
-    if path not in DEFAULT_MODEL_ALIASES and not os.path.exists(os.path.expanduser(path)):
-        raise ValueError(f"{where}.path: model not found: {path} (a directory, a .gguf file "
-                         "or 'default')")
+    try:
+        path = model_path(str(entry.get("path", "default")))
+    except ValueError as error:
+        raise ValueError(f"{where}.path: {error}") from None
     engine = engine_flags(entry.get("engine") or {}, f"{where}.engine")
     try:
         return ModelDeployment(
-            name=entry["name"], path=os.path.expanduser(path), tp=entry.get("tp", 1),
+            name=entry["name"], path=path, tp=entry.get("tp", 1),
             pp=entry.get("pp", 1), cpus_per_rank=entry.get("cpus_per_rank", 1.0),
             scheduler=entry.get("scheduler", "fcfs"), engine=engine, autoscaling=autoscaling)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
+
+
+def model_path(path: str) -> str:
+    """A model given as a directory, a .gguf file (user-expanded) or a default alias;
+    ValueError when it does not exist."""
+    if path in DEFAULT_MODEL_ALIASES:
+        return path
+    expanded = os.path.expanduser(path)
+    if not os.path.exists(expanded):
+        raise ValueError(f"model not found: {path} (a directory, a .gguf file or 'default')")
+    return expanded
 
 
 def engine_flags(options: Any, where: str) -> dict[str, Optional[str]]:

@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 from pathlib import Path
 
 from lmfleet.cluster.commands import worker as worker_command
-
-_DEFAULT_MODEL_ALIASES = ("default", "SmolLM2-135M-Instruct")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -89,7 +86,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def model_name(model: str) -> str:
     """The default client-facing name of a --model value."""
-    if model in _DEFAULT_MODEL_ALIASES:
+    from lmfleet.worker.model.default_model import DEFAULT_MODEL_ALIASES
+
+    if model in DEFAULT_MODEL_ALIASES:
         return "default"
     path = Path(model.rstrip("/\\"))
     return path.stem if path.suffix.lower() == ".gguf" else path.name
@@ -116,6 +115,7 @@ def fleet_config(args: argparse.Namespace):
         FleetConfig,
         ModelDeployment,
         load_fleet_config,
+        model_path,
     )
 
     flags = engine_flags(args)
@@ -142,10 +142,7 @@ def fleet_config(args: argparse.Namespace):
         scaling = AutoscalingConfig(min_replicas=low, max_replicas=high)
     except ValueError as error:
         raise ValueError(f"invalid --min-replicas/--max-replicas: {error}") from None
-    for model in models:
-        if model not in _DEFAULT_MODEL_ALIASES and not os.path.exists(model):
-            raise ValueError(f"model not found: {model} (a directory, a .gguf file or "
-                             "'default')")
+    models = [model_path(m) for m in models]
     names = names or [model_name(m) for m in models]
     scheduler = flags.pop("--scheduler", None) or "fcfs"
     controller = ControllerConfig(drain_timeout_s=max(args.drain_timeout, 0.1),

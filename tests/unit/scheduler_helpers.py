@@ -48,7 +48,8 @@ def make_request(request_id: str, num_prompt_tokens: int, priority: int = 0) -> 
     return Request(request_id, prompt, SamplingParams(), priority=priority)
 
 
-def run_step(scheduler: MLFQScheduler, now: list[float], elapsed_s: float) -> SchedulerOutput:
+def play_step(scheduler) -> SchedulerOutput:
+    """Schedule one step and play the engine's part for it (any scheduler)."""
     output = scheduler.schedule()
     for item in output.scheduled:
         request = item.request
@@ -56,6 +57,11 @@ def run_step(scheduler: MLFQScheduler, now: list[float], elapsed_s: float) -> Sc
         scheduler.kv_manager.cache_computed_blocks(request)
         if request.num_computed_tokens == request.num_tokens:
             request.append_output_token(FAKE_TOKEN, None)
+    return output
+
+
+def run_step(scheduler: MLFQScheduler, now: list[float], elapsed_s: float) -> SchedulerOutput:
+    output = play_step(scheduler)
     now[0] += elapsed_s
     scheduler.on_step_finished(output, elapsed_s)
     return output

@@ -13,10 +13,9 @@ from lmfleet.worker.request import Request, RequestStatus
 from lmfleet.worker.sampling_params import SamplingParams
 from lmfleet.worker.scheduler.base import SchedulerOutput
 from lmfleet.worker.scheduler.fcfs import FCFSScheduler
-from tests.unit.scheduler_helpers import ids, plan
+from tests.unit.scheduler_helpers import FAKE_TOKEN, ids, plan, play_step
 
 BLOCK_SIZE = 4
-FAKE_TOKEN = 7
 
 
 def make_scheduler(num_blocks: int = 16, max_num_seqs: int = 8,
@@ -34,14 +33,7 @@ def make_request(request_id: str, num_prompt_tokens: int, arrival_time: float,
 
 
 def run_step(scheduler: FCFSScheduler) -> SchedulerOutput:
-    output = scheduler.schedule()
-    for item in output.scheduled:
-        request = item.request
-        request.num_computed_tokens += item.num_new_tokens
-        scheduler.kv_manager.cache_computed_blocks(request)
-        if request.num_computed_tokens == request.num_tokens:
-            request.append_output_token(FAKE_TOKEN, None)
-    return output
+    return play_step(scheduler)
 
 
 # ---- token budget and chunked prefill ------------------------------------------------------
