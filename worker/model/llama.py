@@ -34,9 +34,11 @@ class Attention(nn.Module):
                 backend: AttentionBackend) -> torch.Tensor:  # x (T, H)
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, q_size + 2 kv_size)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # q and k rotate in one call: the rotation is per head, so stacking heads is exact.
+        qk = apply_rotary(qk.view(num_tokens, self.num_heads + self.num_kv_heads,
+                                  self.head_dim), cos, sin)  # (T, Hq + Hkv, D)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache, metadata, self.scale)  # (T, Hq, D)
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # (T, H)

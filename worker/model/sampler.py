@@ -136,7 +136,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     if any(p.uses_penalties for p in params):
         logits = apply_penalties(logits, batch)
     if any(r.num_output_tokens < r.sampling_params.min_tokens for r in batch.requests):
-        logits = suppress_stop_tokens(logits.clone(), batch)
+        # Written in place; the raw logits are kept only when logprobs read them later.
+        keep_raw = logits is raw_logits and any(p.logprobs is not None for p in params)
+        logits = suppress_stop_tokens(logits.clone() if keep_raw else logits, batch)
     token_ids = logits.argmax(dim=-1)  # (N,) greedy choice for every row
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if random_rows:

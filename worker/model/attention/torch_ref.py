@@ -61,11 +61,15 @@ class TorchAttention(AttentionBackend):
         if num_decode:
             max_len = metadata.decode_mask.shape[-1]
             keys, values = gather_context(kv_cache, metadata.decode_block_tables, max_len)
+            num_kv_heads = keys.shape[1]
+            # The query heads sharing a KV head become that head's query rows, so attention
+            # runs on the KV heads as they are, without expanding them to Hq heads.
+            grouped_q = q[:num_decode].reshape(num_decode, num_kv_heads, -1, q.shape[-1])
             attn = F.scaled_dot_product_attention(
-                q[:num_decode, :, None, :],  # (Bd, Hq, 1, D)
-                keys, values, attn_mask=metadata.decode_mask, scale=scale, enable_gqa=True,
-            )  # (Bd, Hq, 1, D)
-            out[:num_decode] = attn[:, :, 0, :]
+                grouped_q,  # (Bd, Hkv, Hq / Hkv, D)
+                keys, values, attn_mask=metadata.decode_mask, scale=scale,
+            )  # (Bd, Hkv, Hq / Hkv, D)
+            out[:num_decode] = attn.reshape(num_decode, -1, q.shape[-1])
         if metadata.num_prefills:
             keys, values = gather_context(kv_cache, metadata.prefill_block_tables,
                                           metadata.prefill_max_seq_len)
