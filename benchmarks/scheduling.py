@@ -1,8 +1,11 @@
 """Scheduling benchmark: FCFS vs skip-join MLFQ on a heavy-tailed workload, same run.
 
 Workload (sim/workload.py): Poisson arrivals, prompts of 16-160 tokens, 80% of outputs
-4-16 tokens and 20% 256-768 tokens (flags change them), enforced with min_tokens =
-max_tokens (greedy), so lengths are exact; the scheduler is never told them.
+4-16 tokens and 20% long ones, 64-2048 tokens from a bounded Pareto (shape 1.1: most long
+jobs are a few hundred tokens, a few run to thousands). Flags change all of it;
+`--long-dist uniform --long-output 256,768` is the bimodal workload of earlier runs.
+Lengths are enforced with min_tokens = max_tokens (greedy), so they are exact; the
+scheduler is never told them.
 
 (a) Real engine, default model on CPU: an FCFS engine and an MLFQ engine, each in its own
     process with one thread (sim/replay.py), at the same time so that a CPU shared with
@@ -16,7 +19,8 @@ max_tokens (greedy), so lengths are exact; the scheduler is never told them.
     clock and step times from the same calibrated cost model: `--sim-requests` jobs at
     each of `--loads` x capacity, for FCFS, MLFQ and a yardstick that knows the output
     lengths (shortest remaining output first, sim/oracle.py: what any reordering could
-    win), plus MLFQ with other starvation bounds at the highest load.
+    win), plus MLFQ with other starvation bounds, a round-robin last queue and 8 queues
+    at the highest load.
 
 The target checked at the highest load: MLFQ's mean JCT at least 2x better than FCFS's,
 its p99 JCT no worse, and no request stalled longer than twice the starvation bound.
@@ -38,8 +42,9 @@ from pathlib import Path
 from sim.calibrate import fit_cost_model, probe_summary
 from sim.replay import engine_worker, make_prompts
 from sim.simulator import ORACLE, SimConfig, simulate
-from sim.workload import WorkloadSpec, capacity_per_s, make_jobs
+from sim.workload import LONG_DISTRIBUTIONS, WorkloadSpec, capacity_per_s, make_jobs
 
+from lmfleet.worker.config import SchedulerConfig
 from lmfleet.worker.scheduler.cost_model import CostModel
 
 POLICIES = ("fcfs", "mlfq")
@@ -57,7 +62,8 @@ def engine_options(args: argparse.Namespace, policy: str) -> dict:
     options = dict(scheduler=policy, max_num_seqs=args.max_num_seqs,
                    num_kv_blocks=args.num_kv_blocks, host_kv_memory_bytes=args.host_kv_mib << 20)
     if policy == "mlfq":
-        options.update(mlfq_starvation_s=args.mlfq_starvation_s)
+        options.update(mlfq_starvation_s=args.mlfq_starvation_s,
+                       mlfq_num_queues=args.mlfq_num_queues)
         if args.mlfq_base_quantum_s is not None:
             options.update(mlfq_base_quantum_s=args.mlfq_base_quantum_s)
     return options
@@ -154,7 +160,8 @@ def run_sim(args: argparse.Namespace, spec: WorkloadSpec, cost: CostModel,
     base = SimConfig(policy="fcfs", max_num_seqs=args.max_num_seqs,
                      num_kv_blocks=args.num_kv_blocks, num_host_blocks=args.sim_host_blocks,
                      mlfq_base_quantum_s=base_quantum_s,
-                     mlfq_starvation_s=args.mlfq_starvation_s)
+                     mlfq_starvation_s=args.mlfq_starvation_s,
+                     mlfq_num_queues=args.mlfq_num_queues)
     top = max(args.loads)
     # (key, load, config): every policy at every load, then MLFQ's starvation sweep.
     runs = [((f"{load:g}", policy), load, replace(base, policy=policy))
@@ -164,6 +171,9 @@ def run_sim(args: argparse.Namespace, spec: WorkloadSpec, cost: CostModel,
     runs += [((f"{bound:g} round_robin",), top, replace(
         base, policy="mlfq", mlfq_starvation_s=bound, mlfq_last_queue="round_robin"))
         for bound in (args.mlfq_starvation_s, 1e9)]
+    runs += [((f"{args.mlfq_starvation_s:g} {queues}_queues",), top, replace(
+        base, policy="mlfq", mlfq_num_queues=queues))
+        for queues in (8,) if queues != args.mlfq_num_queues]
     tasks = [(load, spec, args.sim_requests, args.seed, config, cost) for _, load, config in runs]
     # spawn: the parent has torch's thread pools running; the children need none of it.
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
@@ -186,12 +196,12 @@ def run_sim(args: argparse.Namespace, spec: WorkloadSpec, cost: CostModel,
 
 
 def format_row(label: str, s: dict) -> str:
-    return " ".join([f"{label:<14}"] + [f"{s[key]:>9.2f}" for key, _ in METRICS]
+    return " ".join([f"{label:<20}"] + [f"{s[key]:>9.2f}" for key, _ in METRICS]
                     + [f"{s.get('jct_mean_short_s', float('nan')):>9.2f}",
                        f"{s.get('jct_mean_long_s', float('nan')):>9.2f}"])
 
 
-HEADER = " ".join([f"{'':<14}"] + [f"{name:>9}" for _, name in METRICS]
+HEADER = " ".join([f"{'':<20}"] + [f"{name:>9}" for _, name in METRICS]
                   + [f"{'short JCT':>9}", f"{'long JCT':>9}"])
 
 
@@ -211,7 +221,7 @@ def table(result: dict) -> str:
     for load, runs in sim["by_load"].items():
         lines += [format_row(f"{p[:6]} @ {load}", runs[p]) for p in SIM_POLICIES]
         f, m, o = runs["fcfs"], runs["mlfq"], runs[ORACLE]
-        lines.append(f"{'':<14} FCFS/MLFQ: mean JCT {f['jct_mean_s'] / m['jct_mean_s']:.2f}x, "
+        lines.append(f"{'':<20} FCFS/MLFQ: mean JCT {f['jct_mean_s'] / m['jct_mean_s']:.2f}x, "
                      f"p99 JCT {f['jct_p99_s'] / m['jct_p99_s']:.2f}x, "
                      f"TTFT mean {f['ttft_mean_s'] / m['ttft_mean_s']:.1f}x; "
                      f"FCFS/oracle mean JCT {f['jct_mean_s'] / o['jct_mean_s']:.2f}x")
@@ -219,7 +229,7 @@ def table(result: dict) -> str:
     lines += ["", f"MLFQ starvation bound at load {sweep['load']:g}", HEADER]
     for bound, summary in sorted(sweep["by_starvation_s"].items(),
                                  key=lambda kv: (len(kv[0].split()), float(kv[0].split()[0]))):
-        lines.append(format_row(f"starve {bound}"[:14], summary))
+        lines.append(format_row(f"starve {bound}"[:20], summary))
     verdict = result["target"]
     lines += ["", f"target at load {verdict['load']}: mean JCT ratio "
               f"{verdict['mean_jct_ratio']:.2f} (>= 2: {verdict['mean_2x']}), p99 no worse: "
@@ -297,6 +307,8 @@ def main() -> None:
     parser.add_argument("--host-kv-mib", type=int, default=256,
                         help="host KV tier of the real engines (both policies)")
     parser.add_argument("--mlfq-starvation-s", type=float, default=3.0)
+    parser.add_argument("--mlfq-num-queues", type=int,
+                        default=SchedulerConfig.mlfq_num_queues)
     parser.add_argument("--mlfq-base-quantum-s", type=float, default=None,
                         help="default: the engine's (one decode step of a half-full batch)")
     parser.add_argument("--real-requests", type=int, default=80)
@@ -325,10 +337,16 @@ def main() -> None:
                         help="LO,HI output tokens of short jobs")
     parser.add_argument("--long-output", type=_length_range, default=WorkloadSpec.long_output,
                         help="LO,HI output tokens of long jobs")
+    parser.add_argument("--long-dist", choices=LONG_DISTRIBUTIONS,
+                        default=WorkloadSpec.long_distribution,
+                        help="distribution of long output lengths")
+    parser.add_argument("--pareto-alpha", type=float, default=WorkloadSpec.pareto_alpha,
+                        help="shape of the Pareto long outputs (smaller: heavier tail)")
     args = parser.parse_args()
 
     spec = WorkloadSpec(short_fraction=args.short_fraction, short_output=args.short_output,
-                        long_output=args.long_output)
+                        long_output=args.long_output, long_distribution=args.long_dist,
+                        pareto_alpha=args.pareto_alpha)
     result: dict = {"workload": spec.as_dict(), "machine": platform.platform(),
                     "args": {k: v for k, v in vars(args).items()}}
     started = time.perf_counter()

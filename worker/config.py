@@ -98,6 +98,10 @@ class CacheConfig:
     # sessions (least recently used dropped first).
     session_ttl_s: float = 600.0
     max_sessions: int = 256
+    # Keep decoding requests' KV also contiguous (attention/dense_decode.py), at most as
+    # much memory again as the paged cache. None: on for CPU, where gathering the context
+    # every layer is a large share of a decode step; off for CUDA.
+    dense_decode_cache: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -128,8 +132,12 @@ class SchedulerConfig:
     # Token budget of one step: decodes count one token each, prefill chunks their length.
     max_num_batched_tokens: int = 2048
     # Skip-join MLFQ (FastServe). Quantum of queue i is base * 2**i; None: the cost model's
-    # time of one decode step of a half-full batch, measured at start-up.
-    mlfq_num_queues: int = 8
+    # time of one decode step of a half-full batch, measured at start-up. 12 queues: a job
+    # reaches the last queue after ~4095 base quanta (about that many decode steps), so
+    # output lengths up to a few thousand tokens keep being told apart (least attained
+    # service first); with 8, everything past ~255 steps shared one FCFS queue, which on
+    # heavy-tailed lengths put short-ish long jobs behind giant ones (benchmarks/scheduling).
+    mlfq_num_queues: int = 12
     mlfq_base_quantum_s: Optional[float] = None
     # A job that has not run for this long is promoted to the top queue (FastServe: 3 s).
     mlfq_starvation_s: float = 3.0

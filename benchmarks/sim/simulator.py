@@ -46,7 +46,7 @@ class SimConfig:
     num_host_blocks: int = 4096
     mlfq_base_quantum_s: float | None = None
     mlfq_starvation_s: float = 3.0
-    mlfq_num_queues: int = 8
+    mlfq_num_queues: int = SchedulerConfig.mlfq_num_queues
     mlfq_last_queue: str = "fcfs"
 
 

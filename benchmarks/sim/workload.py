@@ -1,9 +1,11 @@
 """The heavy-tailed scheduling workload, shared by the real-engine run and the simulator.
 
-Poisson arrivals; prompt lengths uniform in `prompt_len`; output lengths bimodal: a
-`short_fraction` of jobs draw from `short_output`, the rest from `long_output` (uniform,
-inclusive). Output lengths are enforced by the caller (min_tokens = max_tokens), and are
-never shown to the scheduler.
+Poisson arrivals; prompt lengths uniform in `prompt_len`. A `short_fraction` of jobs draw
+their output length uniformly from `short_output`; the rest, the long jobs, from
+`long_output` with a heavy tail: a bounded Pareto (shape `pareto_alpha`, floor of the
+continuous draw) by default, or uniform with `long_distribution="uniform"` (the bimodal
+workload earlier runs used). Output lengths are enforced by the caller (min_tokens =
+max_tokens), and are never shown to the scheduler.
 
 Capacity (requests/s a saturated engine completes) is derived from the calibrated cost
 model under the same step-time rule the simulator uses (`step_time`): a saturated engine
@@ -13,6 +15,7 @@ once to some step.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass
 
@@ -35,18 +38,56 @@ class Job:
 LONG_THRESHOLD = 64
 
 
+LONG_DISTRIBUTIONS = ("pareto", "uniform")
+
+
 @dataclass(frozen=True)
 class WorkloadSpec:
     short_fraction: float = 0.8
     short_output: tuple[int, int] = (4, 16)
-    long_output: tuple[int, int] = (256, 768)
+    long_output: tuple[int, int] = (64, 2048)
+    long_distribution: str = "pareto"
+    pareto_alpha: float = 1.1
     prompt_len: tuple[int, int] = (16, 160)
+
+    def __post_init__(self) -> None:
+        if self.long_distribution not in LONG_DISTRIBUTIONS:
+            raise ValueError(f"long_distribution must be one of {LONG_DISTRIBUTIONS}, "
+                             f"got {self.long_distribution!r}")
+        if self.pareto_alpha <= 0:
+            raise ValueError(f"pareto_alpha must be > 0, got {self.pareto_alpha}")
+
+    def long_length(self, uniform: float) -> int:
+        """The long output length at quantile `uniform` in [0, 1) (inverse CDF)."""
+        low, high = self.long_output
+        if self.long_distribution == "uniform":
+            return low + int(uniform * (high - low + 1))
+        # Bounded Pareto on [low, high]: F(x) = (1 - (low/x)^a) / (1 - (low/high)^a).
+        tail = 1 - (low / high) ** self.pareto_alpha
+        return min(int(low / (1 - uniform * tail) ** (1 / self.pareto_alpha)), high)
+
+    def long_pmf(self) -> list[tuple[int, float]]:
+        """(length, probability) of every long output length."""
+        low, high = self.long_output
+        if self.long_distribution == "uniform":
+            return [(n, 1 / (high - low + 1)) for n in range(low, high + 1)]
+        alpha = self.pareto_alpha
+        tail = 1 - (low / high) ** alpha
+        cdf = lambda x: min((1 - (low / x) ** alpha) / tail, 1.0)  # noqa: E731
+        return [(n, cdf(n + 1) - cdf(n)) for n in range(low, high + 1)]
+
+    def output_moments(self) -> tuple[float, float]:
+        """Mean and mean square of the output length over all jobs."""
+        short_mean, short_square = _uniform_moments(*self.short_output)
+        pmf = self.long_pmf()
+        long_mean = math.fsum(n * p for n, p in pmf)
+        long_square = math.fsum(n * n * p for n, p in pmf)
+        f = self.short_fraction
+        return f * short_mean + (1 - f) * long_mean, f * short_square + (1 - f) * long_square
 
     @property
     def mean_output_len(self) -> float:
-        mean = lambda r: (r[0] + r[1]) / 2  # noqa: E731
-        return (self.short_fraction * mean(self.short_output)
-                + (1 - self.short_fraction) * mean(self.long_output))
+        return self.output_moments()[0]
 
     @property
     def mean_prompt_len(self) -> float:
@@ -62,8 +103,11 @@ def make_jobs(spec: WorkloadSpec, num_jobs: int, rate_per_s: float, seed: int) -
     jobs, now = [], 0.0
     for index in range(num_jobs):
         short = rng.random() < spec.short_fraction
-        low, high = spec.short_output if short else spec.long_output
-        jobs.append(Job(f"r{index}", now, rng.randint(*spec.prompt_len), rng.randint(low, high)))
+        length_draw = rng.random()
+        output_len = (spec.short_output[0] + int(length_draw * (
+            spec.short_output[1] - spec.short_output[0] + 1)) if short
+            else spec.long_length(length_draw))
+        jobs.append(Job(f"r{index}", now, rng.randint(*spec.prompt_len), output_len))
         now += rng.expovariate(rate_per_s)
     return jobs
 
@@ -78,7 +122,7 @@ def step_time(cost: CostModel, num_decodes: int, decode_context: int,
             + cost.prefill_per_token_s * num_prefill_tokens)
 
 
-def _moments(low: int, high: int) -> tuple[float, float]:
+def _uniform_moments(low: int, high: int) -> tuple[float, float]:
     """Mean and mean square of an integer uniform on [low, high]."""
     mean = (low + high) / 2
     return mean, ((high - low + 1) ** 2 - 1) / 12 + mean**2
@@ -88,11 +132,7 @@ def capacity_per_s(cost: CostModel, spec: WorkloadSpec, max_num_seqs: int) -> fl
     """Requests per second a saturated engine completes (see the module docstring): per
     request, its prefill tokens plus L-1 decodes, each a 1/B share of a full batch's fixed
     cost plus its own per-sequence and per-context-token cost (context P+1 .. P+L-1)."""
-    short_mean, short_square = _moments(*spec.short_output)
-    long_mean, long_square = _moments(*spec.long_output)
-    f = spec.short_fraction
-    mean_len = f * short_mean + (1 - f) * long_mean
-    mean_len_square = f * short_square + (1 - f) * long_square
+    mean_len, mean_len_square = spec.output_moments()
     mean_prompt = spec.mean_prompt_len
     # E[sum of decode contexts] = E[L-1] E[P] + E[L(L-1)] / 2 (P and L independent)
     context_sum = (mean_len - 1) * mean_prompt + (mean_len_square - mean_len) / 2

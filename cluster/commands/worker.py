@@ -54,6 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="MLFQ: promote a job that has not run for S seconds (default 3)")
     p.add_argument("--mlfq-base-quantum-s", type=float, default=None, metavar="S",
                    help="MLFQ: quantum of the top queue (default: from the cost model)")
+    p.add_argument("--mlfq-num-queues", type=int, default=None, metavar="K",
+                   help="MLFQ: number of queues; quanta double per level (default 12)")
     p.add_argument("--mlfq-last-queue", default=None, choices=("fcfs", "round_robin"),
                    help="MLFQ: order of the last queue's (long) jobs (default fcfs)")
     p.add_argument("--session-ttl-s", type=float, default=None, metavar="S",
@@ -108,8 +110,8 @@ def engine_options(args: argparse.Namespace) -> dict:
     """Engine options from the command line; unset ones are left to the engine."""
     options = {"device": args.device, "dtype": args.dtype, "policy": args.scheduler}
     for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size",
-                 "max_model_len", "mlfq_starvation_s", "mlfq_base_quantum_s", "mlfq_last_queue",
-                 "session_ttl_s"):
+                 "max_model_len", "mlfq_starvation_s", "mlfq_base_quantum_s", "mlfq_num_queues",
+                 "mlfq_last_queue", "session_ttl_s"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value

@@ -70,8 +70,12 @@ def _assert_same(outputs, reference):
         assert output.output_token_ids == expected, f"prompt {index} differs"
 
 
-def test_batched_greedy_equals_hf(llm_factory, prompt_ids, hf_reference):
-    llm = llm_factory()
+@pytest.mark.parametrize("dense_decode", [True, False], ids=["dense-decode", "gather"])
+def test_batched_greedy_equals_hf(llm_factory, prompt_ids, hf_reference, dense_decode):
+    # Both decode attention paths: the dense copy of decoding contexts (CPU default) and
+    # the gather from the paged cache (CUDA default).
+    llm = llm_factory(dense_decode_cache=dense_decode)
+    assert (llm.engine.runner.dense_decode is not None) == dense_decode
     outputs = llm.generate(prompt_ids, GREEDY, use_tqdm=False)
     # The prompts really differ in length, so the batch is ragged.
     assert len({len(ids) for ids in prompt_ids}) > 8

@@ -22,6 +22,7 @@ from lmfleet.worker.kv.manager import blocks_for_tokens
 from lmfleet.worker.kv.swapper import KVSwapper
 from lmfleet.worker.model.arch import ArchConfig
 from lmfleet.worker.model.attention.base import AttentionMetadata, KVCache
+from lmfleet.worker.model.attention.dense_decode import DenseDecodeCache, DenseDecodeStep
 from lmfleet.worker.model.attention.torch_ref import (
     TorchAttention,
     build_decode_mask,
@@ -87,8 +88,15 @@ class ModelRunner:
         # 0, which is only harmless if they hold finite values.
         self.kv_storage = torch.zeros((self.arch.num_layers, 2, self.num_blocks, *block_shape),
                                       dtype=self.dtype, device=self.device)
-        self.kv_caches = [KVCache(self.kv_storage[layer])
+        self.kv_caches = [KVCache(self.kv_storage[layer], layer)
                           for layer in range(self.arch.num_layers)]
+        use_dense = config.cache.dense_decode_cache
+        if use_dense is None:
+            use_dense = self.device.type == "cpu"
+        self.dense_decode = DenseDecodeCache(
+            self.arch.num_layers, self.arch.num_kv_heads, self.arch.head_dim, self.dtype,
+            self.device, max_bytes=self.num_blocks * self.kv_block_bytes,
+            max_slots=config.scheduler.max_num_seqs) if use_dense else None
         self.num_host_blocks = config.cache.host_kv_memory_bytes // self.kv_block_bytes
         self.swapper: Optional[KVSwapper] = None
         if self.num_host_blocks:
@@ -128,8 +136,11 @@ class ModelRunner:
         return num_blocks
 
     def release(self, request_id: str) -> None:
-        """Forget per-request state (its sampling generator) once it has finished."""
+        """Forget per-request state (its sampling generator, its dense KV copy) once it has
+        finished."""
         self._generators.pop(request_id, None)
+        if self.dense_decode is not None:
+            self.dense_decode.release(request_id)
 
     def _generator(self, request: Request) -> torch.Generator:
         generator = self._generators.get(request.request_id)
@@ -156,8 +167,14 @@ class ModelRunner:
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
         ordered = decodes + prefills
         input_ids, positions, slots, sample_rows = self._flatten(ordered)
-        metadata = self._metadata(decodes, prefills, slots)
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
+        metadata = self._metadata(decodes, prefills, slots, self._dense_decode_step(decodes))
+        try:
+            hidden = self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
+        except BaseException:
+            # Some layers may have written this step's tokens and others not.
+            if self.dense_decode is not None:
+                self.dense_decode.clear()
+            raise
         if not sample_rows:
             return {}
         rows = torch.tensor([row for row, _ in sample_rows], device=self.device)
@@ -198,8 +215,25 @@ class ModelRunner:
             table[i, :num] = item.request.block_ids[:num]
         return torch.from_numpy(table).to(self.device), seq_lens
 
+    def _dense_decode_step(self, decodes: list[ScheduledRequest]) -> Optional[DenseDecodeStep]:
+        if self.dense_decode is None:
+            return None
+        requests = [d.request for d in decodes]
+        return self.dense_decode.prepare(
+            [r.request_id for r in requests], [r.num_computed_tokens + 1 for r in requests],
+            [self._final_len_bound(r) for r in requests],
+            [r.block_ids for r in requests], self.kv_storage, self.block_size)
+
+    def _final_len_bound(self, request: Request) -> int:
+        """The most tokens a request can reach (a sizing hint for the dense cache)."""
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is None:
+            return self.max_model_len
+        return min(request.num_prompt_tokens + max_tokens, self.max_model_len)
+
     def _metadata(self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest],
-                  slots: torch.Tensor) -> AttentionMetadata:
+                  slots: torch.Tensor,
+                  dense_decode: Optional[DenseDecodeStep]) -> AttentionMetadata:
         decode_tables, decode_lens = self._block_tables(decodes)
         prefill_tables, prefill_lens = self._block_tables(prefills)
         query_lens = [s.num_new_tokens for s in prefills]
@@ -233,4 +267,5 @@ class ModelRunner:
             prefill_query_mask=prefill_query_mask,
             prefill_mask=build_prefill_mask(prefill_seq_lens, prefill_query_mask,
                                             max_prefill_len),
+            dense_decode=dense_decode,
         )

@@ -6,7 +6,8 @@ prefill chunks. `AttentionMetadata` says where each token's K/V goes in the page
 
 Contract of `AttentionBackend.forward(q, k, v, kv_cache, metadata)`:
 - q (T, num_heads, head_dim); k, v (T, num_kv_heads, head_dim), rotary already applied.
-- It first writes k, v into `kv_cache` at `slot_mapping`, then returns the attention
+- It first writes k, v into `kv_cache` at `slot_mapping` (and, with `dense_decode`, the
+  decode rows' k, v into the dense cache too), then returns the attention
   output (T, num_heads, head_dim): each query attends causally to its own request's
   tokens [0, position] (the cached context plus this step's tokens before it).
 """
@@ -15,8 +16,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from lmfleet.worker.model.attention.dense_decode import DenseDecodeStep
 
 
 @dataclass
@@ -25,6 +29,7 @@ class KVCache:
     of `stacked` (2, num_blocks, block_size, kv_heads, D) so both move in one op."""
 
     stacked: torch.Tensor
+    layer_index: int
 
     @property
     def key(self) -> torch.Tensor:
@@ -59,6 +64,8 @@ class AttentionMetadata:
     prefill_query_mask: torch.Tensor  # (Bp, max_query_len) bool
     # (Bp, 1, max_query_len, max_seq_len) causal mask with each request's offset.
     prefill_mask: torch.Tensor
+    # The decode rows' contexts held contiguously (dense_decode.py); None: gather them.
+    dense_decode: Optional[DenseDecodeStep] = None
 
     @property
     def num_prefills(self) -> int:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lmfleet.worker.model.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from lmfleet.worker.model.attention.dense_decode import DenseDecodeStep
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor):
@@ -50,6 +51,29 @@ def build_prefill_mask(seq_lens: torch.Tensor, query_mask: torch.Tensor,
     return mask[:, None]
 
 
+def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           step: DenseDecodeStep, layer: int, scale: float) -> torch.Tensor:
+    """Decode rows q (Bd, Hq, D), k, v (Bd, Hkv, D) over the dense cache -> (Bd, Hq, D)."""
+    storage = step.storage[layer]  # (2, S, Hkv, capacity, D)
+    # Indices on dims 1 and 3 with a slice between: the indexed view is (Bd, 2, Hkv, D).
+    storage[:, step.slots, :, step.positions] = torch.stack((k, v), dim=1)
+    num_rows, num_heads, head_dim = q.shape
+    num_slots, num_kv_heads = storage.shape[1], storage.shape[2]
+    grouped = q.reshape(num_rows, num_kv_heads, -1, head_dim)  # (Bd, Hkv, Hq / Hkv, D)
+    if step.rows_are_slots:
+        slot_q = grouped
+    else:
+        slot_q = grouped.new_zeros((num_slots, *grouped.shape[1:]))  # (S, Hkv, Hq / Hkv, D)
+        slot_q[step.slots] = grouped
+    attn = F.scaled_dot_product_attention(
+        slot_q, storage[0, :, :, :step.length], storage[1, :, :, :step.length],
+        attn_mask=step.mask, scale=scale,
+    )  # (S, Hkv, Hq / Hkv, D)
+    if not step.rows_are_slots:
+        attn = attn[step.slots]
+    return attn.reshape(num_rows, num_heads, head_dim)
+
+
 class TorchAttention(AttentionBackend):
     name = "torch"
 
@@ -58,7 +82,11 @@ class TorchAttention(AttentionBackend):
         write_kv(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty_like(q)  # (T, Hq, D)
         num_decode = metadata.num_decode_tokens
-        if num_decode:
+        if num_decode and metadata.dense_decode is not None:
+            out[:num_decode] = dense_decode_attention(
+                q[:num_decode], k[:num_decode], v[:num_decode], metadata.dense_decode,
+                kv_cache.layer_index, scale)
+        elif num_decode:
             max_len = metadata.decode_mask.shape[-1]
             keys, values = gather_context(kv_cache, metadata.decode_block_tables, max_len)
             num_kv_heads = keys.shape[1]
