@@ -136,7 +136,9 @@ class SchedulerConfig:
     # reaches the last queue after ~4095 base quanta (about that many decode steps), so
     # output lengths up to a few thousand tokens keep being told apart (least attained
     # service first); with 8, everything past ~255 steps shared one FCFS queue, which on
-    # heavy-tailed lengths put short-ish long jobs behind giant ones (benchmarks/scheduling).
+    # heavy-tailed lengths put short-ish long jobs behind giant ones. When long outputs are
+    # all of one size, 8 is better: levels then only make alike jobs take turns
+    # (benchmarks/scheduling.py and README measure both).
     mlfq_num_queues: int = 12
     mlfq_base_quantum_s: Optional[float] = None
     # A job that has not run for this long is promoted to the top queue (FastServe: 3 s).
