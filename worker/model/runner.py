@@ -28,7 +28,6 @@ from lmfleet.worker.model.attention.torch_ref import (
     build_decode_mask,
     build_prefill_mask,
 )
-from lmfleet.worker.model.cpu_allocator import keep_freed_memory
 from lmfleet.worker.model.cpu_linear import transpose_linears
 from lmfleet.worker.model.loader import load_model
 from lmfleet.worker.model.sampler import SamplingBatch, sample
@@ -77,7 +76,6 @@ class ModelRunner:
         self.model = load_model(model_dir, max_len, self.dtype, self.device)
         if self.device.type == "cpu":
             transpose_linears(self.model)
-            keep_freed_memory()
         self.num_blocks = self._num_kv_blocks(max_len)
         # A lone request must always fit, so the context is capped by the KV capacity.
         self.max_model_len = min(max_len, self.num_blocks * self.block_size)
