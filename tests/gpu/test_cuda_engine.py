@@ -58,6 +58,10 @@ def test_cuda_float32_equals_cpu_and_hf(model_dir, prompts):
     cpu = run_engine(model_dir, prompts, 16, device="cpu", dtype="float32")
     cuda = run_engine(model_dir, prompts, 16, device="cuda", dtype="float32")
     assert cuda == cpu
+    # CPU decodes read the dense decode cache by default, CUDA gathers; both ways on CUDA.
+    dense = run_engine(model_dir, prompts, 16, device="cuda", dtype="float32",
+                       dense_decode_cache=True)
+    assert dense == cpu
     # Preemption and chunking on CUDA too.
     squeezed = run_engine(model_dir, prompts, 16, device="cuda", dtype="float32",
                           num_kv_blocks=12, max_num_batched_tokens=24)
