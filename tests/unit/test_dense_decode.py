@@ -52,24 +52,31 @@ def test_first_decode_copies_the_context_and_later_steps_append_only():
     assert step.storage[:, :, 0, :, :2].ne(0).any()
 
 
-def test_a_request_absent_for_a_step_loses_its_slot_and_is_copied_afresh():
+def test_slots_stay_packed_as_requests_leave_and_return():
     paged, cache = paged_storage(), new_cache()
     cache.prepare(["a", "b", "c"], [2, 2, 2], [2, 2, 2], [[0], [1], [2]], paged, BLOCK_SIZE)
+    c_tokens = tokens_of(paged, [2], 1)
     step = cache.prepare(["c", "a"], [3, 3], [3, 3], [[2, 3], [0, 4]], paged, BLOCK_SIZE)
-    # b left: its slot is free; rows keep their slots, in row order.
-    assert step.slots.tolist() == [2, 0] and cache.stored == [3, 0, 3]
-    assert not step.rows_are_slots
-    assert step.mask[1, 0, 0].tolist() == [True, False, False]  # a free slot sees key 0
-    # b comes back (e.g. after a preemption) and d arrives: lowest free slot first, then a
-    # new one (slots double, 3 -> 6); both copied from the paged cache.
+    # b left; c moved from slot 2 into b's slot 1, so attention reads slots 0-1 only.
+    assert cache.slot_of == {"a": 0, "c": 1} and cache.stored == [3, 3, 0]
+    assert step.slots.tolist() == [1, 0] and not step.rows_are_slots
+    assert torch.equal(step.storage[:, :, 1, :, :1], c_tokens)
+    assert step.mask.shape == (2, 1, 1, 3)
+    # b comes back (e.g. after a preemption) and d arrives: they take the next slots
+    # (slots double, 3 -> 6) and are copied from the paged cache.
     step = cache.prepare(["a", "c", "b", "d"], [4, 4, 3, 2], [4, 4, 3, 2],
                          [[0, 4], [2, 3], [1, 6], [7]], paged, BLOCK_SIZE)
-    assert step.slots.tolist() == [0, 2, 1, 3] and cache.stored == [4, 3, 4, 2, 0, 0]
-    assert torch.equal(step.storage[:, :, 1, :, :2], tokens_of(paged, [1], 2))
+    assert step.slots.tolist() == [0, 1, 2, 3] and step.rows_are_slots
+    assert cache.stored == [4, 4, 3, 2, 0, 0] and cache.num_slots == 6
+    assert torch.equal(step.storage[:, :, 2, :, :2], tokens_of(paged, [1], 2))
     assert torch.equal(step.storage[:, :, 3, :, :1], tokens_of(paged, [7], 1))
-    # Finished requests are released by the runner.
+    # A finished request is released by the runner; the last slot fills its place.
+    step.storage[:, :, 3, :, 1] = -1.0  # d's token from the forward pass
     cache.release("c")
-    assert cache.stored == [4, 3, 0, 2, 0, 0] and "c" not in cache.slot_of
+    step = cache.prepare(["a", "b", "d"], [5, 4, 3], [5, 4, 3], [[0, 4, 5], [1, 6], [7, 2]],
+                         paged, BLOCK_SIZE)
+    assert cache.slot_of == {"a": 0, "b": 2, "d": 1} and cache.stored == [5, 3, 4, 0, 0, 0]
+    assert (step.storage[:, :, 1, :, 1] == -1.0).all()
 
 
 def test_growth_in_slots_and_capacity_keeps_what_slots_hold():

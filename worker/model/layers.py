@@ -103,5 +103,7 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, H)
         gate_up = self.gate_up_proj(x)  # (T, 2I)
-        gate, up = gate_up.split(self.intermediate_size, dim=-1)  # (T, I) each
-        return self.down_proj(F.silu(gate) * up)  # (T, H)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)  # (T, I) views each
+        # In place in gate_up's first half: the same values as silu(gate) * up, with no
+        # (T, I) temporaries (large for prefills); down_proj reads the strided view.
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # (T, H)

@@ -53,8 +53,10 @@ class DecoderLayer(nn.Module):
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.mlp_bias)
 
     def forward(self, x, cos, sin, kv_cache, metadata, backend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, metadata, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))  # (T, H)
+        # The residual stream is this model's own tensor (from the embedding), so it is
+        # updated in place: the same sums, without a fresh (T, H) tensor per add.
+        x.add_(self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, metadata, backend))
+        return x.add_(self.mlp(self.post_attention_layernorm(x)))  # (T, H)
 
 
 class LlamaModel(nn.Module):

@@ -22,9 +22,10 @@ Contract:
   slow; so capacity is sized from each request's known upper bound (prompt + max_tokens)
   when that fits, and slots grow by doubling up to `max_slots`.
 
-Layout: one tensor (layers, 2, slots, kv_heads, capacity, D). Attention runs over every
-slot at once (a free slot sees key 0 only and its row is discarded), so a request joining
-or leaving moves no other request's data.
+Layout: one tensor (layers, 2, slots, kv_heads, capacity, D). The slots in use are kept
+packed at the front: when a request leaves, the one in the highest slot moves into its
+place (one request's copy), so attention reads exactly the decoding requests' slots, never
+idle ones, however many slots an earlier burst allocated.
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ CAPACITY_STEP = 16
 class DenseDecodeStep:
     """One step's view of the dense cache, read by every layer's decode attention."""
 
-    storage: torch.Tensor  # (layers, 2, S, kv_heads, capacity, D)
-    slots: torch.Tensor  # (Bd,) int64 slot of each decode row
+    storage: torch.Tensor  # (layers, 2, S, kv_heads, capacity, D); rows use slots [0, Bd)
+    slots: torch.Tensor  # (Bd,) int64 slot of each decode row, a permutation of [0, Bd)
     positions: torch.Tensor  # (Bd,) int64 where each row's new token goes (seq_len - 1)
-    mask: torch.Tensor  # (S, 1, 1, L) bool: keys each slot may see
+    mask: torch.Tensor  # (Bd, 1, 1, L) bool: keys each slot may see, in slot order
     length: int  # L: keys read per slot (the longest decode context)
-    rows_are_slots: bool  # slots == arange(Bd) and Bd == S: no scatter/gather of queries
+    rows_are_slots: bool  # slots == arange(Bd): no reordering of queries and outputs
 
 
 class DenseDecodeCache:
@@ -94,6 +95,7 @@ class DenseDecodeCache:
         decoding = set(request_ids)
         for request_id in [r for r in self.slot_of if r not in decoding]:
             self.release(request_id)
+        self._pack()
         if not request_ids:
             return None
         if not self._ensure_size(len(request_ids), max(seq_lens), max(final_lens)):
@@ -103,23 +105,34 @@ class DenseDecodeCache:
         for request_id, seq_len, table in zip(request_ids, seq_lens, block_tables, strict=True):
             slot = self.slot_of.get(request_id)
             if slot is None:
-                slot = self.stored.index(0)
+                slot = len(self.slot_of)  # the first slot past the packed ones
                 self.slot_of[request_id] = slot
             if self.stored[slot] != seq_len - 1:
                 self._copy_from_paged(slot, table, seq_len - 1, paged, block_size)
             self.stored[slot] = seq_len  # the forward pass writes token seq_len - 1
             slots.append(slot)
-        visible = torch.tensor([max(n, 1) for n in self.stored], device=self.device)  # (S,)
+        visible = torch.tensor(self.stored[:len(slots)], device=self.device)  # (Bd,)
         length = max(seq_lens)
         keys = torch.arange(length, device=self.device)  # (L,)
-        mask = (keys[None, :] < visible[:, None])[:, None, None, :]  # (S, 1, 1, L)
+        mask = (keys[None, :] < visible[:, None])[:, None, None, :]  # (Bd, 1, 1, L)
         return DenseDecodeStep(
             storage=self.storage,
             slots=torch.tensor(slots, dtype=torch.int64, device=self.device),
             positions=torch.tensor([n - 1 for n in seq_lens], dtype=torch.int64,
                                    device=self.device),
             mask=mask, length=length,
-            rows_are_slots=slots == list(range(self.num_slots)))
+            rows_are_slots=slots == list(range(len(slots))))
+
+    def _pack(self) -> None:
+        """Move the requests in slots past the packed prefix into its free slots."""
+        packed = len(self.slot_of)
+        free = [slot for slot in range(packed) if self.stored[slot] == 0]
+        outside = [(r, slot) for r, slot in self.slot_of.items() if slot >= packed]
+        for target, (request_id, source) in zip(free, outside, strict=True):
+            held = self.stored[source]
+            self.storage[:, :, target, :, :held] = self.storage[:, :, source, :, :held]
+            self.slot_of[request_id] = target
+            self.stored[target], self.stored[source] = held, 0
 
     def _ensure_size(self, num_rows: int, length: int, final_length: int) -> bool:
         if num_rows <= self.num_slots and length <= self.capacity:
@@ -128,7 +141,9 @@ class DenseDecodeCache:
         if num_rows > num_slots:
             num_slots = max(num_rows, min(2 * num_slots, self.max_slots))
         round_up = lambda n: -(-n // CAPACITY_STEP) * CAPACITY_STEP  # noqa: E731
-        for capacity in (round_up(max(final_length, length)), round_up(length)):
+        # The known bound first; else double (so growth stays rare); else just enough.
+        for capacity in (round_up(max(final_length, length)),
+                         round_up(max(2 * self.capacity, length)), round_up(length)):
             capacity = max(capacity, self.capacity)
             if num_slots * capacity * self.token_bytes <= self.max_bytes:
                 break

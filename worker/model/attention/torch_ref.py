@@ -54,21 +54,21 @@ def build_prefill_mask(seq_lens: torch.Tensor, query_mask: torch.Tensor,
 def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            step: DenseDecodeStep, layer: int, scale: float) -> torch.Tensor:
     """Decode rows q (Bd, Hq, D), k, v (Bd, Hkv, D) over the dense cache -> (Bd, Hq, D)."""
-    storage = step.storage[layer]  # (2, S, Hkv, capacity, D)
+    num_rows, num_heads, head_dim = q.shape
+    storage = step.storage[layer, :, :num_rows]  # (2, Bd, Hkv, capacity, D): slots in use
     # Indices on dims 1 and 3 with a slice between: the indexed view is (Bd, 2, Hkv, D).
     storage[:, step.slots, :, step.positions] = torch.stack((k, v), dim=1)
-    num_rows, num_heads, head_dim = q.shape
-    num_slots, num_kv_heads = storage.shape[1], storage.shape[2]
+    num_kv_heads = storage.shape[2]
     grouped = q.reshape(num_rows, num_kv_heads, -1, head_dim)  # (Bd, Hkv, Hq / Hkv, D)
     if step.rows_are_slots:
         slot_q = grouped
     else:
-        slot_q = grouped.new_zeros((num_slots, *grouped.shape[1:]))  # (S, Hkv, Hq / Hkv, D)
+        slot_q = torch.empty_like(grouped)  # (Bd, Hkv, Hq / Hkv, D) in slot order
         slot_q[step.slots] = grouped
     attn = F.scaled_dot_product_attention(
         slot_q, storage[0, :, :, :step.length], storage[1, :, :, :step.length],
         attn_mask=step.mask, scale=scale,
-    )  # (S, Hkv, Hq / Hkv, D)
+    )  # (Bd, Hkv, Hq / Hkv, D) in slot order
     if not step.rows_are_slots:
         attn = attn[step.slots]
     return attn.reshape(num_rows, num_heads, head_dim)
