@@ -58,6 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="MLFQ: number of queues; quanta double per level (default 12)")
     p.add_argument("--mlfq-last-queue", default=None, choices=("fcfs", "round_robin"),
                    help="MLFQ: order of the last queue's (long) jobs (default fcfs)")
+    p.add_argument("--dense-decode-cache", default="auto", choices=("auto", "on", "off"),
+                   help="also keep decoding requests' KV contiguous, read in place by "
+                   "decode attention (auto: on for CPU, off for CUDA)")
     p.add_argument("--session-ttl-s", type=float, default=None, metavar="S",
                    help="keep an idle chat session's KV this long (default 600)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
@@ -115,6 +118,8 @@ def engine_options(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None:
             options[name] = value
+    if args.dense_decode_cache != "auto":
+        options["dense_decode_cache"] = args.dense_decode_cache == "on"
     if args.host_kv_memory is not None:
         from lmfleet.worker.config import parse_size
 

@@ -97,3 +97,16 @@ def test_parser_registers_each_subcommand():
     args = parser.parse_args(["convert", "--gguf", "a.gguf", "--out", "d"])
     assert args.func is cli._cmd_convert and args.gguf == "a.gguf" and args.out == "d"
     assert parser.parse_args(["models"]).func is cli._cmd_models
+
+
+def test_worker_dense_decode_cache_flag_maps_to_the_engine_option():
+    from lmfleet.cluster.commands.worker import engine_options, parse_worker_argv
+
+    def options(*flags: str) -> dict:
+        return engine_options(parse_worker_argv(["--port", "0", *flags]))
+
+    assert "dense_decode_cache" not in options()
+    assert options("--dense-decode-cache", "on")["dense_decode_cache"] is True
+    assert options("--dense-decode-cache", "off")["dense_decode_cache"] is False
+    with pytest.raises(ValueError, match="dense-decode-cache"):
+        options("--dense-decode-cache", "sometimes")
