@@ -41,6 +41,12 @@ LONG_THRESHOLD = 64
 LONG_DISTRIBUTIONS = ("pareto", "uniform")
 
 
+def uniform_length(bounds: tuple[int, int], uniform: float) -> int:
+    """The integer uniform on [low, high] at quantile `uniform` in [0, 1)."""
+    low, high = bounds
+    return low + int(uniform * (high - low + 1))
+
+
 @dataclass(frozen=True)
 class WorkloadSpec:
     short_fraction: float = 0.8
@@ -61,7 +67,7 @@ class WorkloadSpec:
         """The long output length at quantile `uniform` in [0, 1) (inverse CDF)."""
         low, high = self.long_output
         if self.long_distribution == "uniform":
-            return low + int(uniform * (high - low + 1))
+            return uniform_length(self.long_output, uniform)
         # Bounded Pareto on [low, high]: F(x) = (1 - (low/x)^a) / (1 - (low/high)^a).
         tail = 1 - (low / high) ** self.pareto_alpha
         return min(int(low / (1 - uniform * tail) ** (1 / self.pareto_alpha)), high)
@@ -104,9 +110,8 @@ def make_jobs(spec: WorkloadSpec, num_jobs: int, rate_per_s: float, seed: int) -
     for index in range(num_jobs):
         short = rng.random() < spec.short_fraction
         length_draw = rng.random()
-        output_len = (spec.short_output[0] + int(length_draw * (
-            spec.short_output[1] - spec.short_output[0] + 1)) if short
-            else spec.long_length(length_draw))
+        output_len = (uniform_length(spec.short_output, length_draw) if short
+                      else spec.long_length(length_draw))
         jobs.append(Job(f"r{index}", now, rng.randint(*spec.prompt_len), output_len))
         now += rng.expovariate(rate_per_s)
     return jobs

@@ -234,7 +234,10 @@ class ModelRunner:
     def _metadata(self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest],
                   slots: torch.Tensor,
                   dense_decode: Optional[DenseDecodeStep]) -> AttentionMetadata:
-        decode_tables, decode_lens = self._block_tables(decodes)
+        # Block tables and a mask for decodes only serve the gather path; with the dense
+        # copy they stay empty (a per-step Python loop over every decode saved).
+        gathered = decodes if dense_decode is None else []
+        decode_tables, decode_lens = self._block_tables(gathered)
         prefill_tables, prefill_lens = self._block_tables(prefills)
         query_lens = [s.num_new_tokens for s in prefills]
         max_query = max(query_lens, default=1)
