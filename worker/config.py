@@ -98,9 +98,14 @@ class CacheConfig:
     # sessions (least recently used dropped first).
     session_ttl_s: float = 600.0
     max_sessions: int = 256
+    # CPU decode attention by a C kernel that reads the paged cache in place
+    # (attention/paged_decode.c, built on first use with the system C compiler). None: on
+    # for CPU float32 when it builds here, else the torch path.
+    cpu_decode_kernel: Optional[bool] = None
     # Keep decoding requests' KV also contiguous (attention/dense_decode.py), at most as
-    # much memory again as the paged cache. None: on for CPU, where gathering the context
-    # every layer is a large share of a decode step; off for CUDA.
+    # much memory again as the paged cache. None: on for CPU when the decode kernel is not
+    # in use (gathering the context every layer is a large share of a CPU decode step);
+    # off for CUDA.
     dense_decode_cache: Optional[bool] = None
 
     def __post_init__(self) -> None:

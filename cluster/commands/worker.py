@@ -61,6 +61,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dense-decode-cache", default="auto", choices=("auto", "on", "off"),
                    help="also keep decoding requests' KV contiguous, read in place by "
                    "decode attention (auto: on for CPU, off for CUDA)")
+    p.add_argument("--cpu-decode-kernel", default="auto", choices=("auto", "on", "off"),
+                   help="CPU decode attention by a C kernel reading the paged KV cache in "
+                   "place, built on first use (auto: on for CPU float32 where it builds)")
     p.add_argument("--session-ttl-s", type=float, default=None, metavar="S",
                    help="keep an idle chat session's KV this long (default 600)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
@@ -118,8 +121,9 @@ def engine_options(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None:
             options[name] = value
-    if args.dense_decode_cache != "auto":
-        options["dense_decode_cache"] = args.dense_decode_cache == "on"
+    for name in ("dense_decode_cache", "cpu_decode_kernel"):  # auto: the engine decides
+        if getattr(args, name) != "auto":
+            options[name] = getattr(args, name) == "on"
     if args.host_kv_memory is not None:
         from lmfleet.worker.config import parse_size
 

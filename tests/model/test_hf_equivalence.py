@@ -70,12 +70,22 @@ def _assert_same(outputs, reference):
         assert output.output_token_ids == expected, f"prompt {index} differs"
 
 
-@pytest.mark.parametrize("dense_decode", [True, False], ids=["dense-decode", "gather"])
-def test_batched_greedy_equals_hf(llm_factory, prompt_ids, hf_reference, dense_decode):
-    # Both decode attention paths: the dense copy of decoding contexts (CPU default) and
-    # the gather from the paged cache (CUDA default).
-    llm = llm_factory(dense_decode_cache=dense_decode)
-    assert (llm.engine.runner.dense_decode is not None) == dense_decode
+DECODE_PATHS = {
+    # The C kernel reading the paged cache in place (the CPU default where it builds).
+    "kernel": dict(cpu_decode_kernel=True, dense_decode_cache=False),
+    # The dense copy of decoding contexts (the CPU default without the kernel).
+    "dense-decode": dict(cpu_decode_kernel=False, dense_decode_cache=True),
+    # Gathering from the paged cache (the CUDA default).
+    "gather": dict(cpu_decode_kernel=False, dense_decode_cache=False),
+}
+
+
+@pytest.mark.parametrize("path", DECODE_PATHS)
+def test_batched_greedy_equals_hf(llm_factory, prompt_ids, hf_reference, path):
+    llm = llm_factory(**DECODE_PATHS[path])
+    runner = llm.engine.runner
+    assert (runner.dense_decode is not None) == (path == "dense-decode")
+    assert (runner.backend.cpu_decode_kernel is not None) == (path == "kernel")
     outputs = llm.generate(prompt_ids, GREEDY, use_tqdm=False)
     # The prompts really differ in length, so the batch is ragged.
     assert len({len(ids) for ids in prompt_ids}) > 8

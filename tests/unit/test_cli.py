@@ -99,14 +99,17 @@ def test_parser_registers_each_subcommand():
     assert parser.parse_args(["models"]).func is cli._cmd_models
 
 
-def test_worker_dense_decode_cache_flag_maps_to_the_engine_option():
+@pytest.mark.parametrize("option", ["dense_decode_cache", "cpu_decode_kernel"])
+def test_worker_auto_on_off_flags_map_to_engine_options(option):
     from lmfleet.cluster.commands.worker import engine_options, parse_worker_argv
+
+    flag = "--" + option.replace("_", "-")
 
     def options(*flags: str) -> dict:
         return engine_options(parse_worker_argv(["--port", "0", *flags]))
 
-    assert "dense_decode_cache" not in options()
-    assert options("--dense-decode-cache", "on")["dense_decode_cache"] is True
-    assert options("--dense-decode-cache", "off")["dense_decode_cache"] is False
-    with pytest.raises(ValueError, match="dense-decode-cache"):
-        options("--dense-decode-cache", "sometimes")
+    assert option not in options()
+    assert options(flag, "on")[option] is True
+    assert options(flag, "off")[option] is False
+    with pytest.raises(ValueError, match=flag[2:]):
+        options(flag, "sometimes")

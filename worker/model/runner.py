@@ -22,6 +22,7 @@ from lmfleet.worker.kv.manager import blocks_for_tokens
 from lmfleet.worker.kv.swapper import KVSwapper
 from lmfleet.worker.model.arch import ArchConfig
 from lmfleet.worker.model.attention.base import AttentionMetadata, KVCache
+from lmfleet.worker.model.attention.cpu_kernel import PagedDecodeKernel, load_paged_decode_kernel
 from lmfleet.worker.model.attention.dense_decode import DenseDecodeCache, DenseDecodeStep
 from lmfleet.worker.model.attention.torch_ref import (
     TorchAttention,
@@ -29,6 +30,7 @@ from lmfleet.worker.model.attention.torch_ref import (
     build_prefill_mask,
 )
 from lmfleet.worker.model.cpu_linear import transpose_linears
+from lmfleet.worker.model.default_model import cache_dir
 from lmfleet.worker.model.loader import load_model
 from lmfleet.worker.model.sampler import SamplingBatch, sample
 from lmfleet.worker.request import Request, TokenLogprobs
@@ -90,9 +92,10 @@ class ModelRunner:
                                       dtype=self.dtype, device=self.device)
         self.kv_caches = [KVCache(self.kv_storage[layer], layer)
                           for layer in range(self.arch.num_layers)]
+        self.backend = TorchAttention(self._load_cpu_decode_kernel())
         use_dense = config.cache.dense_decode_cache
         if use_dense is None:
-            use_dense = self.device.type == "cpu"
+            use_dense = self.device.type == "cpu" and self.backend.cpu_decode_kernel is None
         self.dense_decode = DenseDecodeCache(
             self.arch.num_layers, self.arch.num_kv_heads, self.arch.head_dim, self.dtype,
             self.device, max_bytes=self.num_blocks * self.kv_block_bytes,
@@ -105,8 +108,20 @@ class ModelRunner:
                 pin_memory=self.device.type == "cuda")
             self.swapper = KVSwapper(self.kv_storage, host_storage,
                                      overlap=config.cache.swap_overlap)
-        self.backend = TorchAttention()
         self._generators: dict[str, torch.Generator] = {}
+
+    def _load_cpu_decode_kernel(self) -> Optional[PagedDecodeKernel]:
+        wanted = self.config.cache.cpu_decode_kernel
+        usable = self.device.type == "cpu" and self.dtype == torch.float32
+        if wanted is False or (wanted is None and not usable):
+            return None
+        if not usable:
+            raise ValueError("cpu_decode_kernel=True needs device='cpu' and dtype float32")
+        kernel = load_paged_decode_kernel(cache_dir() / "kernels")
+        if kernel is None and wanted:
+            raise ValueError("cpu_decode_kernel=True but the kernel could not be built here "
+                             "(a C compiler with OpenMP is needed; see the log)")
+        return kernel
 
     @property
     def kv_block_bytes(self) -> int:

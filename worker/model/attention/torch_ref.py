@@ -7,10 +7,13 @@ mask; decodes and prefills are two batched groups, so there is no loop over requ
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 from lmfleet.worker.model.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from lmfleet.worker.model.attention.cpu_kernel import PagedDecodeKernel
 from lmfleet.worker.model.attention.dense_decode import DenseDecodeStep
 
 
@@ -75,7 +78,13 @@ def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 class TorchAttention(AttentionBackend):
+    """With a `cpu_decode_kernel`, float32 CPU decode rows attend through it, reading the
+    paged cache in place; else through the dense copy or by gathering."""
+
     name = "torch"
+
+    def __init__(self, cpu_decode_kernel: Optional[PagedDecodeKernel] = None) -> None:
+        self.cpu_decode_kernel = cpu_decode_kernel
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -86,6 +95,10 @@ class TorchAttention(AttentionBackend):
             out[:num_decode] = dense_decode_attention(
                 q[:num_decode], k[:num_decode], v[:num_decode], metadata.dense_decode,
                 kv_cache.layer_index, scale)
+        elif num_decode and self.cpu_decode_kernel is not None \
+                and self.cpu_decode_kernel.supports(q):
+            self.cpu_decode_kernel(q[:num_decode], kv_cache.stacked, metadata.decode_block_tables,
+                                   metadata.decode_seq_lens, out[:num_decode], scale)
         elif num_decode:
             max_len = metadata.decode_mask.shape[-1]
             keys, values = gather_context(kv_cache, metadata.decode_block_tables, max_len)
