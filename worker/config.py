@@ -64,6 +64,11 @@ class ModelConfig:
     device: str = "cpu"
     # None: the model's max_position_embeddings (capped by a sliding window if any).
     max_model_len: Optional[int] = None
+    # C kernels for CPU float32, built on first use with the system C compiler: decode
+    # attention reading the paged cache in place (attention/paged_decode.c) and the fused
+    # residual-add + RMSNorm and rotary + KV-store steps (cpu_ops.c). None: on where they
+    # build (CPU float32), else the torch ops. True where they cannot run is an error.
+    cpu_kernels: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -98,10 +103,6 @@ class CacheConfig:
     # sessions (least recently used dropped first).
     session_ttl_s: float = 600.0
     max_sessions: int = 256
-    # CPU decode attention by a C kernel that reads the paged cache in place
-    # (attention/paged_decode.c, built on first use with the system C compiler). None: on
-    # for CPU float32 when it builds here, else the torch path.
-    cpu_decode_kernel: Optional[bool] = None
     # Keep decoding requests' KV also contiguous (attention/dense_decode.py), at most as
     # much memory again as the paged cache. None: on for CPU when the decode kernel is not
     # in use (gathering the context every layer is a large share of a CPU decode step);

@@ -61,9 +61,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dense-decode-cache", default="auto", choices=("auto", "on", "off"),
                    help="also keep decoding requests' KV contiguous, read in place by "
                    "decode attention (auto: on for CPU, off for CUDA)")
-    p.add_argument("--cpu-decode-kernel", default="auto", choices=("auto", "on", "off"),
-                   help="CPU decode attention by a C kernel reading the paged KV cache in "
-                   "place, built on first use (auto: on for CPU float32 where it builds)")
+    p.add_argument("--cpu-kernels", default="auto", choices=("auto", "on", "off"),
+                   help="C kernels for CPU float32 (decode attention over the paged KV "
+                   "cache, fused norm and rotary steps), built on first use with the system "
+                   "C compiler (auto: on where they build)")
     p.add_argument("--session-ttl-s", type=float, default=None, metavar="S",
                    help="keep an idle chat session's KV this long (default 600)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
@@ -121,7 +122,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None:
             options[name] = value
-    for name in ("dense_decode_cache", "cpu_decode_kernel"):  # auto: the engine decides
+    for name in ("dense_decode_cache", "cpu_kernels"):  # auto: the engine decides
         if getattr(args, name) != "auto":
             options[name] = getattr(args, name) == "on"
     if args.host_kv_memory is not None:

@@ -213,9 +213,9 @@ def test_unknown_model_raises_value_error(model, message):
         LLM(model)
 
 
-def test_decode_kernel_asked_for_where_it_cannot_run_raises_value_error(default_model_dir):
-    with pytest.raises(ValueError, match="cpu_decode_kernel=True needs device='cpu' and dtype"):
-        LLM(str(default_model_dir), dtype="bfloat16", cpu_decode_kernel=True)
+def test_cpu_kernels_asked_for_where_they_cannot_run_raise_value_error(default_model_dir):
+    with pytest.raises(ValueError, match="cpu_kernels=True needs device='cpu' and dtype"):
+        LLM(str(default_model_dir), dtype="bfloat16", cpu_kernels=True)
 
 
 # ---- abort and block accounting -----------------------------------------------------------

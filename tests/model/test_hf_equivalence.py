@@ -72,11 +72,11 @@ def _assert_same(outputs, reference):
 
 DECODE_PATHS = {
     # The C kernel reading the paged cache in place (the CPU default where it builds).
-    "kernel": dict(cpu_decode_kernel=True, dense_decode_cache=False),
+    "kernel": dict(cpu_kernels=True, dense_decode_cache=False),
     # The dense copy of decoding contexts (the CPU default without the kernel).
-    "dense-decode": dict(cpu_decode_kernel=False, dense_decode_cache=True),
+    "dense-decode": dict(cpu_kernels=False, dense_decode_cache=True),
     # Gathering from the paged cache (the CUDA default).
-    "gather": dict(cpu_decode_kernel=False, dense_decode_cache=False),
+    "gather": dict(cpu_kernels=False, dense_decode_cache=False),
 }
 
 

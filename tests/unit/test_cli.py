@@ -99,7 +99,7 @@ def test_parser_registers_each_subcommand():
     assert parser.parse_args(["models"]).func is cli._cmd_models
 
 
-@pytest.mark.parametrize("option", ["dense_decode_cache", "cpu_decode_kernel"])
+@pytest.mark.parametrize("option", ["dense_decode_cache", "cpu_kernels"])
 def test_worker_auto_on_off_flags_map_to_engine_options(option):
     from lmfleet.cluster.commands.worker import engine_options, parse_worker_argv
 

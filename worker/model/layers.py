@@ -19,8 +19,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.cpu_ops = None  # fused CPU ops, set by cpu_ops.fuse_cpu_ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, H)
+    def forward(self, x: torch.Tensor, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (T, H) -> normalized (T, H). With delta (T, H), x += delta in place first: the
+        residual add that precedes every norm, fused with it."""
+        if self.cpu_ops is not None and self.cpu_ops.supports(x):
+            return self.cpu_ops.add_rms_norm(x, delta, self.weight, self.eps)
+        if delta is not None:
+            x.add_(delta)
         input_dtype = x.dtype
         x = x.to(torch.float32)
         variance = x.pow(2).mean(-1, keepdim=True)  # (T, 1)

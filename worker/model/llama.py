@@ -28,19 +28,28 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=arch.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=arch.o_bias)
+        self.cpu_ops = None  # fused CPU ops, set by cpu_ops.fuse_cpu_ops
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache, metadata: AttentionMetadata,
                 backend: AttentionBackend) -> torch.Tensor:  # x (T, H)
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, q_size + 2 kv_size)
-        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # q and k rotate in one call: the rotation is per head, so stacking heads is exact.
-        qk = apply_rotary(qk.view(num_tokens, self.num_heads + self.num_kv_heads,
-                                  self.head_dim), cos, sin)  # (T, Hq + Hkv, D)
+        fused = self.cpu_ops is not None and self.cpu_ops.supports(qkv)
+        if fused:  # rotates q, k in place and stores k, v in the cache, in one pass
+            self.cpu_ops.rotary_store_kv(qkv, cos, sin, self.num_heads, self.num_kv_heads,
+                                         kv_cache.stacked, metadata.slot_mapping)
+            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            qk = qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        else:
+            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            # q and k rotate in one call: the rotation is per head, so stacking is exact.
+            qk = apply_rotary(qk.view(num_tokens, self.num_heads + self.num_kv_heads,
+                                      self.head_dim), cos, sin)  # (T, Hq + Hkv, D)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = backend.forward(q, k, v, kv_cache, metadata, self.scale)  # (T, Hq, D)
+        out = backend.forward(q, k, v, kv_cache, metadata, self.scale,
+                              kv_written=fused)  # (T, Hq, D)
         return self.o_proj(out.reshape(num_tokens, self.q_size))  # (T, H)
 
 
@@ -52,11 +61,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.mlp_bias)
 
-    def forward(self, x, cos, sin, kv_cache, metadata, backend) -> torch.Tensor:
-        # The residual stream is this model's own tensor (from the embedding), so it is
-        # updated in place: the same sums, without a fresh (T, H) tensor per add.
-        x.add_(self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, metadata, backend))
-        return x.add_(self.mlp(self.post_attention_layernorm(x)))  # (T, H)
+    def forward(self, x, delta, cos, sin, kv_cache, metadata, backend) -> torch.Tensor:
+        """x (T, H) is the residual stream, this model's own tensor, updated in place; delta
+        (T, H) or None is what the previous layer adds to it. Each add is done by the norm
+        that follows it; returns this layer's MLP output, the next delta."""
+        attn = self.self_attn(self.input_layernorm(x, delta), cos, sin, kv_cache, metadata,
+                              backend)  # (T, H)
+        return self.mlp(self.post_attention_layernorm(x, attn))  # (T, H)
 
 
 class LlamaModel(nn.Module):
@@ -84,9 +95,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions (T,) -> final hidden states (T, H)."""
         x = self.model.embed_tokens(input_ids)  # (T, H)
         cos, sin = self.model.rotary(positions, x.dtype)  # (T, 1, D) each
+        delta = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, metadata, backend)
-        return self.model.norm(x)
+            delta = layer(x, delta, cos, sin, kv_cache, metadata, backend)
+        return self.model.norm(x, delta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, H) -> float32 logits (N, V); only rows that sample are passed."""

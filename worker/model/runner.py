@@ -30,6 +30,7 @@ from lmfleet.worker.model.attention.torch_ref import (
     build_prefill_mask,
 )
 from lmfleet.worker.model.cpu_linear import transpose_linears
+from lmfleet.worker.model.cpu_ops import CpuOps, fuse_cpu_ops, load_cpu_ops
 from lmfleet.worker.model.default_model import cache_dir
 from lmfleet.worker.model.loader import load_model
 from lmfleet.worker.model.sampler import SamplingBatch, sample
@@ -92,7 +93,10 @@ class ModelRunner:
                                       dtype=self.dtype, device=self.device)
         self.kv_caches = [KVCache(self.kv_storage[layer], layer)
                           for layer in range(self.arch.num_layers)]
-        self.backend = TorchAttention(self._load_cpu_decode_kernel())
+        decode_kernel, cpu_ops = self._load_cpu_kernels()
+        if cpu_ops is not None:
+            fuse_cpu_ops(self.model, cpu_ops)
+        self.backend = TorchAttention(decode_kernel)
         use_dense = config.cache.dense_decode_cache
         if use_dense is None:
             use_dense = self.device.type == "cpu" and self.backend.cpu_decode_kernel is None
@@ -110,18 +114,20 @@ class ModelRunner:
                                      overlap=config.cache.swap_overlap)
         self._generators: dict[str, torch.Generator] = {}
 
-    def _load_cpu_decode_kernel(self) -> Optional[PagedDecodeKernel]:
-        wanted = self.config.cache.cpu_decode_kernel
+    def _load_cpu_kernels(self) -> tuple[Optional[PagedDecodeKernel], Optional[CpuOps]]:
+        """The C kernels for CPU float32 (ModelConfig.cpu_kernels), or (None, None)."""
+        wanted = self.config.model.cpu_kernels
         usable = self.device.type == "cpu" and self.dtype == torch.float32
         if wanted is False or (wanted is None and not usable):
-            return None
+            return None, None
         if not usable:
-            raise ValueError("cpu_decode_kernel=True needs device='cpu' and dtype float32")
-        kernel = load_paged_decode_kernel(cache_dir() / "kernels")
-        if kernel is None and wanted:
-            raise ValueError("cpu_decode_kernel=True but the kernel could not be built here "
+            raise ValueError("cpu_kernels=True needs device='cpu' and dtype float32")
+        build_dir = cache_dir() / "kernels"
+        attention, ops = load_paged_decode_kernel(build_dir), load_cpu_ops(build_dir)
+        if wanted and (attention is None or ops is None):
+            raise ValueError("cpu_kernels=True but the C kernels could not be built here "
                              "(a C compiler with OpenMP is needed; see the log)")
-        return kernel
+        return attention, ops
 
     @property
     def kv_block_bytes(self) -> int:

@@ -6,8 +6,9 @@ prefill chunks. `AttentionMetadata` says where each token's K/V goes in the page
 
 Contract of `AttentionBackend.forward(q, k, v, kv_cache, metadata)`:
 - q (T, num_heads, head_dim); k, v (T, num_kv_heads, head_dim), rotary already applied.
-- It first writes k, v into `kv_cache` at `slot_mapping` (and, with `dense_decode`, the
-  decode rows' k, v into the dense cache too), then returns the attention
+- It first writes k, v into `kv_cache` at `slot_mapping`, unless `kv_written` says the
+  caller already did (and, with `dense_decode`, the decode rows' k, v into the dense cache
+  too, in either case), then returns the attention
   output (T, num_heads, head_dim): each query attends causally to its own request's
   tokens [0, position] (the cached context plus this step's tokens before it).
 """
@@ -78,5 +79,6 @@ class AttentionBackend(abc.ABC):
 
     @abc.abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+                metadata: AttentionMetadata, scale: float,
+                kv_written: bool = False) -> torch.Tensor:
         """See the module docstring."""

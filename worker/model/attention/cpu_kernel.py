@@ -1,90 +1,35 @@
-"""The CPU decode-attention kernel (paged_decode.c): built with the system C compiler on
-first use, cached, and called through ctypes.
+"""The CPU decode-attention kernel (paged_decode.c), built on first use by native_build.py
+and called through ctypes.
 
-Contract:
-- `load_paged_decode_kernel(build_dir)` returns a `PagedDecodeKernel`, or None when it
-  cannot be had here (not Linux/macOS x86-64 or arm64 with a C compiler that knows
-  OpenMP); the reason is logged once and the caller keeps the torch path.
-- The shared object is named by a hash of the source, the compiler flags, the compiler's
-  version and this CPU's model and flags (it is built with -march=native), so a cache
-  directory shared between machines or upgrades never loads a stale or foreign build.
-  It is written under a temporary name and renamed into place, so concurrent builders
-  (several workers starting at once) each end with a whole file.
-- `PagedDecodeKernel.__call__` takes float32 CPU tensors laid out as the C file says and
-  writes the decode rows' attention output in place; it runs on torch's thread count and
-  releases the GIL (ctypes does) while it runs.
+`load_paged_decode_kernel(build_dir)` returns a `PagedDecodeKernel`, or None where it
+cannot be built (the reason is logged; the caller keeps the torch path).
+`PagedDecodeKernel.__call__` takes float32 CPU tensors laid out as the C file says and
+writes the decode rows' attention output in place; it runs on torch's thread count and
+releases the GIL (ctypes does) while it runs.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-logger = logging.getLogger(__name__)
+from lmfleet.worker.model.native_build import load_native
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
 # -ffast-math: reductions may reassociate and exp comes from the vector math library;
 # the kernel never meets infinities or NaNs of its own (it visits real keys only).
-CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp",
-          "-shared", "-fPIC")
+CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fopenmp")
 LIBS = ("-lmvec", "-lm")
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
-def _cpu_signature() -> str:
-    """CPU model and feature flags (what -march=native compiles for)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor() or platform.machine()
-    keys = ("model name", "flags", "Features", "CPU part")
-    wanted = [line for line in lines if line.split(":")[0].strip() in keys]
-    return "\n".join(dict.fromkeys(wanted))  # the first CPU's lines (all cores agree)
-
-
-def _compiler() -> Optional[str]:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        partial = Path(tmp) / target.name
-        subprocess.run([compiler, *CFLAGS, str(SOURCE), "-o", str(partial), *LIBS],
-                       check=True, capture_output=True, text=True, timeout=120)
-        os.replace(partial, target)
-
-
 def load_paged_decode_kernel(build_dir: Path) -> Optional[PagedDecodeKernel]:
-    compiler = _compiler()
-    if compiler is None or platform.system() not in ("Linux", "Darwin"):
-        logger.info("CPU decode-attention kernel unavailable: no C compiler on this system")
-        return None
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                                 timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), *CFLAGS, *LIBS, version,
-                                        _cpu_signature()]).encode()).hexdigest()[:16]
-        target = build_dir / f"paged_decode-{key}.so"
-        if not target.exists():
-            _build(compiler, target)
-        return PagedDecodeKernel(ctypes.CDLL(str(target)))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        logger.warning("CPU decode-attention kernel unavailable, using torch attention: %s",
-                       str(detail).strip()[:500])
-        return None
+    library = load_native(SOURCE, CFLAGS, LIBS, build_dir)
+    return None if library is None else PagedDecodeKernel(library)
 
 
 class PagedDecodeKernel:

@@ -87,8 +87,10 @@ class TorchAttention(AttentionBackend):
         self.cpu_decode_kernel = cpu_decode_kernel
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-        write_kv(k, v, kv_cache, metadata.slot_mapping)
+                metadata: AttentionMetadata, scale: float,
+                kv_written: bool = False) -> torch.Tensor:
+        if not kv_written:
+            write_kv(k, v, kv_cache, metadata.slot_mapping)
         out = torch.empty_like(q)  # (T, Hq, D)
         num_decode = metadata.num_decode_tokens
         if num_decode and metadata.dense_decode is not None:

@@ -1,0 +1,82 @@
+"""Fused CPU float32 ops for the Llama layer (cpu_ops.c), and the pass that hands them to
+a loaded model.
+
+`load_cpu_ops(build_dir)` returns `CpuOps`, or None where the C file cannot be built (the
+reason is logged; the model keeps its torch ops). `fuse_cpu_ops(model, ops)` sets `ops`
+on every RMSNorm and attention module; each uses them for float32 CPU tensors and its
+torch ops otherwise, so the model code stays free of the choice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lmfleet.worker.model.native_build import load_native
+
+SOURCE = Path(__file__).with_name("cpu_ops.c")
+# No -ffast-math: every product and sum rounds as torch's do (see the C file).
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+
+
+def load_cpu_ops(build_dir: Path) -> Optional[CpuOps]:
+    library = load_native(SOURCE, CFLAGS, ("-lm",), build_dir)
+    return None if library is None else CpuOps(library)
+
+
+def _check_contiguous(**tensors: Optional[torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and not tensor.is_contiguous():
+            raise ValueError(f"cpu ops: {name} must be contiguous")
+
+
+class CpuOps:
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._rms_norm = library.add_rms_norm_f32
+        self._rms_norm.restype = None
+        self._rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float]
+        self._rotary = library.rotary_store_kv_f32
+        self._rotary.restype = None
+        self._rotary.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _i64,
+                                 _ptr]
+
+    @staticmethod
+    def supports(x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype == torch.float32
+
+    def add_rms_norm(self, x: torch.Tensor, delta: Optional[torch.Tensor],
+                     weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x (T, H) += delta (T, H) if given, in place; returns RMSNorm(x) (T, H)."""
+        _check_contiguous(x=x, delta=delta, weight=weight)
+        out = torch.empty_like(x)
+        self._rms_norm(x.data_ptr(), 0 if delta is None else delta.data_ptr(),
+                       weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+        return out
+
+    def rotary_store_kv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        num_heads: int, num_kv_heads: int, kv: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> None:
+        """qkv (T, (Hq + 2 Hkv) D): q and k rotated in place by cos, sin (T, D); k and v
+        stored at slot_mapping (T,) of one layer's cache kv (2, blocks, block_size, Hkv, D)."""
+        _check_contiguous(qkv=qkv, cos=cos, sin=sin, kv=kv, slot_mapping=slot_mapping)
+        head_dim = kv.shape[-1]
+        num_slots = kv.shape[1] * kv.shape[2]
+        self._rotary(qkv.data_ptr(), qkv.shape[1], cos.data_ptr(), sin.data_ptr(),
+                     qkv.shape[0], num_heads, num_kv_heads, head_dim, kv.data_ptr(), num_slots,
+                     slot_mapping.data_ptr())
+
+
+def fuse_cpu_ops(model: nn.Module, ops: CpuOps) -> nn.Module:
+    from lmfleet.worker.model.layers import RMSNorm
+    from lmfleet.worker.model.llama import Attention
+
+    for module in model.modules():
+        if isinstance(module, (RMSNorm, Attention)):
+            module.cpu_ops = ops
+    return model
