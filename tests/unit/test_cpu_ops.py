@@ -55,6 +55,16 @@ def test_add_rms_norm_matches_torch_and_adds_in_place(ops, with_delta):
     torch.testing.assert_close(out, expected, rtol=2e-6, atol=1e-6)
 
 
+def test_silu_mul_matches_torch_into_a_contiguous_output(ops):
+    torch.manual_seed(2)
+    gate_up = torch.randn(7, 2 * 40) * 4
+    gate, up = gate_up.split(40, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    out = ops.silu_mul(gate_up)
+    assert out.shape == (7, 40) and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=2e-6, atol=1e-6)
+
+
 def test_fuse_pass_reaches_every_norm_and_attention(ops):
     arch = ArchConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=8, vocab_size=50, rms_norm_eps=1e-5,
@@ -64,4 +74,5 @@ def test_fuse_pass_reaches_every_norm_and_attention(ops):
                       eos_token_ids=(0,), bos_token_id=None)
     model = fuse_cpu_ops(LlamaForCausalLM(arch, 64), ops)
     fused = [m for m in model.modules() if getattr(m, "cpu_ops", None) is ops]
-    assert len(fused) == 2 * 2 + 1 + 2  # two norms per layer, the final norm, attentions
+    # Per layer two norms, the attention and the MLP; and the final norm.
+    assert len(fused) == 2 * 4 + 1

@@ -4,11 +4,15 @@
  * temporary and a pass over memory each); per layer they cost more than attention.
  * Compiled without -ffast-math and with -ffp-contract=off, so every product and sum is
  * rounded as torch rounds it: rotary embedding is bit-identical to the torch path; RMSNorm
- * differs only in the order its sum of squares is added up.
+ * differs only in the order its sum of squares is added up, SiLU in exp's last bits.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+/* glibc declares expf's vector variants (libmvec, within 4 ulp; torch's own vectorized
+ * exp is not exact either) only under -ffast-math; declared here for SiLU alone. */
+__attribute__((__simd__("notinbranch"))) float expf(float);
 
 /* x (rows, hidden) += delta (if not NULL), then
  * out = weight * (x * 1 / sqrt(mean(x^2) + eps)), Hugging Face's LlamaRMSNorm in float32. */
@@ -58,5 +62,17 @@ void rotary_store_kv_f32(float* qkv, int64_t row_stride, const float* cos_rows,
         memcpy(kv + slot * kv_row, row + num_heads * head_dim, sizeof(float) * kv_row);
         memcpy(kv + (num_slots + slot) * kv_row, row + (num_heads + num_kv_heads) * head_dim,
                sizeof(float) * kv_row);
+    }
+}
+
+/* gate_up (rows, 2 * inter): each row's gate then up halves. out (rows, inter), contiguous:
+ * silu(gate) * up, with silu(g) = g / (1 + exp(-g)) as torch computes it. */
+void silu_mul_f32(const float* gate_up, int64_t rows, int64_t inter, float* out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float* gate = gate_up + r * 2 * inter;
+        const float* up = gate + inter;
+        float* o = out + r * inter;
+#pragma omp simd
+        for (int64_t i = 0; i < inter; i++) o[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
     }
 }

@@ -3,7 +3,7 @@ a loaded model.
 
 `load_cpu_ops(build_dir)` returns `CpuOps`, or None where the C file cannot be built (the
 reason is logged; the model keeps its torch ops). `fuse_cpu_ops(model, ops)` sets `ops`
-on every RMSNorm and attention module; each uses them for float32 CPU tensors and its
+on every RMSNorm, attention and MLP module; each uses them for float32 CPU tensors and its
 torch ops otherwise, so the model code stays free of the choice.
 """
 
@@ -20,13 +20,13 @@ from lmfleet.worker.model.native_build import load_native
 
 SOURCE = Path(__file__).with_name("cpu_ops.c")
 # No -ffast-math: every product and sum rounds as torch's do (see the C file).
-CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
+CFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fopenmp")
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
 def load_cpu_ops(build_dir: Path) -> Optional[CpuOps]:
-    library = load_native(SOURCE, CFLAGS, ("-lm",), build_dir)
+    library = load_native(SOURCE, CFLAGS, ("-lmvec", "-lm"), build_dir)
     return None if library is None else CpuOps(library)
 
 
@@ -41,6 +41,9 @@ class CpuOps:
         self._rms_norm = library.add_rms_norm_f32
         self._rms_norm.restype = None
         self._rms_norm.argtypes = [_ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float]
+        self._silu_mul = library.silu_mul_f32
+        self._silu_mul.restype = None
+        self._silu_mul.argtypes = [_ptr, _i64, _i64, _ptr]
         self._rotary = library.rotary_store_kv_f32
         self._rotary.restype = None
         self._rotary.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _ptr, _i64,
@@ -59,6 +62,14 @@ class CpuOps:
                        weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
         return out
 
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up (T, 2I) -> silu(gate) * up (T, I), contiguous."""
+        _check_contiguous(gate_up=gate_up)
+        inter = gate_up.shape[1] // 2
+        out = gate_up.new_empty((gate_up.shape[0], inter))
+        self._silu_mul(gate_up.data_ptr(), gate_up.shape[0], inter, out.data_ptr())
+        return out
+
     def rotary_store_kv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         num_heads: int, num_kv_heads: int, kv: torch.Tensor,
                         slot_mapping: torch.Tensor) -> None:
@@ -73,10 +84,10 @@ class CpuOps:
 
 
 def fuse_cpu_ops(model: nn.Module, ops: CpuOps) -> nn.Module:
-    from lmfleet.worker.model.layers import RMSNorm
+    from lmfleet.worker.model.layers import GatedMLP, RMSNorm
     from lmfleet.worker.model.llama import Attention
 
     for module in model.modules():
-        if isinstance(module, (RMSNorm, Attention)):
+        if isinstance(module, (RMSNorm, Attention, GatedMLP)):
             module.cpu_ops = ops
     return model

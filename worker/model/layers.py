@@ -107,9 +107,12 @@ class GatedMLP(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.cpu_ops = None  # fused CPU ops, set by cpu_ops.fuse_cpu_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, H)
         gate_up = self.gate_up_proj(x)  # (T, 2I)
+        if self.cpu_ops is not None and self.cpu_ops.supports(gate_up):
+            return self.down_proj(self.cpu_ops.silu_mul(gate_up))  # (T, H)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)  # (T, I) views each
         # In place in gate_up's first half: the same values as silu(gate) * up, with no
         # (T, I) temporaries (large for prefills); down_proj reads the strided view.
