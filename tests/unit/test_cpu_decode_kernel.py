@@ -2,6 +2,7 @@
 small configurations with scattered block ids; its build cache and its fallback."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -80,3 +81,14 @@ def test_no_compiler_means_no_kernel_and_a_log_line(tmp_path, monkeypatch, caplo
     with caplog.at_level(logging.WARNING, logger=native_build.__name__):
         assert load_paged_decode_kernel(tmp_path / "fresh") is None
     assert "paged_decode.c could not be built, using torch ops" in caplog.text
+
+
+def test_loading_the_kernels_leaves_subnormals_alone(kernel, tmp_path):
+    # A library linked with -ffast-math would switch this process to flush-to-zero when
+    # loaded, changing every later float computation (torch's included).
+    from lmfleet.worker.model.cpu_ops import load_cpu_ops
+
+    assert load_cpu_ops(tmp_path) is not None
+    tiny = torch.tensor([1e-39], dtype=torch.float32)  # a float32 subnormal
+    assert (tiny * 1.0).item() != 0.0
+    assert math.ldexp(1.0, -1060) * 1.0 > 0.0  # a float64 subnormal, from CPython's math

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from lmfleet.worker.model.layers import GatedMLP, RMSNorm
+from lmfleet.worker.model.llama import Attention
 from lmfleet.worker.model.native_build import load_native
 
 SOURCE = Path(__file__).with_name("cpu_ops.c")
@@ -84,9 +86,6 @@ class CpuOps:
 
 
 def fuse_cpu_ops(model: nn.Module, ops: CpuOps) -> nn.Module:
-    from lmfleet.worker.model.layers import GatedMLP, RMSNorm
-    from lmfleet.worker.model.llama import Attention
-
     for module in model.modules():
         if isinstance(module, (RMSNorm, Attention, GatedMLP)):
             module.cpu_ops = ops

@@ -1,6 +1,6 @@
 /* Decode attention read straight out of the paged KV cache, for CPU, in float32.
  *
- * Built and loaded by cpu_kernel.py (gcc -O3 -march=native -ffast-math -fopenmp); called
+ * Built and loaded by cpu_kernel.py (gcc -O3 -march=native -fopenmp); called
  * through ctypes with the tensors' data pointers. Why a kernel: on CPU, decode attention
  * is memory-bound, and the torch path either gathers every request's context into a
  * padded tensor per layer per step or keeps a second, contiguous copy of it
@@ -16,8 +16,8 @@
  * Query head qh reads kv head qh / (num_heads / num_kv_heads) (grouped-query attention).
  *
  * One task per request, so its blocks are read whole and in order. Per request: scores for
- * every head (q . k * scale), a softmax per head (max subtracted: no infinities, and
- * -ffast-math is safe since only real keys are visited), then the probability-weighted
+ * every head (q . k * scale), a softmax per head (max subtracted, over real keys only),
+ * then the probability-weighted
  * sum of values. Arithmetic differs from torch's SDPA only in summation order and exp's
  * last bits.
  */
@@ -25,6 +25,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* glibc declares expf's vector variants (libmvec, within 4 ulp; torch's own vectorized
+ * exp is not exact either) only under -ffast-math, which must not be used: linking with
+ * it sets flush-to-zero for the whole process that loads the library. */
+__attribute__((__simd__("notinbranch"))) float expf(float);
 
 static inline float dot(const float* a, const float* b, int64_t n) {
     float acc = 0.f;
@@ -44,6 +49,7 @@ static void softmax_rows(float* scores, int64_t rows, int64_t len) {
     for (int64_t row = 0; row < rows; row++) {
         float* s = scores + row * len;
         float max = s[0];
+#pragma omp simd reduction(max : max)
         for (int64_t j = 1; j < len; j++) max = s[j] > max ? s[j] : max;
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
