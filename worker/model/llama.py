@@ -39,13 +39,12 @@ class Attention(nn.Module):
         if fused:  # rotates q, k in place and stores k, v in the cache, in one pass
             self.cpu_ops.rotary_store_kv(qkv, cos, sin, self.num_heads, self.num_kv_heads,
                                          kv_cache.stacked, metadata.slot_mapping)
-            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-            qk = qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        else:
-            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(num_tokens, self.num_heads + self.num_kv_heads,
+                     self.head_dim)  # (T, Hq + Hkv, D)
+        if not fused:
             # q and k rotate in one call: the rotation is per head, so stacking is exact.
-            qk = apply_rotary(qk.view(num_tokens, self.num_heads + self.num_kv_heads,
-                                      self.head_dim), cos, sin)  # (T, Hq + Hkv, D)
+            qk = apply_rotary(qk, cos, sin)  # (T, Hq + Hkv, D)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache, metadata, self.scale,
