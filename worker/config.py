@@ -66,8 +66,9 @@ class ModelConfig:
     max_model_len: Optional[int] = None
     # C kernels for CPU float32, built on first use with the system C compiler: decode
     # attention reading the paged cache in place (attention/paged_decode.c) and the fused
-    # residual-add + RMSNorm and rotary + KV-store steps (cpu_ops.c). None: on where they
-    # build (CPU float32), else the torch ops. True where they cannot run is an error.
+    # residual-add + RMSNorm, rotary + KV-store and SiLU-times-up steps (cpu_ops.c).
+    # None: on where they build (CPU float32), else the torch ops. True where they cannot
+    # run is an error.
     cpu_kernels: Optional[bool] = None
 
     def __post_init__(self) -> None:

@@ -63,8 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "decode attention (auto: on for CPU, off for CUDA)")
     p.add_argument("--cpu-kernels", default="auto", choices=("auto", "on", "off"),
                    help="C kernels for CPU float32 (decode attention over the paged KV "
-                   "cache, fused norm and rotary steps), built on first use with the system "
-                   "C compiler (auto: on where they build)")
+                   "cache, fused norm, rotary and SiLU steps), built on first use with the "
+                   "system C compiler (auto: on where they build)")
     p.add_argument("--session-ttl-s", type=float, default=None, metavar="S",
                    help="keep an idle chat session's KV this long (default 600)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lmfleet.worker.model import native_build
+from lmfleet.worker.model.attention import cpu_kernel
 from lmfleet.worker.model.attention.cpu_kernel import load_paged_decode_kernel
 
 
@@ -59,21 +60,28 @@ def test_kernel_equals_torch_attention(kernel, num_heads, num_kv_heads, head_dim
     torch.testing.assert_close(out[2], single, rtol=1e-6, atol=1e-6)
 
 
-def test_kernel_rejects_non_contiguous_rows(kernel):
+def test_kernel_rejects_non_contiguous_rows_and_int32_indices(kernel):
     kv = torch.zeros(2, 4, 4, 1, 16)
+    table, lens = torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, dtype=torch.int64)
     q = torch.zeros(1, 2, 32)[:, :, ::2]  # head rows with a stride of 2
     with pytest.raises(ValueError, match="q rows must be contiguous"):
-        kernel(q, kv, torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, dtype=torch.int64),
-               torch.zeros(1, 2, 16), 1.0)
+        kernel(q, kv, table, lens, torch.zeros(1, 2, 16), 1.0)
+    q = torch.zeros(1, 2, 16)
+    with pytest.raises(ValueError, match="must be int64"):
+        kernel(q, kv, table.int(), lens, torch.zeros(1, 2, 16), 1.0)
 
 
-def test_build_is_cached_by_source_and_cpu(tmp_path):
+def test_a_build_is_reused_and_other_flags_build_anew(tmp_path):
     assert load_paged_decode_kernel(tmp_path) is not None
     builds = list(tmp_path.glob("paged_decode-*.so"))
     assert len(builds) == 1
     stamp = builds[0].stat().st_mtime_ns
     assert load_paged_decode_kernel(tmp_path) is not None  # loads, does not rebuild
     assert [p.stat().st_mtime_ns for p in tmp_path.glob("paged_decode-*.so")] == [stamp]
+    # The name hashes what the build depends on: other flags, another file.
+    assert native_build.load_native(cpu_kernel.SOURCE, (*cpu_kernel.CFLAGS, "-DOTHER"),
+                                    cpu_kernel.LIBS, tmp_path) is not None
+    assert len(list(tmp_path.glob("paged_decode-*.so"))) == 2
 
 
 def test_no_compiler_means_no_kernel_and_a_log_line(tmp_path, monkeypatch, caplog):

@@ -255,8 +255,9 @@ class ModelRunner:
     def _metadata(self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest],
                   slots: torch.Tensor,
                   dense_decode: Optional[DenseDecodeStep]) -> AttentionMetadata:
-        # Block tables and a mask for decodes only serve the gather path; with the dense
-        # copy they stay empty (a per-step Python loop over every decode saved).
+        # Decode block tables serve the gather path and the CPU kernel, the decode mask only
+        # the gather path; with the dense copy both stay empty (a per-step Python loop over
+        # every decode saved).
         gathered = decodes if dense_decode is None else []
         decode_tables, decode_lens = self._block_tables(gathered)
         prefill_tables, prefill_lens = self._block_tables(prefills)
@@ -271,6 +272,8 @@ class ModelRunner:
             offset += query_len
         to_device = lambda a: torch.as_tensor(a).to(self.device)  # noqa: E731
         decode_seq_lens = to_device(np.asarray(decode_lens, dtype=np.int64))
+        kernel_decodes = self.backend.cpu_decode_kernel is not None
+        masked_lens = decode_seq_lens[:0] if kernel_decodes else decode_seq_lens
         prefill_seq_lens = to_device(np.asarray(prefill_lens, dtype=np.int64))
         prefill_query_mask = to_device(query_mask)
         max_prefill_len = max(prefill_lens, default=0)
@@ -280,8 +283,7 @@ class ModelRunner:
             num_decode_tokens=len(decodes),
             decode_block_tables=decode_tables,
             decode_seq_lens=decode_seq_lens,
-            decode_mask=build_decode_mask(decode_seq_lens,
-                                          decode_tables.shape[1] * self.block_size),
+            decode_mask=build_decode_mask(masked_lens, decode_tables.shape[1] * self.block_size),
             prefill_query_lens=query_lens,
             prefill_block_tables=prefill_tables,
             prefill_seq_lens=prefill_seq_lens,

@@ -48,7 +48,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) int64 flat slot of each token in the cache
     block_size: int
     # Decode part: the first num_decode_tokens tokens, one per request. The three decode
-    # tensors serve the gather path; they are empty when `dense_decode` is set.
+    # tensors serve the gather path (tables and lengths also the CPU kernel, which needs no
+    # mask, so the mask is empty then); all are empty when `dense_decode` is set.
     num_decode_tokens: int
     decode_block_tables: torch.Tensor  # (Bd, max_blocks) int64, padded with 0
     decode_seq_lens: torch.Tensor  # (Bd,) int64 context length including the new token

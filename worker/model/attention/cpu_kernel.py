@@ -50,12 +50,14 @@ class PagedDecodeKernel:
         with contiguous rows, written in place."""
         batch, num_heads, head_dim = q.shape
         _, num_blocks, block_size, num_kv_heads, _ = kv.shape
-        for name, tensor in (("q", q[0]), ("out", out[0])):
-            if not tensor.is_contiguous():
+        for name, tensor in (("q", q), ("out", out)):
+            if tensor.stride(2) != 1 or tensor.stride(1) != head_dim:
                 raise ValueError(f"paged decode kernel: {name} rows must be contiguous")
         if not (kv.is_contiguous() and block_tables.is_contiguous()
                 and seq_lens.is_contiguous()):
             raise ValueError("paged decode kernel: kv, block_tables, seq_lens must be contiguous")
+        if block_tables.dtype != torch.int64 or seq_lens.dtype != torch.int64:
+            raise ValueError("paged decode kernel: block_tables and seq_lens must be int64")
         status = self._fn(q.data_ptr(), q.stride(0), kv.data_ptr(), num_blocks,
                           block_tables.data_ptr(), block_tables.shape[1], seq_lens.data_ptr(),
                           out.data_ptr(), out.stride(0), batch, num_heads, num_kv_heads,

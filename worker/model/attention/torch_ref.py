@@ -3,6 +3,9 @@
 Per layer: scatter the step's K/V into the cache, gather each request's context blocks
 into a padded (B, L, kv_heads, D) tensor, and run scaled-dot-product attention with a
 mask; decodes and prefills are two batched groups, so there is no loop over requests.
+Decode rows take one of two shortcuts when set up: the dense copy of their contexts
+(dense_decode.py) or, on CPU float32, the C kernel reading the paged cache in place
+(cpu_kernel.py).
 """
 
 from __future__ import annotations
