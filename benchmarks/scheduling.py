@@ -148,7 +148,7 @@ def run_real(args: argparse.Namespace, spec: WorkloadSpec) -> tuple[CostModel, f
 # ---- (b) the simulation -----------------------------------------------------------------------
 
 
-def _simulate_one(task: tuple) -> dict:
+def simulate_at_load(task: tuple) -> dict:
     load, spec, num_jobs, seed, config, cost = task
     capacity = capacity_per_s(cost, spec, config.max_num_seqs)
     jobs = make_jobs(spec, num_jobs, load * capacity, seed)
@@ -182,7 +182,7 @@ def run_sim(args: argparse.Namespace, spec: WorkloadSpec, cost: CostModel,
               cost) for run in runs]
     # spawn: the parent has torch's thread pools running; the children need none of it.
     with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-        results = pool.map(_simulate_one, tasks)
+        results = pool.map(simulate_at_load, tasks)
     by_load: dict[str, dict] = {}
     sweep: dict[str, dict] = {}
     by_seed: dict[str, dict] = {f"seed {args.seed}": by_load}

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 # benchmarks/ is on sys.path when scheduling.py runs as a script.
 from sim.metrics import JobRecord, summarize
 from sim.oracle import OracleSRPTScheduler
+from sim.variants import VARIANTS
 from sim.workload import Job, step_time
 
 from lmfleet.worker.config import SchedulerConfig
@@ -38,7 +39,7 @@ ORACLE = "srpt-oracle"
 
 @dataclass(frozen=True)
 class SimConfig:
-    policy: str  # "fcfs", "mlfq" or ORACLE
+    policy: str  # "fcfs", "mlfq", ORACLE or a key of sim/variants.py's VARIANTS
     max_num_seqs: int = 8
     max_num_batched_tokens: int = 2048
     block_size: int = 16
@@ -48,6 +49,7 @@ class SimConfig:
     mlfq_starvation_s: float = 3.0
     mlfq_num_queues: int = SchedulerConfig.mlfq_num_queues
     mlfq_last_queue: str = "fcfs"
+    variant_param: float = 0.0  # the one knob of a VARIANTS policy
 
 
 def _make_scheduler(config: SimConfig, cost: CostModel, clock):
@@ -63,6 +65,11 @@ def _make_scheduler(config: SimConfig, cost: CostModel, clock):
         return FCFSScheduler(scheduler_config, kv)
     if config.policy == ORACLE:
         return OracleSRPTScheduler(scheduler_config, kv, cost, clock=clock)
+    if config.policy in VARIANTS:
+        return VARIANTS[config.policy](scheduler_config, kv, cost, clock=clock,
+                                       param=config.variant_param)
+    if config.policy != "mlfq":
+        raise ValueError(f"unknown simulated policy {config.policy!r}")
     return MLFQScheduler(scheduler_config, kv, cost, clock=clock)
 
 

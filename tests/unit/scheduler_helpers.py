@@ -28,9 +28,11 @@ COST = CostModel(prefill_base_s=0.0, prefill_per_token_s=1.0, decode_base_s=0.5,
 def make_scheduler(num_blocks: int = 16, num_host_blocks: int = 0, max_num_seqs: int = 8,
                    max_num_batched_tokens: int = 64, headroom: int = 0,
                    base_quantum_s: float | None = 4.0, starvation_s: float = 100.0,
-                   cost_model: CostModel = COST,
-                   last_queue: str = "fcfs") -> tuple[MLFQScheduler, list[float]]:
-    """A scheduler on a fake clock; set `now[0]` to move time."""
+                   cost_model: CostModel = COST, last_queue: str = "fcfs",
+                   scheduler_class: type[MLFQScheduler] = MLFQScheduler,
+                   **class_kwargs) -> tuple[MLFQScheduler, list[float]]:
+    """A scheduler (MLFQ or a subclass, given `class_kwargs`) on a fake clock; set
+    `now[0]` to move time."""
     config = SchedulerConfig(policy="mlfq", max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens,
                              mlfq_num_queues=4, mlfq_base_quantum_s=base_quantum_s,
@@ -38,7 +40,7 @@ def make_scheduler(num_blocks: int = 16, num_host_blocks: int = 0, max_num_seqs:
                              mlfq_last_queue=last_queue)
     now = [0.0]
     kv = KVCacheManager(num_blocks, BLOCK_SIZE, num_host_blocks=num_host_blocks)
-    return MLFQScheduler(config, kv, cost_model, clock=lambda: now[0]), now
+    return scheduler_class(config, kv, cost_model, clock=lambda: now[0], **class_kwargs), now
 
 
 def make_request(request_id: str, num_prompt_tokens: int, priority: int = 0) -> Request:
