@@ -56,8 +56,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="MLFQ: quantum of the top queue (default: from the cost model)")
     p.add_argument("--mlfq-num-queues", type=int, default=None, metavar="K",
                    help="MLFQ: number of queues; quanta double per level (default 12)")
+    p.add_argument("--mlfq-queue-order", default=None, choices=("least_attained", "arrival"),
+                   help="MLFQ: order within a queue: least service so far first, or arrival "
+                   "(default least_attained; arrival suits long outputs all of one size)")
     p.add_argument("--mlfq-last-queue", default=None, choices=("fcfs", "round_robin"),
-                   help="MLFQ: order of the last queue's (long) jobs (default fcfs)")
+                   help="MLFQ with --mlfq-queue-order arrival: order of the last queue's "
+                   "(long) jobs (default fcfs)")
     p.add_argument("--dense-decode-cache", default="auto", choices=("auto", "on", "off"),
                    help="also keep decoding requests' KV contiguous, read in place by "
                    "decode attention (auto: on for CPU, off for CUDA)")
@@ -118,7 +122,7 @@ def engine_options(args: argparse.Namespace) -> dict:
     options = {"device": args.device, "dtype": args.dtype, "policy": args.scheduler}
     for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size",
                  "max_model_len", "mlfq_starvation_s", "mlfq_base_quantum_s", "mlfq_num_queues",
-                 "mlfq_last_queue", "session_ttl_s"):
+                 "mlfq_queue_order", "mlfq_last_queue", "session_ttl_s"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value

@@ -88,8 +88,8 @@ def test_cuda_mlfq_with_swapping_equals_cpu(model_dir, prompts):
     cpu = run_engine(model_dir, prompts, 16, device="cpu", dtype="float32")
     # A round-robin last queue with a microsecond quantum reorders the jobs every step.
     squeeze = dict(policy="mlfq", mlfq_base_quantum_s=1e-6, mlfq_num_queues=3,
-                   mlfq_starvation_s=1e9, mlfq_last_queue="round_robin", max_num_seqs=4,
-                   num_kv_blocks=14,
+                   mlfq_starvation_s=1e9, mlfq_queue_order="arrival",
+                   mlfq_last_queue="round_robin", max_num_seqs=4, num_kv_blocks=14,
                    kv_headroom_blocks=2, host_kv_memory_bytes=64 << 20)
     for overlap in (True, False):
         engine_outputs = run_engine(model_dir, prompts, 16, device="cuda", dtype="float32",

@@ -24,7 +24,8 @@ MAX_TOKENS = 20
 # 10 device blocks for 3 running jobs force swaps.
 WORKER_ARGS = ["--scheduler", "mlfq", "--host-kv-memory", "64MiB", "--num-kv-blocks", "10",
                "--max-num-seqs", "3", "--mlfq-base-quantum-s", "0.000001",
-               "--mlfq-starvation-s", "1000000", "--mlfq-last-queue", "round_robin",
+               "--mlfq-starvation-s", "1000000", "--mlfq-queue-order", "arrival",
+               "--mlfq-last-queue", "round_robin",
                "--mlfq-num-queues", "8"]
 
 

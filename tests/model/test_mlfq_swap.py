@@ -29,8 +29,9 @@ def _mlfq_llm(model_dir, **options) -> LLM:
     # 12 device blocks force eviction. No starvation promotion: the run is then
     # independent of wall-clock time.
     settings = dict(scheduler="mlfq", mlfq_base_quantum_s=1e-6, mlfq_num_queues=3,
-                    mlfq_starvation_s=1e9, mlfq_last_queue="round_robin",
-                    max_num_seqs=4, num_kv_blocks=12, kv_headroom_blocks=2)
+                    mlfq_starvation_s=1e9, mlfq_queue_order="arrival",
+                    mlfq_last_queue="round_robin", max_num_seqs=4, num_kv_blocks=12,
+                    kv_headroom_blocks=2)
     settings.update(options)
     return LLM(str(model_dir), **settings)
 

@@ -113,3 +113,20 @@ def test_worker_auto_on_off_flags_map_to_engine_options(option):
     assert options(flag, "off")[option] is False
     with pytest.raises(ValueError, match=flag[2:]):
         options(flag, "sometimes")
+
+
+def test_worker_mlfq_order_flags_map_to_engine_options_the_engine_accepts():
+    from lmfleet.cluster.commands.worker import engine_options, parse_worker_argv
+    from lmfleet.worker.config import EngineConfig
+
+    def options(*flags: str) -> dict:
+        return engine_options(parse_worker_argv(["--port", "0", *flags]))
+
+    assert "mlfq_queue_order" not in options()
+    chosen = options("--scheduler", "mlfq", "--mlfq-queue-order", "arrival",
+                     "--mlfq-last-queue", "round_robin")
+    assert (chosen["mlfq_queue_order"], chosen["mlfq_last_queue"]) == ("arrival", "round_robin")
+    scheduler = EngineConfig.from_options("default", **chosen).scheduler
+    assert (scheduler.mlfq_queue_order, scheduler.mlfq_last_queue) == ("arrival", "round_robin")
+    with pytest.raises(ValueError, match="mlfq-queue-order"):
+        options("--mlfq-queue-order", "fifo")

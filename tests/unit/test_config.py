@@ -35,6 +35,8 @@ INVALID_OPTIONS = [
     ("kv_cache_memory_fraction", 1.5),
     ("max_num_seqs", 0),
     ("max_num_batched_tokens", 0),
+    ("mlfq_queue_order", "fifo"),
+    ("mlfq_last_queue", "lifo"),
 ]
 
 
@@ -63,6 +65,8 @@ VALID_OPTIONS = [
     ("enable_prefix_caching", False),
     ("max_num_seqs", 1),
     ("max_num_batched_tokens", 1),
+    ("mlfq_queue_order", "arrival"),
+    ("mlfq_queue_order", "least_attained"),
 ]
 
 
@@ -73,6 +77,14 @@ def test_valid_edge_option_is_accepted(name, value):
     owner = next(sub for sub in (config.model, config.cache, config.scheduler)
                  if hasattr(sub, name))
     assert getattr(owner, name) == value
+
+
+def test_a_round_robin_last_queue_needs_arrival_order():
+    with pytest.raises(ValueError, match="mlfq_queue_order='arrival'"):
+        EngineConfig.from_options("default", mlfq_last_queue="round_robin")
+    config = EngineConfig.from_options("default", mlfq_last_queue="round_robin",
+                                       mlfq_queue_order="arrival")
+    assert config.scheduler.mlfq_last_queue == "round_robin"
 
 
 def test_unknown_option_raises_value_error_naming_it():

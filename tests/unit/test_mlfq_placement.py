@@ -1,19 +1,22 @@
 """MLFQ step selection and KV placement on a fake clock: limits, strict priority,
-eviction, swap, recompute, headroom, prefetch, abort (set-up in scheduler_helpers.py)."""
+eviction, swap, recompute, headroom, prefetch, abort (set-up in scheduler_helpers.py).
+
+The expected orders here are worked out with jobs in arrival order within a queue
+(`mlfq_queue_order="arrival"`); placement does not depend on how the order came about.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 
 from lmfleet.worker.request import Request, RequestStatus
 from lmfleet.worker.sampling_params import SamplingParams
-from tests.unit.scheduler_helpers import (
-    ids,
-    make_request,
-    make_scheduler,
-    plan,
-    run_step,
-)
+from tests.unit import scheduler_helpers
+from tests.unit.scheduler_helpers import ids, make_request, plan, run_step
+
+make_scheduler = functools.partial(scheduler_helpers.make_scheduler, queue_order="arrival")
 
 # ---- schedule(): limits and strict priority ----------------------------------------------------
 

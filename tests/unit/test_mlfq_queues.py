@@ -91,8 +91,8 @@ def test_a_demoted_job_goes_to_the_back_of_the_next_queue():
     assert level(scheduler, "a") == 1
 
 
-def test_the_last_queue_keeps_its_order_by_default():
-    scheduler, _ = make_scheduler()
+def test_with_arrival_order_the_last_queue_keeps_its_order_by_default():
+    scheduler, _ = make_scheduler(queue_order="arrival")
     x, y = make_request("x", 20), make_request("y", 30)
     scheduler.add(x)
     scheduler.add(y)
@@ -104,8 +104,8 @@ def test_the_last_queue_keeps_its_order_by_default():
     assert scheduler.entries["x"].service_s == 0.0 and level(scheduler, "x") == 3
 
 
-def test_the_last_queue_can_be_round_robin():
-    scheduler, _ = make_scheduler(last_queue="round_robin")
+def test_with_arrival_order_the_last_queue_can_be_round_robin():
+    scheduler, _ = make_scheduler(queue_order="arrival", last_queue="round_robin")
     x, y = make_request("x", 20), make_request("y", 30)
     scheduler.add(x)
     scheduler.add(y)
@@ -126,6 +126,55 @@ def test_priority_order_is_by_queue_then_position():
     assert ids(scheduler.priority_order()) == ["q", "r", "u", "t", "s"]
 
 
+def test_within_a_queue_the_least_attained_job_runs_first_by_default():
+    scheduler, _ = make_scheduler()
+    x, y, z = make_request("x", 20), make_request("y", 30), make_request("z", 40)
+    for request in (x, y, z):
+        scheduler.add(request)  # all Q3, in this order
+    assert ids(scheduler.priority_order()) == ["x", "y", "z"]  # none has run: ties by arrival
+    scheduler.charge(x, 5)
+    scheduler.charge(y, 2)
+    assert ids(scheduler.priority_order()) == ["z", "y", "x"]
+    scheduler.charge(z, 2)  # a tie with y: y got to Q3 first
+    assert ids(scheduler.priority_order()) == ["y", "z", "x"]
+    # The queue still comes first: a Q0 job with more service goes ahead of Q3's.
+    scheduler.add(make_request("q", 2))
+    scheduler.charge(scheduler.jobs["q"], 3)
+    assert ids(scheduler.priority_order()) == ["q", "y", "z", "x"]
+
+
+def test_attained_service_counts_across_demotions_and_boosts():
+    scheduler, now = make_scheduler(starvation_s=100.0)
+    a, b = make_request("a", 3), make_request("b", 3)
+    scheduler.add(a)
+    scheduler.add(b)
+    for seconds in (4, 8):  # a: Q0's quantum, then Q1's -> Q2 with 12 s attained
+        scheduler.charge(a, seconds)
+    for seconds in (4, 6):  # b: Q0's, then 6 of Q1's 8 s
+        scheduler.charge(b, seconds)
+    scheduler.charge(b, 2)  # b -> Q2 with 12 s, behind a (tie: a got there first)
+    assert [level(scheduler, r) for r in "ab"] == [2, 2]
+    assert ids(scheduler.priority_order()) == ["a", "b"]
+    now[0] = 100.0
+    scheduler.entries["b"].last_run = 50.0  # only a has starved
+    assert scheduler.promote_starved() == [a]
+    assert ids(scheduler.priority_order()) == ["a", "b"]  # boosted: Q0
+    scheduler.charge(a, 4)  # the boost's Q0 quantum: back to Q2 with 16 s attained
+    assert level(scheduler, "a") == 2 and scheduler.entries["a"].attained_s == 16.0
+    assert ids(scheduler.priority_order()) == ["b", "a"]
+
+
+def test_a_boosted_job_goes_ahead_of_q0_jobs_with_less_service():
+    scheduler, now = make_scheduler(starvation_s=100.0)
+    s = make_request("s", 10)
+    scheduler.add(s)  # Q2, at t=0
+    scheduler.charge(s, 1)
+    now[0] = 150.0
+    scheduler.add(make_request("q", 2))  # Q0, no service yet
+    assert scheduler.promote_starved() == [s]
+    assert ids(scheduler.priority_order()) == ["s", "q"]
+
+
 def test_a_starved_job_is_promoted_to_the_front_of_q0_at_the_bound_not_before():
     scheduler, now = make_scheduler(starvation_s=100.0)
     s, q = make_request("s", 10), make_request("q", 2)
@@ -142,7 +191,7 @@ def test_a_starved_job_is_promoted_to_the_front_of_q0_at_the_bound_not_before():
 
 
 def test_a_boost_lasts_one_q0_quantum_then_the_job_returns_to_its_place():
-    scheduler, now = make_scheduler(starvation_s=100.0)
+    scheduler, now = make_scheduler(starvation_s=100.0, queue_order="arrival")
     x, y, z = make_request("x", 20), make_request("y", 30), make_request("z", 2)
     for request in (x, y):
         scheduler.add(request)  # both Q3, x ahead of y

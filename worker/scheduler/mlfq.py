@@ -3,15 +3,17 @@
 Queues Q0..Q(k-1); the quantum of Qi is `base * 2**i`. A new job joins the highest queue
 whose quantum covers its estimated prefill time (the queues above are skipped: it would
 be demoted out of them at once); an API `priority` moves that starting queue up (larger
-priority) or down. Each step the scheduler walks jobs in priority order (queue, then
-position) and runs as many as the token budget, `max_num_seqs` and KV allow. Every job
-in a step is charged the step's time; one that has spent its queue's quantum moves to
-the back of the next queue. In the last queue a job that spends its quantum keeps its
-place (`mlfq_last_queue="fcfs"`, the default: long jobs finish in the order they got
-there) or goes to the back ("round_robin": the long jobs share the batch slots, which
-stretches each of them). A job that has not run for `mlfq_starvation_s` is boosted: it
-goes to the front of Q0 for one Q0 quantum, then back to the queue, place and attained
-service it had, so a boost guarantees progress without reordering the long jobs.
+priority) or down. Each step the scheduler walks jobs in priority order (queue, then the
+order within it) and runs as many as the token budget, `max_num_seqs` and KV allow. Every
+job in a step is charged the step's time; one that has spent its queue's quantum moves to
+the next queue. Within a queue (`mlfq_queue_order`), the job with the least service so
+far runs first by default ("least_attained"; ties: the one that got there first), or jobs
+run in the order they got there ("arrival"). With "arrival", a job in the last queue that
+spends its quantum keeps its place (`mlfq_last_queue="fcfs"`: long jobs finish in the
+order they got there) or goes to the back ("round_robin"). A job that has not run for
+`mlfq_starvation_s` is boosted: it goes to the front of Q0 for one Q0 quantum, then back
+to the queue, place and service it had, so a boost guarantees progress without
+reordering the long jobs.
 Output length is never assumed known.
 Preemption happens at step boundaries: a job not chosen keeps its KV where it is unless
 memory is needed.
@@ -42,8 +44,9 @@ from lmfleet.worker.scheduler.cost_model import CostModel
 @dataclass
 class QueueEntry:
     level: int
-    position: int  # order within the level: smaller runs first
+    position: int  # order of arrival at the level: smaller got there first
     service_s: float = 0.0  # service attained at this level
+    attained_s: float = 0.0  # service attained since the job was added
     last_run: float = 0.0  # clock time it last ran (or arrived)
     # While boosted to Q0 against starvation: the (level, position, service_s) to return to.
     home: Optional[tuple[int, int, float]] = None
@@ -83,6 +86,7 @@ class MLFQScheduler(Scheduler):
         """Account one step of service; demote when the quantum is spent."""
         entry = self.entries[request.request_id]
         entry.service_s += seconds
+        entry.attained_s += seconds
         entry.last_run = self.clock()
         if entry.service_s >= self.quantum(entry.level):
             entry.service_s = 0.0
@@ -118,8 +122,18 @@ class MLFQScheduler(Scheduler):
         return promoted
 
     def priority_order(self) -> list[Request]:
-        key = lambda r: (self.entries[r.request_id].level,  # noqa: E731
-                         self.entries[r.request_id].position)
+        """Every job, the next to run first: by queue, then within a queue by arrival there
+        or least attained service (a boosted job goes first in Q0 either way)."""
+        if self.config.mlfq_queue_order == "arrival":
+            def key(request: Request) -> tuple:
+                entry = self.entries[request.request_id]
+                return entry.level, entry.position
+        else:
+            def key(request: Request) -> tuple:
+                entry = self.entries[request.request_id]
+                if entry.home is not None:  # boosted: the front of Q0, as placed
+                    return entry.level, 0, entry.position
+                return entry.level, 1, entry.attained_s, entry.position
         return sorted(self.jobs.values(), key=key)
 
     def queue_sizes(self) -> list[tuple[int, int]]:
