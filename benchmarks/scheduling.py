@@ -19,8 +19,8 @@ scheduler is never told them.
     clock and step times from the same calibrated cost model: `--sim-requests` jobs at
     each of `--loads` x capacity, for FCFS, MLFQ and a yardstick that knows the output
     lengths (shortest remaining output first, sim/oracle.py: what any reordering could
-    win), plus MLFQ with other starvation bounds, a round-robin last queue and 8 queues
-    at the highest load.
+    win), plus MLFQ with other starvation bounds, arrival order within queues (with a
+    round-robin last queue too) and 8 queues at the highest load.
 
 The target checked at the highest load: MLFQ's mean JCT at least 2x better than FCFS's,
 its p99 JCT no worse, and no request stalled longer than twice the starvation bound.
@@ -44,7 +44,7 @@ from sim.replay import engine_worker, make_prompts
 from sim.simulator import ORACLE, SimConfig, simulate
 from sim.workload import LONG_DISTRIBUTIONS, WorkloadSpec, capacity_per_s, make_jobs
 
-from lmfleet.worker.config import SchedulerConfig
+from lmfleet.worker.config import MLFQ_QUEUE_ORDERS, SchedulerConfig
 from lmfleet.worker.scheduler.cost_model import CostModel
 
 POLICIES = ("fcfs", "mlfq")
@@ -63,7 +63,8 @@ def engine_options(args: argparse.Namespace, policy: str) -> dict:
                    num_kv_blocks=args.num_kv_blocks, host_kv_memory_bytes=args.host_kv_mib << 20)
     if policy == "mlfq":
         options.update(mlfq_starvation_s=args.mlfq_starvation_s,
-                       mlfq_num_queues=args.mlfq_num_queues)
+                       mlfq_num_queues=args.mlfq_num_queues,
+                       mlfq_queue_order=args.mlfq_queue_order)
         if args.mlfq_base_quantum_s is not None:
             options.update(mlfq_base_quantum_s=args.mlfq_base_quantum_s)
     return options
@@ -161,7 +162,8 @@ def run_sim(args: argparse.Namespace, spec: WorkloadSpec, cost: CostModel,
                      num_kv_blocks=args.num_kv_blocks, num_host_blocks=args.sim_host_blocks,
                      mlfq_base_quantum_s=base_quantum_s,
                      mlfq_starvation_s=args.mlfq_starvation_s,
-                     mlfq_num_queues=args.mlfq_num_queues)
+                     mlfq_num_queues=args.mlfq_num_queues,
+                     mlfq_queue_order=args.mlfq_queue_order)
     top = max(args.loads)
     # (key, load, config[, seed]): every policy at every load, then MLFQ variants at the
     # highest load, then FCFS and MLFQ at the highest load on other seeds' job lists.
@@ -170,8 +172,11 @@ def run_sim(args: argparse.Namespace, spec: WorkloadSpec, cost: CostModel,
     runs += [((f"{bound:g}",), top, replace(base, policy="mlfq", mlfq_starvation_s=bound))
              for bound in STARVATION_SWEEP if bound != args.mlfq_starvation_s]
     runs += [((f"{bound:g} round_robin",), top, replace(
-        base, policy="mlfq", mlfq_starvation_s=bound, mlfq_last_queue="round_robin"))
-        for bound in (args.mlfq_starvation_s, 1e9)]
+        base, policy="mlfq", mlfq_starvation_s=bound, mlfq_queue_order="arrival",
+        mlfq_last_queue="round_robin")) for bound in (args.mlfq_starvation_s, 1e9)]
+    runs += [((f"{args.mlfq_starvation_s:g} arrival_order",), top, replace(
+        base, policy="mlfq", mlfq_queue_order="arrival"))
+        for order in ("arrival",) if order != args.mlfq_queue_order]
     runs += [((f"{args.mlfq_starvation_s:g} {queues}_queues",), top, replace(
         base, policy="mlfq", mlfq_num_queues=queues))
         for queues in (8,) if queues != args.mlfq_num_queues]
@@ -328,6 +333,8 @@ def main() -> None:
     parser.add_argument("--mlfq-starvation-s", type=float, default=3.0)
     parser.add_argument("--mlfq-num-queues", type=int,
                         default=SchedulerConfig.mlfq_num_queues)
+    parser.add_argument("--mlfq-queue-order", choices=MLFQ_QUEUE_ORDERS,
+                        default=SchedulerConfig.mlfq_queue_order)
     parser.add_argument("--mlfq-base-quantum-s", type=float, default=None,
                         help="default: the engine's (one decode step of a half-full batch)")
     parser.add_argument("--real-requests", type=int, default=80)

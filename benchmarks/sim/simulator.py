@@ -48,6 +48,7 @@ class SimConfig:
     mlfq_base_quantum_s: float | None = None
     mlfq_starvation_s: float = 3.0
     mlfq_num_queues: int = SchedulerConfig.mlfq_num_queues
+    mlfq_queue_order: str = SchedulerConfig.mlfq_queue_order
     mlfq_last_queue: str = "fcfs"
     variant_param: float = 0.0  # the one knob of a VARIANTS policy
 
@@ -58,7 +59,8 @@ def _make_scheduler(config: SimConfig, cost: CostModel, clock):
         policy="fcfs" if config.policy == "fcfs" else "mlfq", max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         mlfq_num_queues=config.mlfq_num_queues, mlfq_base_quantum_s=config.mlfq_base_quantum_s,
-        mlfq_starvation_s=config.mlfq_starvation_s, mlfq_last_queue=config.mlfq_last_queue)
+        mlfq_starvation_s=config.mlfq_starvation_s, mlfq_queue_order=config.mlfq_queue_order,
+        mlfq_last_queue=config.mlfq_last_queue)
     kv = KVCacheManager(config.num_kv_blocks, config.block_size, enable_prefix_caching=False,
                         num_host_blocks=config.num_host_blocks)
     if config.policy == "fcfs":
