@@ -39,7 +39,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from scheduling_report import POLICIES, SIM_POLICIES, plot, table, table_real
+from scheduling_report import POLICIES, SIM_POLICIES, plot, table, table_real, write_report
 from sim.calibrate import fit_cost_model, probe_summary
 from sim.replay import engine_worker, make_prompts
 from sim.simulator import SimConfig, simulate
@@ -305,12 +305,7 @@ def main() -> None:
     result["simulation"] = run_sim(args, spec, cost, base_quantum_s)
     result["target"] = check_target(result["simulation"], args.mlfq_starvation_s)
     result["wall_s"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out / f"{args.name}.png")
-    print(table(result))
-    print(f"wrote {out / args.name}.json and .png ({result['wall_s']:.0f} s)")
+    write_report(result, Path(args.out), args.name, plot, table)
 
 
 if __name__ == "__main__":

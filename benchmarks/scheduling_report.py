@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 from sim.simulator import ORACLE
@@ -94,3 +96,13 @@ def plot(result: dict, path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def write_report(result: dict, out: Path, name: str, plot: Callable[[dict, Path], None],
+                 table: Callable[[dict], str]) -> None:
+    """`<out>/<name>.json` and `.png`, then the table and where they went on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / f"{name}.png")
+    print(table(result))
+    print(f"wrote {out / name}.json and .png ({result['wall_s']:.0f} s)")

@@ -23,6 +23,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from scheduling import simulate_at_load
+from scheduling_report import write_report
 from sim.simulator import ORACLE, SimConfig
 from sim.workload import WorkloadSpec
 
@@ -185,12 +186,7 @@ def main() -> None:
     started = time.perf_counter()
     result = run(args)
     result["wall_s"] = time.perf_counter() - started
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out / f"{args.name}.png")
-    print(table(result))
-    print(f"wrote {out / args.name}.json and .png ({result['wall_s']:.0f} s)")
+    write_report(result, Path(args.out), args.name, plot, table)
 
 
 if __name__ == "__main__":
