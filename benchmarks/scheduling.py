@@ -171,9 +171,9 @@ def run_sim(args: argparse.Namespace, spec: WorkloadSpec, cost: CostModel,
     runs += [((f"{bound:g} round_robin",), top, replace(
         base, policy="mlfq", mlfq_starvation_s=bound, mlfq_queue_order="arrival",
         mlfq_last_queue="round_robin")) for bound in (args.mlfq_starvation_s, 1e9)]
-    runs += [((f"{args.mlfq_starvation_s:g} arrival_order",), top, replace(
-        base, policy="mlfq", mlfq_queue_order="arrival"))
-        for order in ("arrival",) if order != args.mlfq_queue_order]
+    if args.mlfq_queue_order != "arrival":
+        runs.append(((f"{args.mlfq_starvation_s:g} arrival_order",), top,
+                     replace(base, policy="mlfq", mlfq_queue_order="arrival")))
     runs += [((f"{args.mlfq_starvation_s:g} {queues}_queues",), top, replace(
         base, policy="mlfq", mlfq_num_queues=queues))
         for queues in (8,) if queues != args.mlfq_num_queues]

@@ -126,6 +126,7 @@ class FullBoostMLFQ(MLFQScheduler):
             super().charge(request, seconds)
             return
         entry.service_s += seconds
+        entry.attained_s += seconds  # as MLFQ's own charge does
         entry.last_run = self.clock()
         home_level = entry.home[0]
         if entry.service_s < self.boost_fraction * self.quantum(home_level):

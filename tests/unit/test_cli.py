@@ -130,3 +130,13 @@ def test_worker_mlfq_order_flags_map_to_engine_options_the_engine_accepts():
     assert (scheduler.mlfq_queue_order, scheduler.mlfq_last_queue) == ("arrival", "round_robin")
     with pytest.raises(ValueError, match="mlfq-queue-order"):
         options("--mlfq-queue-order", "fifo")
+
+
+def test_worker_mlfq_order_choices_are_the_configs():
+    # The CLI spells the choices out (it does not import torch to parse flags).
+    from lmfleet.cluster.commands.worker import engine_actions
+    from lmfleet.worker.config import MLFQ_LAST_QUEUE_ORDERS, MLFQ_QUEUE_ORDERS
+
+    choices = {action.dest: tuple(action.choices or ()) for action in engine_actions()}
+    assert choices["mlfq_queue_order"] == MLFQ_QUEUE_ORDERS
+    assert choices["mlfq_last_queue"] == MLFQ_LAST_QUEUE_ORDERS

@@ -60,6 +60,7 @@ def test_full_boost_lasts_its_share_of_the_home_quantum_then_demotes_from_home()
     scheduler.charge(y, 1.0)  # 8 s = half of Q2's quantum: back home, demoted to Q3
     assert level(scheduler, "y") == 3
     assert scheduler.entries["y"].home is None and scheduler.entries["y"].service_s == 0.0
+    assert scheduler.entries["y"].attained_s == 8.0  # boosted service counts as service
     scheduler.charge(x, 3.0)  # still boosted; its home service was untouched
     assert level(scheduler, "x") == 0
 

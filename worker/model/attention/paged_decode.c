@@ -17,8 +17,8 @@
  *
  * One task per request, so its blocks are read whole and in order. Per request: scores for
  * every head (q . k * scale), a softmax per head (max subtracted, over real keys only),
- * then the probability-weighted sum of values. Arithmetic differs from torch's SDPA only in summation order and exp's
- * last bits.
+ * then the probability-weighted sum of values. Arithmetic differs from torch's SDPA only in
+ * summation order and exp's last bits.
  */
 #include <math.h>
 #include <stdint.h>
