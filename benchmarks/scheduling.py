@@ -20,7 +20,7 @@ scheduler is never told them.
     each of `--loads` x capacity, for FCFS, MLFQ and a yardstick that knows the output
     lengths (shortest remaining output first, sim/oracle.py: what any reordering could
     win), plus MLFQ with other starvation bounds, arrival order within queues (with a
-    round-robin last queue too) and 8 queues at the highest load.
+    round-robin last queue too), 8 queues and no deadline lane at the highest load.
 
 The target checked at the highest load: MLFQ's mean JCT at least 2x better than FCFS's,
 its p99 JCT no worse, and no request stalled longer than twice the starvation bound.
@@ -61,7 +61,9 @@ def engine_options(args: argparse.Namespace, policy: str) -> dict:
     if policy == "mlfq":
         options.update(mlfq_starvation_s=args.mlfq_starvation_s,
                        mlfq_num_queues=args.mlfq_num_queues,
-                       mlfq_queue_order=args.mlfq_queue_order)
+                       mlfq_queue_order=args.mlfq_queue_order,
+                       mlfq_deadline_s=args.mlfq_deadline_s,
+                       mlfq_deadline_slack=args.mlfq_deadline_slack)
         if args.mlfq_base_quantum_s is not None:
             options.update(mlfq_base_quantum_s=args.mlfq_base_quantum_s)
     return options
@@ -160,7 +162,9 @@ def run_sim(args: argparse.Namespace, spec: WorkloadSpec, cost: CostModel,
                      mlfq_base_quantum_s=base_quantum_s,
                      mlfq_starvation_s=args.mlfq_starvation_s,
                      mlfq_num_queues=args.mlfq_num_queues,
-                     mlfq_queue_order=args.mlfq_queue_order)
+                     mlfq_queue_order=args.mlfq_queue_order,
+                     mlfq_deadline_s=args.mlfq_deadline_s,
+                     mlfq_deadline_slack=args.mlfq_deadline_slack)
     top = max(args.loads)
     # (key, load, config[, seed]): every policy at every load, then MLFQ variants at the
     # highest load, then FCFS and MLFQ at the highest load on other seeds' job lists.
@@ -174,6 +178,9 @@ def run_sim(args: argparse.Namespace, spec: WorkloadSpec, cost: CostModel,
     if args.mlfq_queue_order != "arrival":
         runs.append(((f"{args.mlfq_starvation_s:g} arrival_order",), top,
                      replace(base, policy="mlfq", mlfq_queue_order="arrival")))
+    if args.mlfq_deadline_s is not None or args.mlfq_deadline_slack:
+        runs.append(((f"{args.mlfq_starvation_s:g} no_deadline_lane",), top, replace(
+            base, policy="mlfq", mlfq_deadline_s=None, mlfq_deadline_slack=0.0)))
     runs += [((f"{args.mlfq_starvation_s:g} {queues}_queues",), top, replace(
         base, policy="mlfq", mlfq_num_queues=queues))
         for queues in (8,) if queues != args.mlfq_num_queues]
@@ -248,6 +255,13 @@ def main() -> None:
                         default=SchedulerConfig.mlfq_num_queues)
     parser.add_argument("--mlfq-queue-order", choices=MLFQ_QUEUE_ORDERS,
                         default=SchedulerConfig.mlfq_queue_order)
+    parser.add_argument("--mlfq-deadline-s", type=float,
+                        default=SchedulerConfig.mlfq_deadline_s,
+                        help="MLFQ's deadline lane: a fixed deadline (default: learnt)")
+    parser.add_argument("--mlfq-deadline-slack", type=float,
+                        default=SchedulerConfig.mlfq_deadline_slack,
+                        help="learnt deadline = this x the p99 service of finished jobs "
+                             "(0: no deadline lane)")
     parser.add_argument("--mlfq-base-quantum-s", type=float, default=None,
                         help="default: the engine's (one decode step of a half-full batch)")
     parser.add_argument("--real-requests", type=int, default=80)

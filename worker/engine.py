@@ -174,5 +174,11 @@ class LLMEngine:
         sizes = getattr(self.scheduler, "queue_sizes", None)
         if sizes is None:
             return [(self.config.scheduler.policy, self.num_running, self.num_waiting)]
-        return [(f"mlfq-q{level}", running, waiting)
-                for level, (running, waiting) in enumerate(sizes())]
+        loads = [(f"mlfq-q{level}", running, waiting)
+                 for level, (running, waiting) in enumerate(sizes())]
+        # The urgent jobs of the deadline lane, while it is on (they are also counted in
+        # their queues above).
+        lane = self.scheduler.deadline_lane_sizes()
+        if lane is not None:
+            loads.append(("mlfq-deadline-lane", *lane))
+        return loads

@@ -50,6 +50,8 @@ class SimConfig:
     mlfq_num_queues: int = SchedulerConfig.mlfq_num_queues
     mlfq_queue_order: str = SchedulerConfig.mlfq_queue_order
     mlfq_last_queue: str = "fcfs"
+    mlfq_deadline_s: float | None = SchedulerConfig.mlfq_deadline_s
+    mlfq_deadline_slack: float = SchedulerConfig.mlfq_deadline_slack
     variant_param: float = 0.0  # the one knob of a VARIANTS policy
 
 
@@ -60,7 +62,8 @@ def _make_scheduler(config: SimConfig, cost: CostModel, clock):
         max_num_batched_tokens=config.max_num_batched_tokens,
         mlfq_num_queues=config.mlfq_num_queues, mlfq_base_quantum_s=config.mlfq_base_quantum_s,
         mlfq_starvation_s=config.mlfq_starvation_s, mlfq_queue_order=config.mlfq_queue_order,
-        mlfq_last_queue=config.mlfq_last_queue)
+        mlfq_last_queue=config.mlfq_last_queue, mlfq_deadline_s=config.mlfq_deadline_s,
+        mlfq_deadline_slack=config.mlfq_deadline_slack)
     kv = KVCacheManager(config.num_kv_blocks, config.block_size, enable_prefix_caching=False,
                         num_host_blocks=config.num_host_blocks)
     if config.policy == "fcfs":

@@ -62,6 +62,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mlfq-last-queue", default=None, choices=("fcfs", "round_robin"),
                    help="MLFQ with --mlfq-queue-order arrival: order of the last queue's "
                    "(long) jobs (default fcfs)")
+    p.add_argument("--mlfq-deadline-s", type=float, default=None, metavar="S",
+                   help="MLFQ deadline lane: a job older than S/4 seconds runs ahead of the "
+                   "deep queues until it is S seconds old (default: S learnt from finished "
+                   "jobs, see --mlfq-deadline-slack)")
+    p.add_argument("--mlfq-deadline-slack", type=float, default=None, metavar="X",
+                   help="MLFQ: learnt deadline = X times the p99 service of finished jobs "
+                   "(default 1.5; 0 turns the deadline lane off)")
     p.add_argument("--dense-decode-cache", default="auto", choices=("auto", "on", "off"),
                    help="also keep decoding requests' KV contiguous, read in place by "
                    "decode attention (auto: on for CPU, off for CUDA)")
@@ -122,7 +129,8 @@ def engine_options(args: argparse.Namespace) -> dict:
     options = {"device": args.device, "dtype": args.dtype, "policy": args.scheduler}
     for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size",
                  "max_model_len", "mlfq_starvation_s", "mlfq_base_quantum_s", "mlfq_num_queues",
-                 "mlfq_queue_order", "mlfq_last_queue", "session_ttl_s"):
+                 "mlfq_queue_order", "mlfq_last_queue", "mlfq_deadline_s", "mlfq_deadline_slack",
+                 "session_ttl_s"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value

@@ -21,12 +21,13 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,",
            "Q: What is the boiling point of water?\nA:", "My favourite food is"]
 MAX_TOKENS = 20
 # A microsecond quantum with a round-robin last queue reorders the jobs every step, and
-# 10 device blocks for 3 running jobs force swaps.
+# 10 device blocks for 3 running jobs force swaps. A 4 s deadline makes jobs urgent after
+# 1 s, so the deadline lane reorders them too.
 WORKER_ARGS = ["--scheduler", "mlfq", "--host-kv-memory", "64MiB", "--num-kv-blocks", "10",
                "--max-num-seqs", "3", "--mlfq-base-quantum-s", "0.000001",
                "--mlfq-starvation-s", "1000000", "--mlfq-queue-order", "arrival",
                "--mlfq-last-queue", "round_robin",
-               "--mlfq-num-queues", "8"]
+               "--mlfq-num-queues", "8", "--mlfq-deadline-s", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,8 @@ def test_mlfq_worker_is_exact_and_reports_queues_swaps_and_sessions(default_mode
             stub = worker_pb2_grpc.WorkerStub(channel)
             load = stub.GetLoad(pb.GetLoadRequest(), timeout=30)
             assert load.scheduler == "mlfq"
-            assert [q.name for q in load.queues] == [f"mlfq-q{i}" for i in range(8)]
+            assert [q.name for q in load.queues] == [
+                *(f"mlfq-q{i}" for i in range(8)), "mlfq-deadline-lane"]
             assert load.num_swap_out_blocks > 0 and load.num_swap_in_blocks > 0
             # Bytes follow from the model: 16 tokens x K and V of every layer, fp32.
             arch = ArchConfig.from_model_dir(default_model_dir)

@@ -30,6 +30,8 @@ def make_scheduler(num_blocks: int = 16, num_host_blocks: int = 0, max_num_seqs:
                    base_quantum_s: float | None = 4.0, starvation_s: float = 100.0,
                    cost_model: CostModel = COST, last_queue: str = "fcfs",
                    queue_order: str = SchedulerConfig.mlfq_queue_order,
+                   deadline_s: float | None = None,
+                   deadline_slack: float = SchedulerConfig.mlfq_deadline_slack,
                    scheduler_class: type[MLFQScheduler] = MLFQScheduler,
                    **class_kwargs) -> tuple[MLFQScheduler, list[float]]:
     """A scheduler (MLFQ or a subclass, given `class_kwargs`) on a fake clock; set
@@ -38,7 +40,8 @@ def make_scheduler(num_blocks: int = 16, num_host_blocks: int = 0, max_num_seqs:
                              max_num_batched_tokens=max_num_batched_tokens,
                              mlfq_num_queues=4, mlfq_base_quantum_s=base_quantum_s,
                              mlfq_starvation_s=starvation_s, kv_headroom_blocks=headroom,
-                             mlfq_last_queue=last_queue, mlfq_queue_order=queue_order)
+                             mlfq_last_queue=last_queue, mlfq_queue_order=queue_order,
+                             mlfq_deadline_s=deadline_s, mlfq_deadline_slack=deadline_slack)
     now = [0.0]
     kv = KVCacheManager(num_blocks, BLOCK_SIZE, num_host_blocks=num_host_blocks)
     return scheduler_class(config, kv, cost_model, clock=lambda: now[0], **class_kwargs), now

@@ -132,6 +132,23 @@ def test_worker_mlfq_order_flags_map_to_engine_options_the_engine_accepts():
         options("--mlfq-queue-order", "fifo")
 
 
+def test_worker_deadline_lane_flags_map_to_the_scheduler_config():
+    from lmfleet.cluster.commands.worker import engine_options, parse_worker_argv
+    from lmfleet.worker.config import EngineConfig
+
+    def scheduler(*flags: str):
+        options = engine_options(parse_worker_argv(["--port", "0", "--scheduler", "mlfq",
+                                                    *flags]))
+        return EngineConfig.from_options("default", **options).scheduler
+
+    default = scheduler()
+    assert (default.mlfq_deadline_s, default.mlfq_deadline_slack) == (None, 1.5)
+    chosen = scheduler("--mlfq-deadline-s", "90", "--mlfq-deadline-slack", "0")
+    assert (chosen.mlfq_deadline_s, chosen.mlfq_deadline_slack) == (90.0, 0.0)
+    with pytest.raises(ValueError, match="mlfq_deadline_slack"):
+        scheduler("--mlfq-deadline-slack", "0.5")
+
+
 def test_worker_mlfq_order_choices_are_the_configs():
     # The CLI spells the choices out (it does not import torch to parse flags).
     from lmfleet.cluster.commands.worker import engine_actions

@@ -37,6 +37,10 @@ INVALID_OPTIONS = [
     ("max_num_batched_tokens", 0),
     ("mlfq_queue_order", "fifo"),
     ("mlfq_last_queue", "lifo"),
+    ("mlfq_deadline_s", 0.0),
+    ("mlfq_deadline_s", -5.0),
+    ("mlfq_deadline_slack", -1.0),
+    ("mlfq_deadline_slack", 0.5),
 ]
 
 
@@ -67,6 +71,9 @@ VALID_OPTIONS = [
     ("max_num_batched_tokens", 1),
     ("mlfq_queue_order", "arrival"),
     ("mlfq_queue_order", "least_attained"),
+    ("mlfq_deadline_s", 0.001),
+    ("mlfq_deadline_slack", 0.0),
+    ("mlfq_deadline_slack", 1.0),
 ]
 
 

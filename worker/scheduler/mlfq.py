@@ -14,6 +14,9 @@ order they got there) or goes to the back ("round_robin"). A job that has not ru
 `mlfq_starvation_s` is boosted: it goes to the front of Q0 for one Q0 quantum, then back
 to the queue, place and service it had, so a boost guarantees progress without
 reordering the long jobs.
+The deadline lane (deadline_lane.py; on by default, its deadline learnt from finished jobs)
+moves jobs older than a quarter of the deadline ahead of the deep queues, oldest first,
+until their deadline passes: it keeps MLFQ's p99 JCT in check.
 Output length is never assumed known.
 Preemption happens at step boundaries: a job not chosen keeps its KV where it is unless
 memory is needed.
@@ -39,6 +42,7 @@ from lmfleet.worker.kv.manager import KVCacheManager, blocks_for_tokens
 from lmfleet.worker.request import Request, RequestStatus
 from lmfleet.worker.scheduler.base import ScheduledRequest, Scheduler, SchedulerOutput
 from lmfleet.worker.scheduler.cost_model import CostModel
+from lmfleet.worker.scheduler.deadline_lane import DeadlineLane
 
 
 @dataclass
@@ -48,6 +52,7 @@ class QueueEntry:
     service_s: float = 0.0  # service attained at this level
     attained_s: float = 0.0  # service attained since the job was added
     last_run: float = 0.0  # clock time it last ran (or arrived)
+    arrived: float = 0.0  # clock time the scheduler got it (the deadline lane's age)
     # While boosted to Q0 against starvation: the (level, position, service_s) to return to.
     home: Optional[tuple[int, int, float]] = None
 
@@ -69,6 +74,9 @@ class MLFQScheduler(Scheduler):
         self._back = itertools.count()
         self._front = itertools.count(-1, -1)
         self._last_scheduled: list[Request] = []
+        self.deadline_lane = DeadlineLane(config.mlfq_deadline_s, config.mlfq_deadline_slack)
+        # Jobs at levels below this are young (new or short): the lane never passes them.
+        self.young_levels = self.num_queues // 2
 
     # ---- queue mechanics (pure, tested on a fake clock) --------------------------------
     def quantum(self, level: int) -> float:
@@ -123,7 +131,8 @@ class MLFQScheduler(Scheduler):
 
     def priority_order(self) -> list[Request]:
         """Every job, the next to run first: by queue, then within a queue by arrival there
-        or least attained service (a boosted job goes first in Q0 either way)."""
+        or least attained service (a boosted job goes first in Q0 either way); then the
+        deadline lane moves urgent jobs of the deep queues ahead of the others there."""
         if self.config.mlfq_queue_order == "arrival":
             def key(request: Request) -> tuple:
                 entry = self.entries[request.request_id]
@@ -134,7 +143,29 @@ class MLFQScheduler(Scheduler):
                 if entry.home is not None:  # boosted: the front of Q0, as placed
                     return entry.level, 0, entry.position
                 return entry.level, 1, entry.attained_s, entry.position
-        return sorted(self.jobs.values(), key=key)
+        order = sorted(self.jobs.values(), key=key)
+        return self.deadline_lane.reorder(
+            order, is_young=self._is_young,
+            arrived_at=lambda r: self.entries[r.request_id].arrived, now=self.clock())
+
+    def _is_young(self, request: Request) -> bool:
+        """In the top half of the queues, or boosted against starvation (which the lane must
+        not undo)."""
+        entry = self.entries[request.request_id]
+        return entry.level < self.young_levels or entry.home is not None
+
+    def deadline_lane_sizes(self) -> Optional[tuple[int, int]]:
+        """(running, waiting) of the urgent jobs in the deadline lane; None while it is off."""
+        if self.deadline_lane.deadline_s is None:
+            return None
+        now = self.clock()
+        running = {r.request_id for r in self._last_scheduled}
+        sizes = [0, 0]
+        for request_id, request in self.jobs.items():
+            if not self._is_young(request) and \
+                    self.deadline_lane.is_urgent(now - self.entries[request_id].arrived):
+                sizes[0 if request_id in running else 1] += 1
+        return sizes[0], sizes[1]
 
     def queue_sizes(self) -> list[tuple[int, int]]:
         """(running, waiting) per queue level."""
@@ -160,16 +191,24 @@ class MLFQScheduler(Scheduler):
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
         self.jobs[request.request_id] = request
+        now = self.clock()
         self.entries[request.request_id] = QueueEntry(
-            level=self.initial_level(request), position=next(self._back), last_run=self.clock())
+            level=self.initial_level(request), position=next(self._back), last_run=now,
+            arrived=now)
 
     def abort(self, request_id: str) -> Optional[Request]:
         request = self.jobs.get(request_id)
         if request is not None:
-            self.finish(request)
+            self._forget(request)  # not a finished job: the lane does not learn from it
         return request
 
     def finish(self, request: Request, release_kv: bool = True) -> None:
+        entry = self.entries.get(request.request_id)
+        if entry is not None:
+            self.deadline_lane.record_finished(entry.attained_s)
+        self._forget(request, release_kv)
+
+    def _forget(self, request: Request, release_kv: bool = True) -> None:
         self.jobs.pop(request.request_id, None)
         self.entries.pop(request.request_id, None)
         if release_kv:

@@ -1,0 +1,99 @@
+"""MLFQ's deadline lane: size-blind control of the tail of job completion time (JCT).
+
+MLFQ serves the short jobs first, which is what buys its mean JCT, but the waiting it
+saves them lands on the long jobs: on heavy-tailed output lengths its p99 JCT was up to
+12% worse than FCFS's (benchmarks/scheduling.py, README). The lane bounds that without
+knowing any output length:
+
+- A job is *urgent* from age `deadline * URGENT_FRACTION` until its deadline. Urgent jobs
+  run ahead of the deep queues (the lower half of the levels), oldest first: every job has
+  the same deadline, so that is earliest deadline first. The top queues, where new and
+  short jobs are (and jobs boosted against starvation), keep precedence, so short requests
+  are not held back.
+- A job past its deadline has missed it and drops back to its place in the queues (the
+  starvation boost still keeps it moving). Otherwise the few jobs too large for the
+  deadline, all of them urgent, would make the on-time ones late too: to keep the number of
+  late jobs small one gives up on the largest (Moore and Hodgson's rule), and a job that is
+  still running at its deadline is likely one of those.
+- The deadline is fixed (`mlfq_deadline_s`, an operator's JCT objective) or learnt:
+  `mlfq_deadline_slack` times the 99th percentile of the service (charged step time) that
+  the last HISTORY finished jobs needed, i.e. a job as large as the 99th-percentile one may
+  take `slack` times its own service time. The learnt deadline is off until MIN_HISTORY
+  jobs have finished.
+
+Ages are on the scheduler's clock, measured from when the scheduler got the job.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Optional
+
+from lmfleet.worker.request import Request
+
+# A job becomes urgent at this fraction of the deadline. Anything from 0.1 to 0.45 met the
+# scheduling target in simulation (README); a quarter leaves three quarters of the deadline
+# for the job to finish once it is urgent.
+URGENT_FRACTION = 0.25
+# Finished jobs whose service the learnt deadline is taken from, and how many must have
+# finished before it is used (a 99th percentile of fewer is little more than the maximum).
+HISTORY = 1000
+MIN_HISTORY = 100
+QUANTILE = 0.99
+
+
+class DeadlineLane:
+    """Which jobs are urgent, and the deadline that says so.
+
+    Contract: `record_finished` is called once per job that finished (not aborted) with the
+    service it attained; `reorder` takes the scheduler's priority order and returns the
+    same jobs with the urgent, non-young ones moved ahead of the other non-young ones. While
+    `deadline_s` is None (lane off, or too few jobs finished to learn it) `reorder` returns
+    the order unchanged.
+    """
+
+    def __init__(self, fixed_deadline_s: Optional[float], slack: float) -> None:
+        self.fixed_deadline_s = fixed_deadline_s
+        self.slack = slack
+        self._service_s: deque[float] = deque(maxlen=HISTORY)
+        self._learnt_s: Optional[float] = None
+
+    @property
+    def deadline_s(self) -> Optional[float]:
+        if self.fixed_deadline_s is not None:
+            return self.fixed_deadline_s
+        return self._learnt_s
+
+    def record_finished(self, service_s: float) -> None:
+        """Learn from a finished job's attained service (seconds of charged step time)."""
+        if self.fixed_deadline_s is not None or self.slack == 0:
+            return
+        self._service_s.append(service_s)
+        if len(self._service_s) >= MIN_HISTORY:
+            ordered = sorted(self._service_s)
+            # Nearest rank: the smallest value with at least QUANTILE of the jobs at or below.
+            rank = math.ceil(QUANTILE * len(ordered)) - 1
+            self._learnt_s = self.slack * ordered[rank]
+
+    def is_urgent(self, age_s: float) -> bool:
+        deadline = self.deadline_s
+        return deadline is not None and deadline * URGENT_FRACTION <= age_s < deadline
+
+    def reorder(self, order: list[Request], is_young: Callable[[Request], bool],
+                arrived_at: Callable[[Request], float], now: float) -> list[Request]:
+        """Young jobs in their order, then the urgent ones oldest first, then the rest in
+        their order."""
+        if self.deadline_s is None:
+            return order
+        young, urgent, rest = [], [], []
+        for request in order:
+            if is_young(request):
+                young.append(request)
+            elif self.is_urgent(now - arrived_at(request)):
+                urgent.append(request)
+            else:
+                rest.append(request)
+        urgent.sort(key=arrived_at)  # stable: ties keep the priority order
+        return young + urgent + rest
