@@ -168,8 +168,9 @@ class SchedulerConfig:
     # the deadline runs ahead of the deep queues, oldest first, until its deadline. The
     # deadline is mlfq_deadline_s when set (a JCT objective, seconds), else learnt:
     # mlfq_deadline_slack x the p99 of the service finished jobs needed (0: no lane).
-    # Without the lane MLFQ's p99 JCT was up to 12% worse than FCFS's on heavy-tailed
-    # output lengths; with it, 4-63% better (benchmarks/scheduling.py, README).
+    # On heavy-tailed output lengths it moved MLFQ's p99 JCT from 0.64-0.91x FCFS's to
+    # 0.66-1.25x (eight job lists) for 7-13% of the mean (benchmarks/, README). With
+    # long outputs all of one size, arrival order and 8 queues without it do better.
     mlfq_deadline_s: Optional[float] = None
     mlfq_deadline_slack: float = 1.5
     # Free device blocks kept for arrivals and growth by proactive swap-out (None: 1/16

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from lmfleet.worker import LLM, SamplingParams
@@ -55,4 +57,28 @@ def test_mlfq_recompute_when_host_tier_is_tiny(default_model_dir, prompt_ids, re
     llm = _mlfq_llm(default_model_dir, host_kv_memory_bytes=block_bytes)
     outputs = llm.generate(prompt_ids, GREEDY, use_tqdm=False)
     assert llm.engine.scheduler.num_preemptions > 0
+    assert [o.output_token_ids for o in outputs] == reference
+
+
+def test_mlfq_deadline_lane_reordering_with_swapping_equals_hf(default_model_dir, prompt_ids,
+                                                              reference):
+    llm = _mlfq_llm(default_model_dir, host_kv_memory_bytes=64 << 20, mlfq_deadline_s=400.0)
+    scheduler = llm.engine.scheduler
+    # Every read of the scheduler's clock is one tick (about ten a step): ages, and so the
+    # lane's choices, do not depend on wall-clock time. Jobs turn urgent at 100 ticks and
+    # drop back at 400.
+    ticks = itertools.count()
+    scheduler.clock = lambda: float(next(ticks))
+    lane_reorder = scheduler.deadline_lane.reorder
+    reordered = []
+
+    def reorder(order, **kwargs):
+        result = lane_reorder(order, **kwargs)
+        reordered.append([r.request_id for r in result] != [r.request_id for r in order])
+        return result
+
+    scheduler.deadline_lane.reorder = reorder
+    outputs = llm.generate(prompt_ids, GREEDY, use_tqdm=False)
+    assert any(reordered)
+    assert llm.engine.kv_manager.swap_stats.num_swap_out_blocks > 0
     assert [o.output_token_ids for o in outputs] == reference

@@ -1,9 +1,9 @@
 """MLFQ's deadline lane: size-blind control of the tail of job completion time (JCT).
 
 MLFQ serves the short jobs first, which is what buys its mean JCT, but the waiting it
-saves them lands on the long jobs: on heavy-tailed output lengths its p99 JCT was up to
-12% worse than FCFS's (benchmarks/scheduling.py, README). The lane bounds that without
-knowing any output length:
+saves them lands on the long jobs, which are the whole p99 set: on heavy-tailed output
+lengths MLFQ's p99 JCT was 1.1-1.6x FCFS's (benchmarks/scheduling_variants.py, README).
+The lane narrows that without knowing any output length:
 
 - A job is *urgent* from age `deadline * URGENT_FRACTION` until its deadline. Urgent jobs
   run ahead of the deep queues (the lower half of the levels), oldest first: every job has
@@ -33,9 +33,9 @@ from typing import Optional
 
 from lmfleet.worker.request import Request
 
-# A job becomes urgent at this fraction of the deadline. Anything from 0.1 to 0.45 met the
-# scheduling target in simulation (README); a quarter leaves three quarters of the deadline
-# for the job to finish once it is urgent.
+# A job becomes urgent at this fraction of the deadline. 0.1 and 0.4 gave p99s within a
+# few percent of a quarter's in simulation (README); a quarter leaves three quarters of the
+# deadline for the job to finish once it is urgent.
 URGENT_FRACTION = 0.25
 # Finished jobs whose service the learnt deadline is taken from, and how many must have
 # finished before it is used (a 99th percentile of fewer is little more than the maximum).
