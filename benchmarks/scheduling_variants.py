@@ -152,7 +152,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(12, 8))
+    fig, ax = plt.subplots(figsize=(15, 8))
     markers = "osD^v<>phX*P8d"
     colors = plt.get_cmap("tab20").colors
     for index, (label, v) in enumerate(result["variants"].items()):
@@ -175,9 +175,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("FCFS p99 JCT / variant p99 JCT")
     ax.set_title(f"size-blind variants, simulation at load {result['load']:g}: one point per "
                  f"job list (seeds {', '.join(map(str, result['seeds']))})")
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend sits outside the axes
 
 
 def main() -> None:
