@@ -4,6 +4,8 @@ token, so a 20-token prompt joins the deep Q3 and a 2-token one the young Q0).""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from lmfleet.worker.scheduler.deadline_lane import HISTORY, MIN_HISTORY, DeadlineLane
@@ -29,6 +31,16 @@ def test_learnt_deadline_forgets_all_but_the_last_history_jobs():
     for _ in range(HISTORY):
         lane.record_finished(10.0)
     assert lane.deadline_s == 10.0
+
+
+def test_learnt_deadline_matches_the_p99_of_the_window_for_any_order_of_values():
+    lane = DeadlineLane(fixed_deadline_s=None, slack=2.0)
+    values = [float((index * 7919) % 1237) for index in range(HISTORY + 537)]
+    for count, value in enumerate(values, start=1):
+        lane.record_finished(value)
+        if count >= MIN_HISTORY and count % 97 == 0:
+            window = sorted(values[max(0, count - HISTORY):count])
+            assert lane.deadline_s == 2.0 * window[math.ceil(0.99 * len(window)) - 1]
 
 
 def test_a_fixed_deadline_is_kept_and_slack_zero_turns_the_lane_off():

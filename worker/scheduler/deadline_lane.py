@@ -26,6 +26,7 @@ Ages are on the scheduler's clock, measured from when the scheduler got the job.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Callable
@@ -57,7 +58,8 @@ class DeadlineLane:
     def __init__(self, fixed_deadline_s: Optional[float], slack: float) -> None:
         self.fixed_deadline_s = fixed_deadline_s
         self.slack = slack
-        self._service_s: deque[float] = deque(maxlen=HISTORY)
+        self._service_s: deque[float] = deque()  # the last HISTORY, oldest first
+        self._sorted_s: list[float] = []  # the same values, sorted
         self._learnt_s: Optional[float] = None
 
     @property
@@ -70,12 +72,16 @@ class DeadlineLane:
         """Learn from a finished job's attained service (seconds of charged step time)."""
         if self.fixed_deadline_s is not None or self.slack == 0:
             return
+        # Kept sorted by insertion (a memmove, not a sort per finished job).
+        if len(self._service_s) == HISTORY:
+            oldest = self._service_s.popleft()
+            del self._sorted_s[bisect.bisect_left(self._sorted_s, oldest)]
         self._service_s.append(service_s)
-        if len(self._service_s) >= MIN_HISTORY:
-            ordered = sorted(self._service_s)
+        bisect.insort(self._sorted_s, service_s)
+        if len(self._sorted_s) >= MIN_HISTORY:
             # Nearest rank: the smallest value with at least QUANTILE of the jobs at or below.
-            rank = math.ceil(QUANTILE * len(ordered)) - 1
-            self._learnt_s = self.slack * ordered[rank]
+            rank = math.ceil(QUANTILE * len(self._sorted_s)) - 1
+            self._learnt_s = self.slack * self._sorted_s[rank]
 
     def is_urgent(self, age_s: float) -> bool:
         deadline = self.deadline_s

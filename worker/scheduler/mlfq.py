@@ -16,7 +16,7 @@ to the queue, place and service it had, so a boost guarantees progress without
 reordering the long jobs.
 The deadline lane (deadline_lane.py; on by default, its deadline learnt from finished jobs)
 moves jobs older than a quarter of the deadline ahead of the deep queues, oldest first,
-until their deadline passes: it keeps MLFQ's p99 JCT in check.
+until their deadline passes: it narrows the gap between MLFQ's p99 JCT and FCFS's.
 Output length is never assumed known.
 Preemption happens at step boundaries: a job not chosen keeps its KV where it is unless
 memory is needed.
