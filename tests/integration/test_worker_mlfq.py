@@ -21,8 +21,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,",
            "Q: What is the boiling point of water?\nA:", "My favourite food is"]
 MAX_TOKENS = 20
 # A microsecond quantum with a round-robin last queue reorders the jobs every step, and
-# 10 device blocks for 3 running jobs force swaps. A 4 s deadline makes jobs urgent after
-# 1 s, so the deadline lane reorders them too.
+# 10 device blocks for 3 running jobs force swaps. A fixed 4 s deadline turns the deadline
+# lane on from the start (jobs older than 1 s are urgent), so it may reorder them too.
 WORKER_ARGS = ["--scheduler", "mlfq", "--host-kv-memory", "64MiB", "--num-kv-blocks", "10",
                "--max-num-seqs", "3", "--mlfq-base-quantum-s", "0.000001",
                "--mlfq-starvation-s", "1000000", "--mlfq-queue-order", "arrival",

@@ -69,15 +69,16 @@ def test_mlfq_deadline_lane_reordering_with_swapping_equals_hf(default_model_dir
     # drop back at 400.
     ticks = itertools.count()
     scheduler.clock = lambda: float(next(ticks))
-    lane_reorder = scheduler.deadline_lane.reorder
+    lane_split = scheduler.deadline_lane.split
     reordered = []
 
-    def reorder(order, **kwargs):
-        result = lane_reorder(order, **kwargs)
-        reordered.append([r.request_id for r in result] != [r.request_id for r in order])
-        return result
+    def split(order, **kwargs):
+        young, urgent, rest = lane_split(order, **kwargs)
+        reordered.append([r.request_id for r in young + urgent + rest]
+                         != [r.request_id for r in order])
+        return young, urgent, rest
 
-    scheduler.deadline_lane.reorder = reorder
+    scheduler.deadline_lane.split = split
     outputs = llm.generate(prompt_ids, GREEDY, use_tqdm=False)
     assert any(reordered)
     assert llm.engine.kv_manager.swap_stats.num_swap_out_blocks > 0

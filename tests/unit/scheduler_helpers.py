@@ -30,7 +30,7 @@ def make_scheduler(num_blocks: int = 16, num_host_blocks: int = 0, max_num_seqs:
                    base_quantum_s: float | None = 4.0, starvation_s: float = 100.0,
                    cost_model: CostModel = COST, last_queue: str = "fcfs",
                    queue_order: str = SchedulerConfig.mlfq_queue_order,
-                   deadline_s: float | None = None,
+                   deadline_s: float | None = None, num_queues: int = 4,
                    deadline_slack: float = SchedulerConfig.mlfq_deadline_slack,
                    scheduler_class: type[MLFQScheduler] = MLFQScheduler,
                    **class_kwargs) -> tuple[MLFQScheduler, list[float]]:
@@ -38,7 +38,7 @@ def make_scheduler(num_blocks: int = 16, num_host_blocks: int = 0, max_num_seqs:
     `now[0]` to move time."""
     config = SchedulerConfig(policy="mlfq", max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens,
-                             mlfq_num_queues=4, mlfq_base_quantum_s=base_quantum_s,
+                             mlfq_num_queues=num_queues, mlfq_base_quantum_s=base_quantum_s,
                              mlfq_starvation_s=starvation_s, kv_headroom_blocks=headroom,
                              mlfq_last_queue=last_queue, mlfq_queue_order=queue_order,
                              mlfq_deadline_s=deadline_s, mlfq_deadline_slack=deadline_slack)

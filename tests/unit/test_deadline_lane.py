@@ -98,7 +98,9 @@ def test_urgent_jobs_pass_the_deep_queues_oldest_first_until_their_deadline():
 
 
 def test_a_job_boosted_against_starvation_stays_ahead_of_urgent_ones():
-    scheduler, now = make_scheduler(starvation_s=35.0, deadline_s=100.0)
+    # One queue: no level is young, so only being boosted keeps a job ahead of the lane.
+    scheduler, now = make_scheduler(starvation_s=35.0, deadline_s=100.0, num_queues=1)
+    assert scheduler.young_levels == 0
     scheduler.add(make_request("old", 20))
     now[0] = 10.0
     scheduler.add(make_request("mid", 20))

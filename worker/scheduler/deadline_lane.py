@@ -49,10 +49,11 @@ class DeadlineLane:
     """Which jobs are urgent, and the deadline that says so.
 
     Contract: `record_finished` is called once per job that finished (not aborted) with the
-    service it attained; `reorder` takes the scheduler's priority order and returns the
-    same jobs with the urgent, non-young ones moved ahead of the other non-young ones. While
-    `deadline_s` is None (lane off, or too few jobs finished to learn it) `reorder` returns
-    the order unchanged.
+    service it attained; `split` takes the scheduler's priority order and returns it as
+    (young, urgent, rest): young + urgent + rest is the order with the lane, the same jobs
+    with the urgent, non-young ones moved ahead of the other non-young ones. While
+    `deadline_s` is None (lane off, or too few jobs finished to learn it) the order comes
+    back whole as the first part.
     """
 
     def __init__(self, fixed_deadline_s: Optional[float], slack: float) -> None:
@@ -87,12 +88,12 @@ class DeadlineLane:
         deadline = self.deadline_s
         return deadline is not None and deadline * URGENT_FRACTION <= age_s < deadline
 
-    def reorder(self, order: list[Request], is_young: Callable[[Request], bool],
-                arrived_at: Callable[[Request], float], now: float) -> list[Request]:
-        """Young jobs in their order, then the urgent ones oldest first, then the rest in
-        their order."""
+    def split(self, order: list[Request], is_young: Callable[[Request], bool],
+              arrived_at: Callable[[Request], float], now: float
+              ) -> tuple[list[Request], list[Request], list[Request]]:
+        """(young jobs in their order, urgent ones oldest first, the rest in their order)."""
         if self.deadline_s is None:
-            return order
+            return order, [], []
         young, urgent, rest = [], [], []
         for request in order:
             if is_young(request):
@@ -102,4 +103,4 @@ class DeadlineLane:
             else:
                 rest.append(request)
         urgent.sort(key=arrived_at)  # stable: ties keep the priority order
-        return young + urgent + rest
+        return young, urgent, rest

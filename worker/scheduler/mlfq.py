@@ -74,6 +74,7 @@ class MLFQScheduler(Scheduler):
         self._back = itertools.count()
         self._front = itertools.count(-1, -1)
         self._last_scheduled: list[Request] = []
+        self._urgent_ids: set[str] = set()  # the lane's urgent jobs in the last order made
         self.deadline_lane = DeadlineLane(config.mlfq_deadline_s, config.mlfq_deadline_slack)
         # Jobs at levels below this are young (new or short): the lane never passes them.
         self.young_levels = self.num_queues // 2
@@ -143,10 +144,11 @@ class MLFQScheduler(Scheduler):
                 if entry.home is not None:  # boosted: the front of Q0, as placed
                     return entry.level, 0, entry.position
                 return entry.level, 1, entry.attained_s, entry.position
-        order = sorted(self.jobs.values(), key=key)
-        return self.deadline_lane.reorder(
-            order, is_young=self._is_young,
+        young, urgent, rest = self.deadline_lane.split(
+            sorted(self.jobs.values(), key=key), is_young=self._is_young,
             arrived_at=lambda r: self.entries[r.request_id].arrived, now=self.clock())
+        self._urgent_ids = {r.request_id for r in urgent}
+        return young + urgent + rest
 
     def _is_young(self, request: Request) -> bool:
         """In the top half of the queues, or boosted against starvation (which the lane must
@@ -155,17 +157,13 @@ class MLFQScheduler(Scheduler):
         return entry.level < self.young_levels or entry.home is not None
 
     def deadline_lane_sizes(self) -> Optional[tuple[int, int]]:
-        """(running, waiting) of the urgent jobs in the deadline lane; None while it is off."""
+        """(running, waiting) of the jobs the last priority order put in the deadline lane
+        (still unfinished); None while the lane is off."""
         if self.deadline_lane.deadline_s is None:
             return None
-        now = self.clock()
-        running = {r.request_id for r in self._last_scheduled}
-        sizes = [0, 0]
-        for request_id, request in self.jobs.items():
-            if not self._is_young(request) and \
-                    self.deadline_lane.is_urgent(now - self.entries[request_id].arrived):
-                sizes[0 if request_id in running else 1] += 1
-        return sizes[0], sizes[1]
+        urgent = self._urgent_ids & self.jobs.keys()
+        running = len(urgent & {r.request_id for r in self._last_scheduled})
+        return running, len(urgent) - running
 
     def queue_sizes(self) -> list[tuple[int, int]]:
         """(running, waiting) per queue level."""
