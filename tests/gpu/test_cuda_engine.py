@@ -15,6 +15,7 @@ from lmfleet.worker.engine import LLMEngine
 from lmfleet.worker.request import Request
 from lmfleet.worker.sampling_params import SamplingParams
 from tests.conftest import hf_greedy, make_tiny_model
+from tests.lane_probe import tick_clock_and_watch_lane
 
 pytestmark = [
     pytest.mark.gpu,
@@ -37,8 +38,20 @@ def prompts() -> list[list[int]]:
             for _ in range(12)]
 
 
-def run_engine(model_dir, prompts, max_tokens: int, **options) -> list[list[int]]:
+# A round-robin last queue with a microsecond quantum reorders the jobs every step; 4
+# running at most and 14 device blocks force eviction to the 64 MiB host tier.
+SQUEEZE = dict(policy="mlfq", mlfq_base_quantum_s=1e-6, mlfq_num_queues=3,
+               mlfq_starvation_s=1e9, mlfq_queue_order="arrival",
+               mlfq_last_queue="round_robin", max_num_seqs=4, num_kv_blocks=14,
+               kv_headroom_blocks=2, host_kv_memory_bytes=64 << 20)
+
+
+def run_engine(model_dir, prompts, max_tokens: int, prepare=None, **options
+               ) -> list[list[int]]:
+    """Greedy tokens per prompt; `prepare(engine)` runs before the first request."""
     engine = LLMEngine(EngineConfig.from_options(str(model_dir), **options), model_dir=model_dir)
+    if prepare is not None:
+        prepare(engine)
     # min_tokens = max_tokens: EOS suppressed, as HF min_new_tokens does.
     params = SamplingParams(max_tokens=max_tokens, min_tokens=max_tokens, temperature=0)
     for index, ids in enumerate(prompts):
@@ -86,12 +99,20 @@ def test_cuda_mlfq_with_swapping_equals_cpu(model_dir, prompts):
     """Constant MLFQ preemption with KV swapped to pinned host memory and back, on the
     side stream (overlapped) and synchronously: tokens equal the plain CPU run."""
     cpu = run_engine(model_dir, prompts, 16, device="cpu", dtype="float32")
-    # A round-robin last queue with a microsecond quantum reorders the jobs every step.
-    squeeze = dict(policy="mlfq", mlfq_base_quantum_s=1e-6, mlfq_num_queues=3,
-                   mlfq_starvation_s=1e9, mlfq_queue_order="arrival",
-                   mlfq_last_queue="round_robin", max_num_seqs=4, num_kv_blocks=14,
-                   kv_headroom_blocks=2, host_kv_memory_bytes=64 << 20)
     for overlap in (True, False):
         engine_outputs = run_engine(model_dir, prompts, 16, device="cuda", dtype="float32",
-                                    swap_overlap=overlap, **squeeze)
+                                    swap_overlap=overlap, **SQUEEZE)
         assert engine_outputs == cpu, f"swap_overlap={overlap}"
+
+
+def test_cuda_mlfq_deadline_lane_with_swapping_equals_cpu(model_dir, prompts):
+    """The same squeeze with the deadline lane moving urgent jobs ahead (on a tick clock:
+    urgent from 100 ticks, dropped back at 400), overlapped copies: tokens equal CPU's."""
+    cpu = run_engine(model_dir, prompts, 16, device="cpu", dtype="float32")
+    probes: list[list[bool]] = []  # the lane probe's per-order "reordered" flags
+    engine_outputs = run_engine(
+        model_dir, prompts, 16, device="cuda", dtype="float32", mlfq_deadline_s=400.0,
+        prepare=lambda engine: probes.append(tick_clock_and_watch_lane(engine.scheduler)),
+        **SQUEEZE)
+    assert any(probes[0]), "the lane never reordered jobs"
+    assert engine_outputs == cpu

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 
 from lmfleet.worker import LLM, SamplingParams
 from tests.conftest import hf_greedy
+from tests.lane_probe import tick_clock_and_watch_lane
 from tests.model.test_hf_equivalence import MAX_NEW_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.model
@@ -63,22 +62,8 @@ def test_mlfq_recompute_when_host_tier_is_tiny(default_model_dir, prompt_ids, re
 def test_mlfq_deadline_lane_reordering_with_swapping_equals_hf(default_model_dir, prompt_ids,
                                                               reference):
     llm = _mlfq_llm(default_model_dir, host_kv_memory_bytes=64 << 20, mlfq_deadline_s=400.0)
-    scheduler = llm.engine.scheduler
-    # Every read of the scheduler's clock is one tick (about ten a step): ages, and so the
-    # lane's choices, do not depend on wall-clock time. Jobs turn urgent at 100 ticks and
-    # drop back at 400.
-    ticks = itertools.count()
-    scheduler.clock = lambda: float(next(ticks))
-    lane_split = scheduler.deadline_lane.split
-    reordered = []
-
-    def split(order, **kwargs):
-        young, urgent, rest = lane_split(order, **kwargs)
-        reordered.append([r.request_id for r in young + urgent + rest]
-                         != [r.request_id for r in order])
-        return young, urgent, rest
-
-    scheduler.deadline_lane.split = split
+    # Jobs turn urgent at 100 ticks of the scheduler's clock and drop back at 400.
+    reordered = tick_clock_and_watch_lane(llm.engine.scheduler)
     outputs = llm.generate(prompt_ids, GREEDY, use_tqdm=False)
     assert any(reordered)
     assert llm.engine.kv_manager.swap_stats.num_swap_out_blocks > 0
