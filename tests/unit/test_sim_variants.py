@@ -103,3 +103,22 @@ def test_variants_benchmark_reports_every_variant_against_fcfs(tmp_path, monkeyp
     shipped = variants[variant_runs[1][0]]["per_seed"]["seed 0"]
     assert shipped["ttft_mean_s"] < fcfs["ttft_mean_s"]
     assert "FCFS" in result.stdout and "SRPT oracle" in result.stdout
+
+
+def test_variants_benchmark_only_runs_fcfs_and_the_variants_named(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    labels = [run[0] for run in importlib.import_module("scheduling_variants").VARIANT_RUNS]
+    script = [sys.executable, str(ROOT / "benchmarks" / "scheduling_variants.py"),
+              "--sim-requests", "100", "--seeds", "0", "--workers", "1", "--out", str(tmp_path)]
+    result = subprocess.run(script + ["--only", "as shipped,SRPT", "--name", "only"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    variants = json.loads((tmp_path / "only.json").read_text())["variants"]
+    assert list(variants) == ["FCFS"] + [label for label in labels
+                                         if "as shipped" in label or "SRPT" in label]
+    assert len(variants) == 3
+    # A part that names no variant is a usage error, before any simulation runs.
+    result = subprocess.run(script + ["--only", "SRPT,no such variant"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 2
+    assert "no variant label contains ['no such variant']" in result.stderr
