@@ -260,8 +260,8 @@ def main() -> None:
                         help="MLFQ's deadline lane: a fixed deadline (default: learnt)")
     parser.add_argument("--mlfq-deadline-slack", type=float,
                         default=SchedulerConfig.mlfq_deadline_slack,
-                        help="learnt deadline = this x the p99 service of finished jobs "
-                             "(0: no deadline lane)")
+                        help="learnt deadline = this x the p99 JCT FCFS would have given "
+                             "the finished jobs (0: no deadline lane)")
     parser.add_argument("--mlfq-base-quantum-s", type=float, default=None,
                         help="default: the engine's (one decode step of a half-full batch)")
     parser.add_argument("--real-requests", type=int, default=80)

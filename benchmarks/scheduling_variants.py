@@ -39,10 +39,13 @@ ARRIVAL = {"mlfq_queue_order": "arrival", **NO_LANE}
 # order within a queue, as they were first measured, unless a label says "least attained".
 VARIANT_RUNS: tuple[tuple[str, str, dict], ...] = (
     ("FCFS", "fcfs", {}),
-    ("MLFQ as shipped (least attained, 3 s boost, deadline 1.5x p99 service)", "mlfq", {}),
-    ("the same, deadline 1.1x p99 service", "mlfq", {"mlfq_deadline_slack": 1.1}),
-    ("the same, deadline 1.25x p99 service", "mlfq", {"mlfq_deadline_slack": 1.25}),
-    ("the same, deadline 1.75x p99 service", "mlfq", {"mlfq_deadline_slack": 1.75}),
+    ("MLFQ as shipped (least attained, 3 s boost, deadline: FCFS's p99 JCT replayed)", "mlfq",
+     {}),
+    ("the same, deadline 0.8x FCFS's p99", "mlfq", {"mlfq_deadline_slack": 0.8}),
+    ("the same, deadline 0.9x FCFS's p99", "mlfq", {"mlfq_deadline_slack": 0.9}),
+    ("the same, deadline 1.2x FCFS's p99", "mlfq", {"mlfq_deadline_slack": 1.2}),
+    ("previous lane: deadline 1.5x p99 service of the last 1000 jobs",
+     "mlfq-service-deadline", {"variant_param": 1.5}),
     ("the same, fixed deadline 80 s", "mlfq", {"mlfq_deadline_s": 80.0}),
     ("the same, fixed deadline 100 s", "mlfq", {"mlfq_deadline_s": 100.0}),
     ("the same, fixed deadline 130 s", "mlfq", {"mlfq_deadline_s": 130.0}),

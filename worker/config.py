@@ -167,12 +167,13 @@ class SchedulerConfig:
     # The deadline lane (worker/scheduler/deadline_lane.py): a job older than a quarter of
     # the deadline runs ahead of the deep queues, oldest first, until its deadline. The
     # deadline is mlfq_deadline_s when set (a JCT objective, seconds), else learnt:
-    # mlfq_deadline_slack x the p99 of the service finished jobs needed (0: no lane).
-    # On heavy-tailed output lengths it moved MLFQ's p99 JCT from 0.64-0.91x FCFS's to
-    # 0.66-1.25x (eight job lists) for 7-13% of the mean (benchmarks/, README). With
-    # long outputs all of one size, arrival order and 8 queues without it do better.
+    # mlfq_deadline_slack x the p99 JCT that FCFS would have given the finished jobs,
+    # replayed in hindsight (0: no lane). On heavy-tailed output lengths it moves MLFQ's
+    # p99 JCT from 0.64-0.91x FCFS's to about parity for a few percent of the mean
+    # (benchmarks/, README). With long outputs all of one size, arrival order and 8 queues
+    # without it do better.
     mlfq_deadline_s: Optional[float] = None
-    mlfq_deadline_slack: float = 1.5
+    mlfq_deadline_slack: float = 1.0
     # Free device blocks kept for arrivals and growth by proactive swap-out (None: 1/16
     # of the device blocks). Only used when a host tier exists.
     kv_headroom_blocks: Optional[int] = None
@@ -198,10 +199,9 @@ class SchedulerConfig:
                              "(with 'least_attained' the jobs of a queue already take turns)")
         if self.mlfq_deadline_s is not None and not self.mlfq_deadline_s > 0:
             raise ValueError("invalid mlfq_deadline_s: must be > 0 (or None: learnt)")
-        if not (self.mlfq_deadline_slack == 0 or self.mlfq_deadline_slack >= 1):
-            raise ValueError("invalid mlfq_deadline_slack: must be 0 (no deadline lane) or "
-                             ">= 1 (a deadline shorter than the p99 job's own service time "
-                             "would give up on most long jobs)")
+        if not self.mlfq_deadline_slack >= 0:
+            raise ValueError("invalid mlfq_deadline_slack: must be >= 0 (a multiple of "
+                             "FCFS's p99 JCT; 0: no deadline lane)")
         if self.kv_headroom_blocks is not None and self.kv_headroom_blocks < 0:
             raise ValueError("invalid kv_headroom_blocks: must be >= 0")
         if self.max_num_seqs < 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from lmfleet.worker.request import Request
 from lmfleet.worker.scheduler.base import ScheduledRequest, SchedulerOutput
+from lmfleet.worker.scheduler.deadline_lane import DeadlineLane
 from lmfleet.worker.scheduler.mlfq import MLFQScheduler
 
 
@@ -138,10 +139,38 @@ class FullBoostMLFQ(MLFQScheduler):
             entry.position = next(self._back)
 
 
+class ServiceDeadlineLane(DeadlineLane):
+    """The deadline lane as shipped until 2026-12-03: its learnt deadline is the slack times
+    the p99 of the service (not the FCFS JCT) of the last 1000 finished jobs."""
+
+    def __init__(self, slack: float, num_servers: int) -> None:
+        super().__init__(fixed_deadline_s=None, slack=slack, num_servers=num_servers)
+        self.history = 1000
+
+    def job_arrived(self, job_id: str, arrived_s: float) -> None:
+        pass  # no FCFS replay
+
+    def job_dropped(self, job_id: str) -> None:
+        pass
+
+    def job_finished(self, job_id: str, service_s: float) -> None:
+        if self.learns:
+            self._learn([service_s])
+
+
+class ServiceDeadlineMLFQ(MLFQScheduler):
+    """MLFQ with the previous deadline lane (ServiceDeadlineLane), `param` its slack."""
+
+    def __init__(self, *args, param: float = 1.5, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.deadline_lane = ServiceDeadlineLane(param, num_servers=self.config.max_num_seqs)
+
+
 # SimConfig.policy names of the variants.
 VARIANTS: dict[str, type[MLFQScheduler]] = {
     "mlfq-own-cost": OwnCostMLFQ,
     "mlfq-aging": AgingScheduler,
     "mlfq-full-boost": FullBoostMLFQ,
     "mlfq-lane": MostAttainedLaneMLFQ,
+    "mlfq-service-deadline": ServiceDeadlineMLFQ,
 }

@@ -67,8 +67,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "deep queues until it is S seconds old (default: S learnt from finished "
                    "jobs, see --mlfq-deadline-slack)")
     p.add_argument("--mlfq-deadline-slack", type=float, default=None, metavar="X",
-                   help="MLFQ: learnt deadline = X times the p99 service of finished jobs "
-                   "(default 1.5; 0 turns the deadline lane off)")
+                   help="MLFQ: learnt deadline = X times the p99 JCT FCFS would have given "
+                   "the finished jobs (default 1.0; 0 turns the deadline lane off)")
     p.add_argument("--dense-decode-cache", default="auto", choices=("auto", "on", "off"),
                    help="also keep decoding requests' KV contiguous, read in place by "
                    "decode attention (auto: on for CPU, off for CUDA)")

@@ -142,11 +142,11 @@ def test_worker_deadline_lane_flags_map_to_the_scheduler_config():
         return EngineConfig.from_options("default", **options).scheduler
 
     default = scheduler()
-    assert (default.mlfq_deadline_s, default.mlfq_deadline_slack) == (None, 1.5)
+    assert (default.mlfq_deadline_s, default.mlfq_deadline_slack) == (None, 1.0)
     chosen = scheduler("--mlfq-deadline-s", "90", "--mlfq-deadline-slack", "0")
     assert (chosen.mlfq_deadline_s, chosen.mlfq_deadline_slack) == (90.0, 0.0)
     with pytest.raises(ValueError, match="mlfq_deadline_slack"):
-        scheduler("--mlfq-deadline-slack", "0.5")
+        scheduler("--mlfq-deadline-slack", "-0.5")
 
 
 def test_worker_mlfq_order_choices_are_the_configs():

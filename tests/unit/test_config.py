@@ -40,7 +40,7 @@ INVALID_OPTIONS = [
     ("mlfq_deadline_s", 0.0),
     ("mlfq_deadline_s", -5.0),
     ("mlfq_deadline_slack", -1.0),
-    ("mlfq_deadline_slack", 0.5),
+    ("mlfq_deadline_slack", float("nan")),
 ]
 
 
@@ -73,6 +73,7 @@ VALID_OPTIONS = [
     ("mlfq_queue_order", "least_attained"),
     ("mlfq_deadline_s", 0.001),
     ("mlfq_deadline_slack", 0.0),
+    ("mlfq_deadline_slack", 0.8),
     ("mlfq_deadline_slack", 1.0),
 ]
 

@@ -212,16 +212,39 @@ def test_a_boost_lasts_one_q0_quantum_then_the_job_returns_to_its_place():
 
 def test_a_job_waiting_in_q0_is_protected_from_starvation_too():
     scheduler, now = make_scheduler(starvation_s=100.0)
+    q = make_request("q", 2)
+    scheduler.add(q)  # Q0, at t=0
+    now[0] = 50.0
+    scheduler.charge(q, 1.0)  # ran at t=50 (1 s of Q0's 4 s)
+    now[0] = 60.0
+    scheduler.add(make_request("p", 2))  # Q0, no service: ahead of q (least attained)
+    now[0] = 149.0
+    assert ids(scheduler.priority_order()) == ["p", "q"]
+    now[0] = 150.0
+    # q has not run for 100 s although it sits in Q0: boosted, it goes ahead of p.
+    assert scheduler.promote_starved() == [q]
+    assert ids(scheduler.priority_order()) == ["q", "p"]
+
+
+def test_boosted_jobs_run_in_the_order_they_were_boosted():
+    scheduler, now = make_scheduler(starvation_s=100.0)
     s, q = make_request("s", 10), make_request("q", 2)
     scheduler.add(s)  # Q2, at t=0
     now[0] = 50.0
     scheduler.add(q)  # Q0, at t=50
     now[0] = 100.0
-    scheduler.promote_starved()  # s goes ahead of q
+    assert scheduler.promote_starved() == [s]
     now[0] = 150.0
-    # q has not run for 100 s although it sits in Q0: it goes to the front in turn.
     assert scheduler.promote_starved() == [q]
-    assert ids(scheduler.priority_order()) == ["q", "s"]
+    assert ids(scheduler.priority_order()) == ["s", "q"]  # s was boosted first
+    now[0] = 200.0
+    # s has waited another 100 s since its boost: still first, not moved anywhere.
+    assert scheduler.promote_starved() == [s]
+    assert ids(scheduler.priority_order()) == ["s", "q"]
+    position = scheduler.entries["s"].position
+    now[0] = 250.0
+    scheduler.promote_starved()
+    assert scheduler.entries["s"].position == position
 
 
 def test_running_restarts_the_starvation_clock():

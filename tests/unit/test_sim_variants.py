@@ -15,6 +15,7 @@ from benchmarks.sim.variants import (
     FullBoostMLFQ,
     MostAttainedLaneMLFQ,
     OwnCostMLFQ,
+    ServiceDeadlineMLFQ,
 )
 from tests.unit.scheduler_helpers import ids, level, make_request, make_scheduler, run_step
 
@@ -76,6 +77,20 @@ def test_the_lane_puts_the_long_jobs_furthest_along_first():
     assert ids(scheduler.priority_order()) == ["a", "b", "c"]
     scheduler.attained_steps["a"] = 63.0
     assert ids(scheduler.priority_order()) == ["a", "b", "c"]  # plain MLFQ order
+
+
+def test_the_previous_lane_learns_its_deadline_from_finished_service_alone():
+    scheduler, _ = make_scheduler(starvation_s=1e6, scheduler_class=ServiceDeadlineMLFQ,
+                                  param=1.5)
+    scheduler.add(make_request("early", 2))  # unfinished: would block an FCFS replay
+    for index in range(100):
+        request = make_request(f"r{index}", 2)
+        scheduler.add(request)
+        scheduler.entries[request.request_id].attained_s = float(index + 1)
+        scheduler.finish(request)
+    # Service 1..100 s: nearest-rank p99 99 s, times the slack.
+    assert scheduler.deadline_lane.deadline_s == 1.5 * 99.0
+    assert scheduler.deadline_lane.history == 1000
 
 
 def test_variants_benchmark_reports_every_variant_against_fcfs(tmp_path, monkeypatch):

@@ -14,9 +14,9 @@ order they got there) or goes to the back ("round_robin"). A job that has not ru
 `mlfq_starvation_s` is boosted: it goes to the front of Q0 for one Q0 quantum, then back
 to the queue, place and service it had, so a boost guarantees progress without
 reordering the long jobs.
-The deadline lane (deadline_lane.py; on by default, its deadline learnt from finished jobs)
-moves jobs older than a quarter of the deadline ahead of the deep queues, oldest first,
-until their deadline passes: it narrows the gap between MLFQ's p99 JCT and FCFS's.
+The deadline lane (deadline_lane.py; on by default, its deadline FCFS's p99 JCT replayed
+on the finished jobs) moves jobs older than a quarter of the deadline ahead of the deep
+queues, oldest first, until their deadline passes: it holds MLFQ's p99 JCT near FCFS's.
 Output length is never assumed known.
 Preemption happens at step boundaries: a job not chosen keeps its KV where it is unless
 memory is needed.
@@ -72,10 +72,12 @@ class MLFQScheduler(Scheduler):
         self.jobs: dict[str, Request] = {}
         self.entries: dict[str, QueueEntry] = {}
         self._back = itertools.count()
-        self._front = itertools.count(-1, -1)
+        # Boosted jobs' places: increasing, and below every place `_back` gives out.
+        self._boosted = itertools.count(-(2 ** 62))
         self._last_scheduled: list[Request] = []
         self._urgent_ids: set[str] = set()  # the lane's urgent jobs in the last order made
-        self.deadline_lane = DeadlineLane(config.mlfq_deadline_s, config.mlfq_deadline_slack)
+        self.deadline_lane = DeadlineLane(config.mlfq_deadline_s, config.mlfq_deadline_slack,
+                                          num_servers=config.max_num_seqs)
         # Jobs at levels below this are young (new or short): the lane never passes them.
         self.young_levels = self.num_queues // 2
 
@@ -109,23 +111,24 @@ class MLFQScheduler(Scheduler):
                 entry.position = next(self._back)
 
     def promote_starved(self) -> list[Request]:
-        """Boost jobs that have not run for the starvation bound to the front of Q0 (for
-        one Q0 quantum; see `charge`); among those boosted together, the one that waited
-        longest ends up first."""
+        """Boost jobs that have not run for the starvation bound to Q0, ahead of every job
+        not boosted (for one Q0 quantum; see `charge`). Boosted jobs run in the order they
+        were boosted, the longest-waiting first among those boosted together, and a job
+        still waiting from its boost keeps its place: so a starved job waits at most for
+        the boosted jobs ahead of it, not for every later boost too."""
         now = self.clock()
-        # Q0 jobs count too: promoted jobs go ahead of them, so under a stream of
-        # promotions a job waiting in Q0 would otherwise never run.
-        starved = [(entry.last_run, entry.level, entry.position, request_id)
-                   for request_id, entry in self.entries.items()
-                   if now - entry.last_run >= self.config.mlfq_starvation_s]
-        # Each promotion goes in front of the previous one, so promote the most recently
-        # run first (admission order would put the longest-waiting job behind the others).
+        # Q0 jobs count too: boosted jobs go ahead of them, so under a stream of boosts a
+        # job waiting in Q0 would otherwise never run.
+        starved = sorted((entry.last_run, entry.level, entry.position, request_id)
+                         for request_id, entry in self.entries.items()
+                         if now - entry.last_run >= self.config.mlfq_starvation_s)
         promoted = []
-        for _, _, _, request_id in sorted(starved, reverse=True):
+        for _, _, _, request_id in starved:
             entry = self.entries[request_id]
-            if entry.home is None:  # boosted again before running: keep the first home
+            if entry.home is None:
                 entry.home = (entry.level, entry.position, entry.service_s)
-            entry.level, entry.service_s, entry.position = 0, 0.0, next(self._front)
+                entry.level, entry.service_s = 0, 0.0
+                entry.position = next(self._boosted)
             entry.last_run = now
             promoted.append(self.jobs[request_id])
         return promoted
@@ -193,17 +196,19 @@ class MLFQScheduler(Scheduler):
         self.entries[request.request_id] = QueueEntry(
             level=self.initial_level(request), position=next(self._back), last_run=now,
             arrived=now)
+        self.deadline_lane.job_arrived(request.request_id, now)
 
     def abort(self, request_id: str) -> Optional[Request]:
         request = self.jobs.get(request_id)
         if request is not None:
-            self._forget(request)  # not a finished job: the lane does not learn from it
+            self.deadline_lane.job_dropped(request_id)  # not finished: teaches nothing
+            self._forget(request)
         return request
 
     def finish(self, request: Request, release_kv: bool = True) -> None:
         entry = self.entries.get(request.request_id)
         if entry is not None:
-            self.deadline_lane.record_finished(entry.attained_s)
+            self.deadline_lane.job_finished(request.request_id, entry.attained_s)
         self._forget(request, release_kv)
 
     def _forget(self, request: Request, release_kv: bool = True) -> None:
