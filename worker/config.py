@@ -168,10 +168,11 @@ class SchedulerConfig:
     # the deadline runs ahead of the deep queues, oldest first, until its deadline. The
     # deadline is mlfq_deadline_s when set (a JCT objective, seconds), else learnt:
     # mlfq_deadline_slack x the p99 JCT that FCFS would have given the finished jobs,
-    # replayed in hindsight (0: no lane). On heavy-tailed output lengths it moves MLFQ's
-    # p99 JCT from 0.64-0.91x FCFS's to about parity for a few percent of the mean
-    # (benchmarks/, README). With long outputs all of one size, arrival order and 8 queues
-    # without it do better.
+    # replayed in hindsight (0: no lane). On heavy-tailed output lengths, at load 0.95,
+    # it raised the FCFS/MLFQ p99 JCT ratio from 0.93-1.42x to 1.16-2.36x on eight job
+    # lists (0.64-0.91x to 0.86-1.36x on a slower machine's calibration) for 7-20% of the
+    # mean (benchmarks/, README). With long outputs all of one size, arrival order and 8
+    # queues without it do better.
     mlfq_deadline_s: Optional[float] = None
     mlfq_deadline_slack: float = 1.0
     # Free device blocks kept for arrivals and growth by proactive swap-out (None: 1/16
