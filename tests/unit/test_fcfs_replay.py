@@ -57,3 +57,15 @@ def test_unknown_or_repeated_ends_and_a_repeated_arrival_change_nothing():
 def test_at_least_one_server():
     with pytest.raises(ValueError, match="num_servers"):
         FCFSReplay(num_servers=0)
+
+
+def test_past_max_unplaced_the_oldest_unfinished_job_is_given_up():
+    replay = FCFSReplay(num_servers=1, max_unplaced=2)
+    assert replay.arrived("stuck", 0.0) == []
+    assert replay.arrived("b", 1.0) == []
+    assert replay.finished("b", 3.0) == []  # behind the unfinished "stuck"
+    # A third waiting job: "stuck" is given up (no server time), so b runs 1-4.
+    assert replay.arrived("c", 2.0) == [3.0]
+    assert replay.num_unplaced == 1
+    assert replay.finished("stuck", 100.0) == []  # already given up
+    assert replay.finished("c", 1.0) == [3.0]  # 4-5

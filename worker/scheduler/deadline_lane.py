@@ -83,7 +83,7 @@ class DeadlineLane:
 
     def job_arrived(self, job_id: str, arrived_s: float) -> None:
         if self.learns:
-            self._replay.arrived(job_id, arrived_s)
+            self._learn(self._replay.arrived(job_id, arrived_s))
 
     def job_finished(self, job_id: str, service_s: float) -> None:
         """A job finished after `service_s` seconds of charged step time."""

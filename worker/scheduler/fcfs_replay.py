@@ -18,6 +18,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
+# Jobs waiting to be placed, at most: one job that never ends (or runs for hours) would
+# otherwise hold every later arrival here. Past it the oldest is given up, as if aborted.
+MAX_UNPLACED = 100_000
+
 
 @dataclass
 class _Job:
@@ -35,12 +39,14 @@ class FCFSReplay:
     the virtual FCFS JCTs, in arrival order, of the jobs that could be placed by then: a job
     is placed once it and every job that arrived before it have finished or been dropped
     (FCFS starts nobody ahead of an earlier arrival). Dropped jobs get no JCT and take no
-    server time.
+    server time. `arrived` returns JCTs too when it has to give up the oldest unplaced job
+    (more than `max_unplaced` waiting).
     """
 
-    def __init__(self, num_servers: int) -> None:
+    def __init__(self, num_servers: int, max_unplaced: int = MAX_UNPLACED) -> None:
         if num_servers < 1:
             raise ValueError(f"invalid num_servers={num_servers}: must be >= 1")
+        self.max_unplaced = max_unplaced
         self._free_at_s = [0.0] * num_servers  # heap: when each virtual server is next free
         self._waiting: deque[_Job] = deque()  # arrived, not placed yet; arrival order
         self._by_id: dict[str, _Job] = {}
@@ -49,12 +55,15 @@ class FCFSReplay:
     def num_unplaced(self) -> int:
         return len(self._waiting)
 
-    def arrived(self, job_id: str, arrived_s: float) -> None:
+    def arrived(self, job_id: str, arrived_s: float) -> list[float]:
         if job_id in self._by_id:
-            return  # already waiting: its first arrival stands
+            return []  # already waiting: its first arrival stands
         job = _Job(job_id, arrived_s)
         self._waiting.append(job)
         self._by_id[job_id] = job
+        if len(self._waiting) <= self.max_unplaced:
+            return []
+        return self.dropped(self._waiting[0].job_id)  # unfinished, or it would be placed
 
     def finished(self, job_id: str, service_s: float) -> list[float]:
         job = self._by_id.pop(job_id, None)
