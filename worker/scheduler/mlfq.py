@@ -11,9 +11,9 @@ far runs first by default ("least_attained"; ties: the one that got there first)
 run in the order they got there ("arrival"). With "arrival", a job in the last queue that
 spends its quantum keeps its place (`mlfq_last_queue="fcfs"`: long jobs finish in the
 order they got there) or goes to the back ("round_robin"). A job that has not run for
-`mlfq_starvation_s` is boosted: it goes to the front of Q0 for one Q0 quantum, then back
-to the queue, place and service it had, so a boost guarantees progress without
-reordering the long jobs.
+`mlfq_starvation_s` is boosted: it goes to Q0 ahead of every job not boosted (boosted jobs
+in the order they were boosted) for one Q0 quantum, then back to the queue, place and
+service it had, so a boost guarantees progress without reordering the long jobs.
 The deadline lane (deadline_lane.py; on by default, its deadline FCFS's p99 JCT replayed
 on the finished jobs) moves jobs older than a quarter of the deadline ahead of the deep
 queues, oldest first, until their deadline passes: it holds MLFQ's p99 JCT near FCFS's.
