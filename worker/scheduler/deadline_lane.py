@@ -20,8 +20,8 @@ The lane narrows that without knowing any output length:
   the last HISTORY finished jobs, replayed in hindsight (fcfs_replay.py), i.e. the p99 that
   the benchmark's target asks MLFQ not to exceed. The learnt deadline is off until
   MIN_HISTORY jobs have been replayed. (Until 2026-12-03 it was 1.5x the p99 of the
-  finished jobs' service, learnt over 1000 jobs: a service time does not grow with the
-  load, so in a long burst that deadline was missed by many jobs at once.)
+  finished jobs' service, learnt over 1000 jobs. A service time does not grow with the
+  load; our reading is that in a long burst many jobs missed that deadline at once.)
 
 Ages are on the scheduler's clock, measured from when the scheduler got the job.
 """
@@ -45,7 +45,7 @@ URGENT_FRACTION = 0.25
 # Replayed FCFS JCTs the learnt deadline is taken from, and how many there must be before
 # it is used (a 99th percentile of fewer is little more than the maximum). The window is
 # long because FCFS's p99 is set by rare long bursts, which a short window forgets: 1000
-# jobs (about 25 minutes at the benchmark's rate) gave a worse p99 in simulation (README).
+# jobs (20-25 minutes at the benchmark's rates) gave a worse p99 in simulation (README).
 HISTORY = 10_000
 MIN_HISTORY = 100
 QUANTILE = 0.99
