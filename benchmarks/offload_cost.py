@@ -85,8 +85,8 @@ def main() -> None:
 
     from lmfleet.worker.config import EngineConfig, parse_dtype
     from lmfleet.worker.kv.swapper import KVSwapper
-    from lmfleet.worker.model.runner import ModelRunner
     from lmfleet.worker.request import Request
+    from lmfleet.worker.runner.model_runner import ModelRunner
     from lmfleet.worker.sampling_params import SamplingParams
     from lmfleet.worker.scheduler.base import ScheduledRequest
 

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.triton_interpreter import enable_without_cuda
+
+enable_without_cuda()
+
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:

@@ -55,6 +55,9 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # A Hugging Face Llama-family directory, or "default" for the embedded SmolLM2.
@@ -70,8 +73,16 @@ class ModelConfig:
     # None: on where they build (CPU float32), else the torch ops. True where they cannot
     # run is an error.
     cpu_kernels: Optional[bool] = None
+    # Which attention backend runs the paged KV cache (attention/registry.py). "auto":
+    # Triton on CUDA, the torch/C path on CPU.
+    attention_backend: str = "auto"
+    # True: no CUDA graphs (every decode step launches its kernels from Python).
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention_backend {self.attention_backend!r}; known: "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"invalid device {self.device!r}: use 'cpu' or 'cuda'")
         if self.dtype != "auto":
@@ -88,7 +99,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
+    # Tokens per KV block; None: the attention backend's choice (16 for torch, 64 for
+    # Triton, whose kernels read a block's tokens as one tile).
+    block_size: Optional[int] = None
     # Capacity: an explicit block count wins; else an explicit byte budget; else a fraction
     # of memory (on CUDA: of the device's total, minus what is already in use, as vLLM's
     # gpu_memory_utilization; on CPU: of the memory available to the process).
@@ -111,7 +124,8 @@ class CacheConfig:
     dense_decode_cache: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+        if self.block_size is not None and (
+                self.block_size < 1 or self.block_size & (self.block_size - 1)):
             raise ValueError(f"invalid block_size={self.block_size}: must be a power of two")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"invalid num_kv_blocks={self.num_kv_blocks}: must be >= 1")

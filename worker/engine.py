@@ -17,8 +17,6 @@ from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.kv.manager import KVCacheManager
 from lmfleet.worker.kv.sessions import SessionCache
 from lmfleet.worker.model.default_model import resolve_model_path
-from lmfleet.worker.model.profiler import profile_cost_model
-from lmfleet.worker.model.runner import ModelRunner
 from lmfleet.worker.request import (
     FinishReason,
     Request,
@@ -26,6 +24,8 @@ from lmfleet.worker.request import (
     RequestStatus,
     validate_prompt,
 )
+from lmfleet.worker.runner.model_runner import ModelRunner
+from lmfleet.worker.runner.profiler import profile_cost_model
 from lmfleet.worker.scheduler.base import make_scheduler
 from lmfleet.worker.scheduler.cost_model import CostModel
 
@@ -38,7 +38,7 @@ class LLMEngine:
         self.arch = self.runner.arch
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = self.arch.eos_token_ids
-        self.kv_manager = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
+        self.kv_manager = KVCacheManager(self.runner.num_blocks, self.runner.block_size,
                                          config.cache.enable_prefix_caching,
                                          num_host_blocks=self.runner.num_host_blocks)
         # The cost model is calibrated only where a policy uses it (a short profile).

@@ -27,7 +27,7 @@ from lmfleet.worker.scheduler.cost_model import CostModel
 def calibrate(runner, num_profiles: int = 3) -> tuple[CostModel, list[dict]]:
     """Field-wise median of several start-up profiles: one profile on a shared, busy machine
     can be far off (a single slow step bends its least-squares line)."""
-    from lmfleet.worker.model.profiler import profile_cost_model
+    from lmfleet.worker.runner.profiler import profile_cost_model
 
     profiles = [profile_cost_model(runner).as_dict() for _ in range(num_profiles)]
     median = {key: statistics.median(p[key] for p in profiles) for key in profiles[0]}

@@ -114,10 +114,17 @@ def test_options_are_routed_to_the_sub_config_that_owns_them():
     assert config.seed == 7
 
 
+def test_unknown_attention_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="attention_backend 'flash'.*auto, triton, torch"):
+        EngineConfig.from_options("default", attention_backend="flash")
+
+
 def test_defaults():
     config = EngineConfig.from_options()
     assert config.model.model == "default"
-    assert config.cache.block_size == 16
+    assert config.cache.block_size is None  # the attention backend chooses
+    assert config.model.attention_backend == "auto"
+    assert config.model.enforce_eager is False
     assert config.cache.enable_prefix_caching is True
     assert config.scheduler.policy == "fcfs"
     assert config.seed == 0

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from lmfleet.worker.model.arch import ArchConfig
-from lmfleet.worker.model.cpu_ops import fuse_cpu_ops, load_cpu_ops
-from lmfleet.worker.model.layers import RMSNorm, RotaryEmbedding, apply_rotary
+from lmfleet.worker.model.cpu_ops import attach_fused_ops, load_cpu_ops
+from lmfleet.worker.model.layers import RMSNorm, RopeStep, RotaryEmbedding, apply_rotary
 from lmfleet.worker.model.llama import LlamaForCausalLM
 
 
@@ -30,7 +30,8 @@ def test_rotary_store_kv_is_bit_identical_and_lands_at_its_slots(ops):
     v = v.clone()
     kv = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim)
     slots = torch.tensor([19, 0, 6, 13])
-    ops.rotary_store_kv(qkv, cos, sin, num_heads, num_kv_heads, kv, slots)
+    ops.rotary_store_kv(qkv, RopeStep(rotary, positions, torch.float32), num_heads,
+                        num_kv_heads, kv, slots)
     rotated = qkv[:, :(num_heads + num_kv_heads) * head_dim].view(4, -1, head_dim)
     assert torch.equal(rotated, expected_qk)
     flat = kv.view(2, num_blocks * block_size, num_kv_heads, head_dim)
@@ -72,7 +73,7 @@ def test_fuse_pass_reaches_every_norm_and_attention(ops):
                       tie_word_embeddings=False, qkv_bias=False, o_bias=False,
                       mlp_bias=False, sliding_window=None, architecture="LlamaForCausalLM",
                       eos_token_ids=(0,), bos_token_id=None)
-    model = fuse_cpu_ops(LlamaForCausalLM(arch, 64), ops)
-    fused = [m for m in model.modules() if getattr(m, "cpu_ops", None) is ops]
+    model = attach_fused_ops(LlamaForCausalLM(arch, 64), ops)
+    fused = [m for m in model.modules() if getattr(m, "fused_ops", None) is ops]
     # Per layer two norms, the attention and the MLP; and the final norm.
     assert len(fused) == 2 * 4 + 1

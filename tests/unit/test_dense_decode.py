@@ -4,9 +4,13 @@ path."""
 
 import torch
 
-from lmfleet.worker.model.attention.base import AttentionMetadata, KVCache
+from lmfleet.worker.model.attention.base import KVCache
 from lmfleet.worker.model.attention.dense_decode import CAPACITY_STEP, DenseDecodeCache
-from lmfleet.worker.model.attention.torch_ref import TorchAttention, build_decode_mask
+from lmfleet.worker.model.attention.torch_ref import (
+    AttentionMetadata,
+    TorchAttention,
+    build_decode_mask,
+)
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 2, 1, 2, 2, 8
 

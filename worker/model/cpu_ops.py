@@ -2,21 +2,21 @@
 a loaded model.
 
 `load_cpu_ops(build_dir)` returns `CpuOps`, or None where the C file cannot be built (the
-reason is logged; the model keeps its torch ops). `fuse_cpu_ops(model, ops)` sets `ops`
-on every RMSNorm, attention and MLP module; each uses them for float32 CPU tensors and its
-torch ops otherwise, so the model code stays free of the choice.
+reason is logged; the model keeps its torch ops). `attach_fused_ops(model, ops)` sets
+`ops` on every RMSNorm, attention and MLP module; each uses them for float32 CPU tensors
+and its torch ops otherwise, so the model code stays free of the choice.
 """
 
 from __future__ import annotations
 
 import ctypes
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from lmfleet.worker.model.layers import GatedMLP, RMSNorm
+from lmfleet.worker.model.layers import GatedMLP, RMSNorm, RopeStep
 from lmfleet.worker.model.llama import Attention
 from lmfleet.worker.model.native_build import load_native
 
@@ -72,11 +72,12 @@ class CpuOps:
         self._silu_mul(gate_up.data_ptr(), gate_up.shape[0], inter, out.data_ptr())
         return out
 
-    def rotary_store_kv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        num_heads: int, num_kv_heads: int, kv: torch.Tensor,
-                        slot_mapping: torch.Tensor) -> None:
-        """qkv (T, (Hq + 2 Hkv) D): q and k rotated in place by cos, sin (T, D); k and v
-        stored at slot_mapping (T,) of one layer's cache kv (2, blocks, block_size, Hkv, D)."""
+    def rotary_store_kv(self, qkv: torch.Tensor, rope: RopeStep, num_heads: int,
+                        num_kv_heads: int, kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """qkv (T, (Hq + 2 Hkv) D): q and k rotated in place by the step's cos, sin (T, D);
+        k and v stored at slot_mapping (T,) of one layer's cache kv (2, blocks, block_size,
+        Hkv, D)."""
+        cos, sin = rope.cos_sin()
         _check_contiguous(qkv=qkv, cos=cos, sin=sin, kv=kv, slot_mapping=slot_mapping)
         head_dim = kv.shape[-1]
         num_slots = kv.shape[1] * kv.shape[2]
@@ -85,8 +86,11 @@ class CpuOps:
                      slot_mapping.data_ptr())
 
 
-def fuse_cpu_ops(model: nn.Module, ops: CpuOps) -> nn.Module:
+def attach_fused_ops(model: nn.Module, ops: Any) -> nn.Module:
+    """Hand the device's fused kernels (CpuOps here, TritonOps on CUDA: the same four
+    methods) to every RMSNorm, attention and MLP module; each uses them for the tensors
+    `ops.supports` and its torch ops otherwise, so the model code stays free of the choice."""
     for module in model.modules():
         if isinstance(module, (RMSNorm, Attention, GatedMLP)):
-            module.cpu_ops = ops
+            module.fused_ops = ops
     return model

@@ -19,13 +19,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-        self.cpu_ops = None  # fused CPU ops, set by cpu_ops.fuse_cpu_ops
+        self.fused_ops = None  # the device's fused kernels, set by attach_fused_ops
 
     def forward(self, x: torch.Tensor, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (T, H) -> normalized (T, H). With delta (T, H), x += delta in place first: the
         residual add that precedes every norm, fused with it."""
-        if self.cpu_ops is not None and self.cpu_ops.supports(x):
-            return self.cpu_ops.add_rms_norm(x, delta, self.weight, self.eps)
+        if self.fused_ops is not None and self.fused_ops.supports(x):
+            return self.fused_ops.add_rms_norm(x, delta, self.weight, self.eps)
         if delta is not None:
             x.add_(delta)
         input_dtype = x.dtype
@@ -90,6 +90,27 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
 
+class RopeStep:
+    """One step's rotary inputs, shared by every layer: the positions (T,) and the float32
+    tables. Fused kernels that look positions up themselves read the tables; the torch and
+    C paths read `cos_sin()`, gathered on first use and kept for the other layers."""
+
+    def __init__(self, rotary: RotaryEmbedding, positions: torch.Tensor,
+                 dtype: torch.dtype) -> None:
+        self.positions = positions
+        self.cos_table = rotary.cos_table  # (P, D) float32
+        self.sin_table = rotary.sin_table  # (P, D) float32
+        self._rotary = rotary
+        self._dtype = dtype
+        self._cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (T, 1, D) in the model dtype."""
+        if self._cos_sin is None:
+            self._cos_sin = self._rotary(self.positions, self._dtype)
+        return self._cos_sin
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -107,12 +128,12 @@ class GatedMLP(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        self.cpu_ops = None  # fused CPU ops, set by cpu_ops.fuse_cpu_ops
+        self.fused_ops = None  # the device's fused kernels, set by attach_fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, H)
         gate_up = self.gate_up_proj(x)  # (T, 2I)
-        if self.cpu_ops is not None and self.cpu_ops.supports(gate_up):
-            return self.down_proj(self.cpu_ops.silu_mul(gate_up))  # (T, H)
+        if self.fused_ops is not None and self.fused_ops.supports(gate_up):
+            return self.down_proj(self.fused_ops.silu_mul(gate_up))  # (T, H)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)  # (T, I) views each
         # In place in gate_up's first half: the same values as silu(gate) * up, with no
         # (T, I) temporaries (large for prefills); down_proj reads the strided view.

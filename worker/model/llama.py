@@ -7,12 +7,20 @@ parallelism and quantization: those are applied as separate passes over the modu
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from lmfleet.worker.model.arch import ArchConfig
-from lmfleet.worker.model.attention.base import AttentionBackend, AttentionMetadata, KVCache
-from lmfleet.worker.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary
+from lmfleet.worker.model.attention.base import AttentionBackend, KVCache
+from lmfleet.worker.model.layers import (
+    GatedMLP,
+    RMSNorm,
+    RopeStep,
+    RotaryEmbedding,
+    apply_rotary,
+)
 
 
 class Attention(nn.Module):
@@ -28,23 +36,22 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=arch.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=arch.o_bias)
-        self.cpu_ops = None  # fused CPU ops, set by cpu_ops.fuse_cpu_ops
+        self.fused_ops = None  # the device's fused kernels, set by attach_fused_ops
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache, metadata: AttentionMetadata,
+    def forward(self, x: torch.Tensor, rope: RopeStep, kv_cache: KVCache, metadata: Any,
                 backend: AttentionBackend) -> torch.Tensor:  # x (T, H)
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, q_size + 2 kv_size)
-        fused = self.cpu_ops is not None and self.cpu_ops.supports(qkv)
+        fused = self.fused_ops is not None and self.fused_ops.supports(qkv)
         if fused:  # rotates q, k in place and stores k, v in the cache, in one pass
-            self.cpu_ops.rotary_store_kv(qkv, cos, sin, self.num_heads, self.num_kv_heads,
-                                         kv_cache.stacked, metadata.slot_mapping)
+            self.fused_ops.rotary_store_kv(qkv, rope, self.num_heads, self.num_kv_heads,
+                                           kv_cache.stacked, metadata.slot_mapping)
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(num_tokens, self.num_heads + self.num_kv_heads,
                      self.head_dim)  # (T, Hq + Hkv, D)
         if not fused:
             # q and k rotate in one call: the rotation is per head, so stacking is exact.
-            qk = apply_rotary(qk, cos, sin)  # (T, Hq + Hkv, D)
+            qk = apply_rotary(qk, *rope.cos_sin())  # (T, Hq + Hkv, D)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache, metadata, self.scale,
@@ -60,11 +67,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.mlp_bias)
 
-    def forward(self, x, delta, cos, sin, kv_cache, metadata, backend) -> torch.Tensor:
+    def forward(self, x, delta, rope, kv_cache, metadata, backend) -> torch.Tensor:
         """x (T, H) is the residual stream, this model's own tensor, updated in place; delta
         (T, H) or None is what the previous layer adds to it. Each add is done by the norm
         that follows it; returns this layer's MLP output, the next delta."""
-        attn = self.self_attn(self.input_layernorm(x, delta), cos, sin, kv_cache, metadata,
+        attn = self.self_attn(self.input_layernorm(x, delta), rope, kv_cache, metadata,
                               backend)  # (T, H)
         return self.mlp(self.post_attention_layernorm(x, attn))  # (T, H)
 
@@ -89,14 +96,15 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], metadata: AttentionMetadata,
+                kv_caches: list[KVCache], metadata: Any,
                 backend: AttentionBackend) -> torch.Tensor:
-        """input_ids, positions (T,) -> final hidden states (T, H)."""
+        """input_ids, positions (T,) -> final hidden states (T, H). `metadata` is the
+        backend's own, built by its builder for this step."""
         x = self.model.embed_tokens(input_ids)  # (T, H)
-        cos, sin = self.model.rotary(positions, x.dtype)  # (T, 1, D) each
+        rope = RopeStep(self.model.rotary, positions, x.dtype)
         delta = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            delta = layer(x, delta, cos, sin, kv_cache, metadata, backend)
+            delta = layer(x, delta, rope, kv_cache, metadata, backend)
         return self.model.norm(x, delta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,27 +1,35 @@
-"""The attention backend interface and the per-step metadata every backend reads.
+"""The attention backend interface, and the per-step metadata every backend is built from.
 
-A step's tokens are flattened into one sequence of T tokens, decodes first, then
-prefill chunks. `AttentionMetadata` says where each token's K/V goes in the paged cache
-(`slot_mapping`) and, per request, which blocks hold its context.
+A step's tokens are flattened into one sequence of T tokens, decodes first (one token
+each), then prefill chunks. The runner describes the step once, backend-neutrally, as
+`CommonAttentionMetadata` (query start locations, sequence lengths, block tables, slot
+mapping; on CUDA these are views of its persistent device buffers); each backend's
+`build_metadata` turns that into the metadata its kernels read, once per step.
 
-Contract of `AttentionBackend.forward(q, k, v, kv_cache, metadata)`:
+A backend owns:
+- the KV cache layout and dtypes it accepts (`kv_cache_shape`, `supports_dtype`), and its
+  preferred block size;
+- its metadata builder;
+- its CUDA-graph hooks: `graph_metadata` builds the metadata of a captured decode batch from
+  static buffers, so a replay only needs the runner to refill those buffers.
+
+Contract of `AttentionBackend.forward(q, k, v, kv_cache, metadata, scale, kv_written)`:
 - q (T, num_heads, head_dim); k, v (T, num_kv_heads, head_dim), rotary already applied.
-- It first writes k, v into `kv_cache` at `slot_mapping`, unless `kv_written` says the
-  caller already did (and, with `dense_decode`, the decode rows' k, v into the dense cache
-  too, in either case), then returns the attention
-  output (T, num_heads, head_dim): each query attends causally to its own request's
-  tokens [0, position] (the cached context plus this step's tokens before it).
+- It first writes k, v into `kv_cache` at the slot mapping, unless `kv_written` says the
+  caller's fused kernel already did, then returns the attention output (T, num_heads,
+  head_dim): each query attends causally to its own request's tokens [0, position] (the
+  cached context plus this step's tokens before it). Rows with slot -1 are padding (CUDA
+  graph buckets): nothing is written for them and their output is unspecified.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
+import numpy as np
 import torch
-
-from lmfleet.worker.model.attention.dense_decode import DenseDecodeStep
 
 
 @dataclass
@@ -41,45 +49,66 @@ class KVCache:
         return self.stacked[1]
 
 
-@dataclass
-class AttentionMetadata:
-    """Built once per step by the model runner; shared by every layer."""
+def kv_cache_shape(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                   head_dim: int) -> tuple[int, ...]:
+    """The one definition of the device KV storage: (L, 2, blocks, block_size, Hkv, D).
+    Every layer's K and V sit together so a swap moves a block of all layers in one op,
+    and a layer's slice is the `KVCache.stacked` its kernels read."""
+    return (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
 
-    slot_mapping: torch.Tensor  # (T,) int64 flat slot of each token in the cache
+
+@dataclass
+class CommonAttentionMetadata:
+    """One step, described once for every backend. Requests are rows, decodes first.
+
+    Host arrays are numpy; device tensors are int32 (on CUDA: views of the runner's
+    persistent buffers, so CUDA graphs can replay over them)."""
+
+    num_decodes: int  # the first num_decodes rows have exactly one new token
+    num_prefills: int  # the remaining rows (one or more new tokens, maybe cached history)
+    num_tokens: int
     block_size: int
-    # Decode part: the first num_decode_tokens tokens, one per request. The three decode
-    # tensors serve the gather path (tables and lengths also the CPU kernel, which needs no
-    # mask, so the mask is empty then); all are empty when `dense_decode` is set.
-    num_decode_tokens: int
-    decode_block_tables: torch.Tensor  # (Bd, max_blocks) int64, padded with 0
-    decode_seq_lens: torch.Tensor  # (Bd,) int64 context length including the new token
-    # (Bd, 1, 1, L) key positions each decode may see (built once per step, not per layer).
-    decode_mask: torch.Tensor
-    # Prefill part: requests with one or more new tokens whose context may be cached.
-    prefill_query_lens: list[int]  # new tokens per prefill request
-    prefill_block_tables: torch.Tensor  # (Bp, max_blocks) int64, padded with 0
-    prefill_seq_lens: torch.Tensor  # (Bp,) int64 total context after this step
-    prefill_max_query_len: int
-    prefill_max_seq_len: int
-    # (Bp, max_query_len) index into the flat tokens of each prefill query (padding -> 0)
-    # and the mask of real entries; built once so layers gather without Python loops.
-    prefill_token_index: torch.Tensor
-    prefill_query_mask: torch.Tensor  # (Bp, max_query_len) bool
-    # (Bp, 1, max_query_len, max_seq_len) causal mask with each request's offset.
-    prefill_mask: torch.Tensor
-    # The decode rows' contexts held contiguously (dense_decode.py); None: gather them.
-    dense_decode: Optional[DenseDecodeStep] = None
+    max_query_len: int
+    max_seq_len: int
+    query_lens: np.ndarray  # (B,) new tokens of each row
+    seq_lens_host: np.ndarray  # (B,) context length after this step
+    block_tables_host: np.ndarray  # (B, W) block ids, 0 past each row's blocks
+    slot_mapping: torch.Tensor  # (T,) flat cache slot of each token, -1: padding
+    query_start_loc: torch.Tensor  # (B + 1,) offsets of each row's tokens
+    seq_lens: torch.Tensor  # (B,)
+    block_tables: torch.Tensor  # (B, W)
+    # A backend-specific extra the runner prepared (the torch backend's dense decode copy).
+    extra: Optional[Any] = None
 
     @property
-    def num_prefills(self) -> int:
-        return len(self.prefill_query_lens)
+    def num_reqs(self) -> int:
+        return self.num_decodes + self.num_prefills
 
 
 class AttentionBackend(abc.ABC):
     name: str = "abstract"
+    # Tokens per KV block when the user sets none.
+    default_block_size: int = 16
+
+    @staticmethod
+    def supports_dtype(device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this backend's kernels run with a KV cache of `dtype` on `device`."""
+        return True
+
+    @abc.abstractmethod
+    def build_metadata(self, common: CommonAttentionMetadata) -> Any:
+        """This backend's metadata for one step, read by every layer."""
+
+    def graph_metadata(self, common: CommonAttentionMetadata, max_seq_len: int) -> Any:
+        """Metadata for a captured decode batch over static buffers: it must stay valid
+        for any contents of those buffers (any lengths up to `max_seq_len`)."""
+        raise NotImplementedError(f"the {self.name} backend does not support CUDA graphs")
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        return False
 
     @abc.abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
-                metadata: AttentionMetadata, scale: float,
-                kv_written: bool = False) -> torch.Tensor:
+                metadata: Any, scale: float, kv_written: bool = False) -> torch.Tensor:
         """See the module docstring."""

@@ -10,14 +10,62 @@ Decode rows take one of two shortcuts when set up: the dense copy of their conte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmfleet.worker.model.attention.base import AttentionBackend, AttentionMetadata, KVCache
+from lmfleet.worker.model.attention.base import (
+    AttentionBackend,
+    CommonAttentionMetadata,
+    KVCache,
+)
 from lmfleet.worker.model.attention.cpu_kernel import PagedDecodeKernel
 from lmfleet.worker.model.attention.dense_decode import DenseDecodeStep
+
+
+@dataclass
+class AttentionMetadata:
+    """The torch backend's metadata, built once per step; shared by every layer."""
+
+    slot_mapping: torch.Tensor  # (T,) int64 flat slot of each token in the cache
+    block_size: int
+    # Decode part: the first num_decode_tokens tokens, one per request. The three decode
+    # tensors serve the gather path (tables and lengths also the CPU kernel, which needs no
+    # mask, so the mask is empty then); all are empty when `dense_decode` is set.
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor  # (Bd, max_blocks) int64, padded with 0
+    decode_seq_lens: torch.Tensor  # (Bd,) int64 context length including the new token
+    # (Bd, 1, 1, L) key positions each decode may see (built once per step, not per layer).
+    decode_mask: torch.Tensor
+    # Prefill part: requests with one or more new tokens whose context may be cached.
+    prefill_query_lens: list[int]  # new tokens per prefill request
+    prefill_block_tables: torch.Tensor  # (Bp, max_blocks) int64, padded with 0
+    prefill_seq_lens: torch.Tensor  # (Bp,) int64 total context after this step
+    prefill_max_query_len: int
+    prefill_max_seq_len: int
+    # (Bp, max_query_len) index into the flat tokens of each prefill query (padding -> 0)
+    # and the mask of real entries; built once so layers gather without Python loops.
+    prefill_token_index: torch.Tensor
+    prefill_query_mask: torch.Tensor  # (Bp, max_query_len) bool
+    # (Bp, 1, max_query_len, max_seq_len) causal mask with each request's offset.
+    prefill_mask: torch.Tensor
+    # The decode rows' contexts held contiguously (dense_decode.py); None: gather them.
+    dense_decode: Optional[DenseDecodeStep] = None
+
+    @property
+    def num_prefills(self) -> int:
+        return len(self.prefill_query_lens)
+
+
+def _trimmed(tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> np.ndarray:
+    """(B, W) block tables cut to the widest row's blocks, as int64; (B, 1) when empty."""
+    width = max(-(-int(seq_lens.max(initial=0)) // block_size), 1)
+    out = np.zeros((len(tables), width), dtype=np.int64)
+    out[:, :min(width, tables.shape[1])] = tables[:, :width]
+    return out
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor):
@@ -85,9 +133,59 @@ class TorchAttention(AttentionBackend):
     paged cache in place; else through the dense copy or by gathering."""
 
     name = "torch"
+    default_block_size = 16
 
     def __init__(self, cpu_decode_kernel: Optional[PagedDecodeKernel] = None) -> None:
         self.cpu_decode_kernel = cpu_decode_kernel
+
+    def build_metadata(self, common: CommonAttentionMetadata) -> AttentionMetadata:
+        device = common.slot_mapping.device
+        to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        num_decodes = common.num_decodes
+        dense_decode: Optional[DenseDecodeStep] = common.extra
+        # Decode block tables serve the gather path and the CPU kernel, the decode mask only
+        # the gather path; with the dense copy both stay empty.
+        num_gathered = num_decodes if dense_decode is None else 0
+        decode_lens = common.seq_lens_host[:num_gathered].astype(np.int64)
+        decode_tables = _trimmed(common.block_tables_host[:num_gathered], decode_lens,
+                                 common.block_size)
+        prefill_lens = common.seq_lens_host[num_decodes:].astype(np.int64)
+        prefill_tables = _trimmed(common.block_tables_host[num_decodes:], prefill_lens,
+                                  common.block_size)
+        query_lens = [int(n) for n in common.query_lens[num_decodes:]]
+        max_query = max(query_lens, default=1)
+        token_index = np.zeros((len(query_lens), max_query), dtype=np.int64)
+        query_mask = np.zeros((len(query_lens), max_query), dtype=bool)
+        offset = 0
+        for i, query_len in enumerate(query_lens):
+            token_index[i, :query_len] = np.arange(offset, offset + query_len)
+            query_mask[i, :query_len] = True
+            offset += query_len
+        decode_seq_lens = to_device(decode_lens)
+        decode_block_tables = to_device(decode_tables)
+        masked_lens = decode_seq_lens[:0] if self.cpu_decode_kernel else decode_seq_lens
+        prefill_seq_lens = to_device(prefill_lens)
+        prefill_query_mask = to_device(query_mask)
+        max_prefill_len = int(prefill_lens.max(initial=0))
+        return AttentionMetadata(
+            slot_mapping=common.slot_mapping.long(),
+            block_size=common.block_size,
+            num_decode_tokens=num_decodes,
+            decode_block_tables=decode_block_tables,
+            decode_seq_lens=decode_seq_lens,
+            decode_mask=build_decode_mask(masked_lens,
+                                          decode_block_tables.shape[1] * common.block_size),
+            prefill_query_lens=query_lens,
+            prefill_block_tables=to_device(prefill_tables),
+            prefill_seq_lens=prefill_seq_lens,
+            prefill_max_query_len=max_query,
+            prefill_max_seq_len=max_prefill_len,
+            prefill_token_index=to_device(token_index),
+            prefill_query_mask=prefill_query_mask,
+            prefill_mask=build_prefill_mask(prefill_seq_lens, prefill_query_mask,
+                                            max_prefill_len),
+            dense_decode=dense_decode,
+        )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                 metadata: AttentionMetadata, scale: float,

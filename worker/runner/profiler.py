@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from lmfleet.worker.model.runner import ModelRunner
 from lmfleet.worker.request import Request
+from lmfleet.worker.runner.model_runner import ModelRunner
 from lmfleet.worker.sampling_params import SamplingParams
 from lmfleet.worker.scheduler.base import ScheduledRequest
 from lmfleet.worker.scheduler.cost_model import CostModel, fit_line

@@ -1,10 +1,9 @@
-"""The model runner: owns the weights and the KV tensors, turns a step into tensors,
-runs the forward pass and samples.
+"""The model runner: owns the weights, the KV tensors and the attention backend; turns a
+step into tensors (step_inputs.py), runs the forward pass (a captured CUDA graph for
+decode-only steps on CUDA, eagerly otherwise) and samples.
 
-Batch layout of a step: decodes (one new token each) first, then prefill chunks, all
-flattened into T tokens. Logits are computed only for requests whose step reaches the
-end of their known tokens (a finished prefill or a decode); earlier prefill chunks
-only fill the cache.
+Logits are computed only for requests whose step reaches the end of their known tokens (a
+finished prefill or a decode); earlier prefill chunks only fill the cache.
 """
 
 from __future__ import annotations
@@ -14,27 +13,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.kv.manager import blocks_for_tokens
 from lmfleet.worker.kv.swapper import KVSwapper
 from lmfleet.worker.model.arch import ArchConfig
-from lmfleet.worker.model.attention.base import AttentionMetadata, KVCache
+from lmfleet.worker.model.attention.base import KVCache, kv_cache_shape
 from lmfleet.worker.model.attention.cpu_kernel import PagedDecodeKernel, load_paged_decode_kernel
 from lmfleet.worker.model.attention.dense_decode import DenseDecodeCache, DenseDecodeStep
-from lmfleet.worker.model.attention.torch_ref import (
-    TorchAttention,
-    build_decode_mask,
-    build_prefill_mask,
-)
+from lmfleet.worker.model.attention.registry import make_backend, resolve_backend_name
 from lmfleet.worker.model.cpu_linear import transpose_linears
-from lmfleet.worker.model.cpu_ops import CpuOps, fuse_cpu_ops, load_cpu_ops
+from lmfleet.worker.model.cpu_ops import attach_fused_ops, load_cpu_ops
 from lmfleet.worker.model.default_model import cache_dir
 from lmfleet.worker.model.loader import load_model
-from lmfleet.worker.model.sampler import SamplingBatch, sample
 from lmfleet.worker.request import Request, TokenLogprobs
+from lmfleet.worker.runner.cuda_graphs import DecodeGraphs
+from lmfleet.worker.runner.sampler import SamplingBatch, sample
+from lmfleet.worker.runner.step_inputs import StepBatch, StepInputs
 from lmfleet.worker.scheduler.base import ScheduledRequest
 
 logger = logging.getLogger(__name__)
@@ -71,7 +67,7 @@ class ModelRunner:
             raise ValueError("device='cuda' requested but CUDA is not available")
         self.dtype = config.model.torch_dtype
         self.arch = ArchConfig.from_model_dir(model_dir)
-        self.block_size = config.cache.block_size
+        self.backend_name = resolve_backend_name(config.model.attention_backend, self.device)
         max_len = config.model.max_model_len or self.arch.max_position_embeddings
         if self.arch.sliding_window:
             # Attention here is full-context; past the window the model would differ.
@@ -79,43 +75,57 @@ class ModelRunner:
         self.model = load_model(model_dir, max_len, self.dtype, self.device)
         if self.device.type == "cpu":
             transpose_linears(self.model)
+        decode_kernel, fused_ops = self._load_fused_kernels()
+        self.backend = make_backend(self.backend_name, self.arch.num_kv_heads, self.device,
+                                    decode_kernel)
+        if not self.backend.supports_dtype(self.device, self.dtype):
+            raise ValueError(f"the {self.backend_name} attention backend does not support "
+                             f"{self.dtype} on {self.device.type}")
+        if fused_ops is not None:
+            attach_fused_ops(self.model, fused_ops)
+        self.block_size = config.cache.block_size or self.backend.default_block_size
         self.num_blocks = self._num_kv_blocks(max_len)
         # A lone request must always fit, so the context is capped by the KV capacity.
         self.max_model_len = min(max_len, self.num_blocks * self.block_size)
         if self.max_model_len < max_len:
             logger.warning("max_model_len capped at %d by the KV capacity (%d blocks)",
                            self.max_model_len, self.num_blocks)
-        block_shape = (self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
-        # One tensor for every layer's K and V so a swap moves a block of all layers in one
-        # op. Zero-filled, not empty: attention multiplies masked-out slots by a weight of
-        # 0, which is only harmless if they hold finite values.
-        self.kv_storage = torch.zeros((self.arch.num_layers, 2, self.num_blocks, *block_shape),
-                                      dtype=self.dtype, device=self.device)
+        shape = kv_cache_shape(self.arch.num_layers, self.num_blocks, self.block_size,
+                               self.arch.num_kv_heads, self.arch.head_dim)
+        # Zero-filled, not empty: attention multiplies masked-out slots by a weight of 0,
+        # which is only harmless if they hold finite values.
+        self.kv_storage = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [KVCache(self.kv_storage[layer], layer)
                           for layer in range(self.arch.num_layers)]
-        decode_kernel, cpu_ops = self._load_cpu_kernels()
-        if cpu_ops is not None:
-            fuse_cpu_ops(self.model, cpu_ops)
-        self.backend = TorchAttention(decode_kernel)
-        use_dense = config.cache.dense_decode_cache
-        if use_dense is None:
-            use_dense = self.device.type == "cpu" and self.backend.cpu_decode_kernel is None
-        self.dense_decode = DenseDecodeCache(
-            self.arch.num_layers, self.arch.num_kv_heads, self.arch.head_dim, self.dtype,
-            self.device, max_bytes=self.num_blocks * self.kv_block_bytes,
-            max_slots=config.scheduler.max_num_seqs) if use_dense else None
+        self.dense_decode = self._dense_decode_cache()
         self.num_host_blocks = config.cache.host_kv_memory_bytes // self.kv_block_bytes
         self.swapper: Optional[KVSwapper] = None
         if self.num_host_blocks:
-            host_storage = torch.zeros(
-                (self.num_host_blocks, self.arch.num_layers, 2, *block_shape), dtype=self.dtype,
-                pin_memory=self.device.type == "cuda")
+            host_storage = torch.zeros((self.num_host_blocks, *shape[:2], *shape[3:]),
+                                       dtype=self.dtype, pin_memory=self.device.type == "cuda")
             self.swapper = KVSwapper(self.kv_storage, host_storage,
                                      overlap=config.cache.swap_overlap)
         self._generators: dict[str, torch.Generator] = {}
+        scheduler = config.scheduler
+        self.inputs = StepInputs(
+            max(scheduler.max_num_batched_tokens, scheduler.max_num_seqs),
+            scheduler.max_num_seqs, blocks_for_tokens(self.max_model_len, self.block_size),
+            self.block_size, self.device)
+        self.graphs: Optional[DecodeGraphs] = None
+        if (self.device.type == "cuda" and not config.model.enforce_eager
+                and self.backend.supports_cuda_graphs):
+            self.graphs = DecodeGraphs(self._forward, self.backend, self.inputs,
+                                       scheduler.max_num_seqs, self.max_model_len)
+            self.graphs.capture()
 
-    def _load_cpu_kernels(self) -> tuple[Optional[PagedDecodeKernel], Optional[CpuOps]]:
-        """The C kernels for CPU float32 (ModelConfig.cpu_kernels), or (None, None)."""
+    def _load_fused_kernels(self) -> tuple[Optional[PagedDecodeKernel], Optional[object]]:
+        """The decode kernel and fused ops of this device: the C kernels for CPU float32
+        with the torch backend (ModelConfig.cpu_kernels), the Triton ops with the Triton
+        backend, else (None, None)."""
+        if self.backend_name == "triton":
+            from lmfleet.worker.kernels.triton_ops import TritonOps
+
+            return None, TritonOps(self.device.type)
         wanted = self.config.model.cpu_kernels
         usable = self.device.type == "cpu" and self.dtype == torch.float32
         if wanted is False or (wanted is None and not usable):
@@ -128,6 +138,20 @@ class ModelRunner:
             raise ValueError("cpu_kernels=True but the C kernels could not be built here "
                              "(a C compiler with OpenMP is needed; see the log)")
         return attention, ops
+
+    def _dense_decode_cache(self) -> Optional[DenseDecodeCache]:
+        use_dense = self.config.cache.dense_decode_cache
+        if use_dense is None:
+            use_dense = (self.device.type == "cpu" and self.backend_name == "torch"
+                         and self.backend.cpu_decode_kernel is None)
+        if use_dense and self.backend_name != "torch":
+            raise ValueError("dense_decode_cache needs attention_backend='torch'")
+        if not use_dense:
+            return None
+        return DenseDecodeCache(
+            self.arch.num_layers, self.arch.num_kv_heads, self.arch.head_dim, self.dtype,
+            self.device, max_bytes=self.num_blocks * self.kv_block_bytes,
+            max_slots=self.config.scheduler.max_num_seqs)
 
     @property
     def kv_block_bytes(self) -> int:
@@ -178,6 +202,10 @@ class ModelRunner:
         if self.swapper is not None:
             self.swapper.swap(swap_out, swap_in)
 
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 metadata) -> torch.Tensor:
+        return self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
+
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest],
                 eos_token_ids: tuple[int, ...]) -> dict[str, SampledToken]:
@@ -186,55 +214,46 @@ class ModelRunner:
             return {}
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
-        ordered = decodes + prefills
-        input_ids, positions, slots, sample_rows = self._flatten(ordered)
-        metadata = self._metadata(decodes, prefills, slots, self._dense_decode_step(decodes))
+        bucket = None
+        if self.graphs is not None and not prefills:
+            bucket = self.graphs.bucket_for(len(decodes))
+        batch = self.inputs.prepare(decodes + prefills, len(decodes), pad_to=bucket,
+                                    extra=self._dense_decode_step(decodes))
+        if bucket is not None:
+            hidden = self.graphs.replay(bucket)
+        else:
+            hidden = self._eager_forward(batch)
+        if not batch.sample_rows:
+            return {}
+        return self._sample(hidden, batch, eos_token_ids)
+
+    def _eager_forward(self, batch: StepBatch) -> torch.Tensor:
+        metadata = self.backend.build_metadata(batch.common)
         try:
-            hidden = self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
+            return self._forward(batch.input_ids, batch.positions, metadata)
         except BaseException:
             # Some layers may have written this step's tokens and others not.
             if self.dense_decode is not None:
                 self.dense_decode.clear()
             raise
-        if not sample_rows:
-            return {}
-        rows = torch.tensor([row for row, _ in sample_rows], device=self.device)
-        logits = self.model.compute_logits(hidden[rows])  # (N, V)
-        requests = [request for _, request in sample_rows]
-        batch = SamplingBatch(requests, [self._generator(r) for r in requests], eos_token_ids)
-        result = sample(logits, batch)
+
+    def _sample(self, hidden: torch.Tensor, batch: StepBatch,
+                eos_token_ids: tuple[int, ...]) -> dict[str, SampledToken]:
+        rows = batch.sample_rows
+        if rows == list(range(len(rows))):
+            selected = hidden[:len(rows)]  # a decode-only step: no gather
+        else:
+            selected = hidden[torch.tensor(rows).to(self.device, non_blocking=True)]
+        logits = self.model.compute_logits(selected)  # (N, V)
+        requests = batch.sample_requests
+        sampling = SamplingBatch(requests, [self._generator(r) for r in requests],
+                                 eos_token_ids)
+        result = sample(logits, sampling)
         return {
             request.request_id: SampledToken(token, logprobs)
             for request, token, logprobs in zip(requests, result.token_ids, result.logprobs,
                                                 strict=True)
         }
-
-    def _flatten(self, ordered: list[ScheduledRequest]):
-        ids, positions, slots, sample_rows = [], [], [], []
-        row = 0
-        for item in ordered:
-            request, start = item.request, item.request.num_computed_tokens
-            end = start + item.num_new_tokens
-            ids.extend(request.token_ids[start:end])
-            pos = np.arange(start, end)
-            table = np.asarray(request.block_ids, dtype=np.int64)
-            positions.append(pos)
-            slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-            row += item.num_new_tokens
-            if end == request.num_tokens:
-                sample_rows.append((row - 1, request))
-        as_tensor = lambda a: torch.from_numpy(np.concatenate(a)).to(self.device)  # noqa: E731
-        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
-        return input_ids, as_tensor(positions), as_tensor(slots), sample_rows
-
-    def _block_tables(self, items: list[ScheduledRequest]) -> tuple[torch.Tensor, list[int]]:
-        seq_lens = [s.request.num_computed_tokens + s.num_new_tokens for s in items]
-        width = max((blocks_for_tokens(n, self.block_size) for n in seq_lens), default=1)
-        table = np.zeros((len(items), width), dtype=np.int64)
-        for i, (item, seq_len) in enumerate(zip(items, seq_lens, strict=True)):
-            num = blocks_for_tokens(seq_len, self.block_size)
-            table[i, :num] = item.request.block_ids[:num]
-        return torch.from_numpy(table).to(self.device), seq_lens
 
     def _dense_decode_step(self, decodes: list[ScheduledRequest]) -> Optional[DenseDecodeStep]:
         if self.dense_decode is None:
@@ -251,47 +270,3 @@ class ModelRunner:
         if max_tokens is None:
             return self.max_model_len
         return min(request.num_prompt_tokens + max_tokens, self.max_model_len)
-
-    def _metadata(self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest],
-                  slots: torch.Tensor,
-                  dense_decode: Optional[DenseDecodeStep]) -> AttentionMetadata:
-        # Decode block tables serve the gather path and the CPU kernel, the decode mask only
-        # the gather path; with the dense copy both stay empty (a per-step Python loop over
-        # every decode saved).
-        gathered = decodes if dense_decode is None else []
-        decode_tables, decode_lens = self._block_tables(gathered)
-        prefill_tables, prefill_lens = self._block_tables(prefills)
-        query_lens = [s.num_new_tokens for s in prefills]
-        max_query = max(query_lens, default=1)
-        token_index = np.zeros((len(prefills), max_query), dtype=np.int64)
-        query_mask = np.zeros((len(prefills), max_query), dtype=bool)
-        offset = 0
-        for i, query_len in enumerate(query_lens):
-            token_index[i, :query_len] = np.arange(offset, offset + query_len)
-            query_mask[i, :query_len] = True
-            offset += query_len
-        to_device = lambda a: torch.as_tensor(a).to(self.device)  # noqa: E731
-        decode_seq_lens = to_device(np.asarray(decode_lens, dtype=np.int64))
-        kernel_decodes = self.backend.cpu_decode_kernel is not None
-        masked_lens = decode_seq_lens[:0] if kernel_decodes else decode_seq_lens
-        prefill_seq_lens = to_device(np.asarray(prefill_lens, dtype=np.int64))
-        prefill_query_mask = to_device(query_mask)
-        max_prefill_len = max(prefill_lens, default=0)
-        return AttentionMetadata(
-            slot_mapping=slots,
-            block_size=self.block_size,
-            num_decode_tokens=len(decodes),
-            decode_block_tables=decode_tables,
-            decode_seq_lens=decode_seq_lens,
-            decode_mask=build_decode_mask(masked_lens, decode_tables.shape[1] * self.block_size),
-            prefill_query_lens=query_lens,
-            prefill_block_tables=prefill_tables,
-            prefill_seq_lens=prefill_seq_lens,
-            prefill_max_query_len=max_query,
-            prefill_max_seq_len=max_prefill_len,
-            prefill_token_index=to_device(token_index),
-            prefill_query_mask=prefill_query_mask,
-            prefill_mask=build_prefill_mask(prefill_seq_lens, prefill_query_mask,
-                                            max_prefill_len),
-            dense_decode=dense_decode,
-        )

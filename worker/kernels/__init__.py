@@ -1,0 +1,1 @@
+"""GPU kernels (Triton) for the worker: attention over the paged KV cache."""

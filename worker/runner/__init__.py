@@ -1,0 +1,2 @@
+"""The model runner: a step's batch -> device tensors -> forward (eager or CUDA graph) ->
+sampled tokens; also the KV storage, swaps and the cost-model profile."""
