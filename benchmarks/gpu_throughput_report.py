@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 from typing import Optional
 
+
 def parse_value(text: str):
     low = text.strip().lower()
     if low in ("true", "false"):

@@ -78,6 +78,9 @@ class ModelConfig:
     attention_backend: str = "auto"
     # True: no CUDA graphs (every decode step launches its kernels from Python).
     enforce_eager: bool = False
+    # Schedule and launch step N while step N-1 runs on the device (engine.py). None: on
+    # for CUDA, off for CPU (where the CPU is the device, so nothing would overlap).
+    overlap_steps: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -152,7 +155,10 @@ class SchedulerConfig:
     policy: str = "fcfs"
     max_num_seqs: int = 256
     # Token budget of one step: decodes count one token each, prefill chunks their length.
-    max_num_batched_tokens: int = 2048
+    # None: 2048 on CPU; 8192 on CUDA, where a prefill chunk that size still runs at the
+    # GPU's matmul rate and fewer chunks mean fewer passes over the weights (LMDeploy's
+    # max_prefill_token_num and vLLM's offline default are 8192 too).
+    max_num_batched_tokens: Optional[int] = None
     # Skip-join MLFQ (FastServe). Quantum of queue i is base * 2**i; None: the cost model's
     # time of one decode step of a half-full batch, measured at start-up. 12 queues: a job
     # reaches the last queue after ~4095 base quanta (about that many decode steps), so
@@ -221,6 +227,8 @@ class SchedulerConfig:
             raise ValueError("invalid kv_headroom_blocks: must be >= 0")
         if self.max_num_seqs < 1:
             raise ValueError(f"invalid max_num_seqs={self.max_num_seqs}: must be >= 1")
+        if self.max_num_batched_tokens is None:  # built without a device: the CPU's budget
+            object.__setattr__(self, "max_num_batched_tokens", 2048)
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"invalid max_num_batched_tokens={self.max_num_batched_tokens}: must be >= 1"
@@ -253,8 +261,12 @@ class EngineConfig:
             if name not in owners:
                 raise ValueError(f"unknown engine option {name!r}; known: {sorted(owners)}")
             groups[owners[name]][name] = value
+        model_config = ModelConfig(**groups["model"])
+        if groups["scheduler"].get("max_num_batched_tokens") is None:
+            groups["scheduler"]["max_num_batched_tokens"] = (
+                2048 if model_config.device == "cpu" else 8192)
         return cls(
-            model=ModelConfig(**groups["model"]),
+            model=model_config,
             cache=CacheConfig(**groups["cache"]),
             scheduler=SchedulerConfig(**groups["scheduler"]),
             seed=seed,

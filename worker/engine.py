@@ -4,6 +4,16 @@ One `step()` = schedule (which requests, how many tokens each) -> run the model 
 batch -> append sampled tokens, check stop conditions, free finished requests. It is
 deterministic given the same requests and seeds, and has no asyncio or threads: the
 async wrapper and the gRPC server drive it from their own loop.
+
+Overlapped steps (CUDA, `overlap_steps`): step N is scheduled and launched while step
+N-1 still runs on the GPU; N-1's sampled tokens stand in token_ids as placeholders (the
+scheduler sees the right counts; the runner feeds them to N on the device), and are read
+back after N is queued. So the CPU prepares N while the GPU computes N-1, and a step's
+outputs reach the caller one step() later. A request that stops at N-1 (EOS, a stop
+token) has also run in N: that token is discarded and its KV freed, which is safe
+because the device runs N before anything queued after it. Outputs are the same tokens
+as without overlap. Steps whose sampling reads the previous tokens on the host
+(repetition penalties) run without overlap.
 """
 
 from __future__ import annotations
@@ -24,9 +34,9 @@ from lmfleet.worker.request import (
     RequestStatus,
     validate_prompt,
 )
-from lmfleet.worker.runner.model_runner import ModelRunner
+from lmfleet.worker.runner.model_runner import InFlightStep, ModelRunner
 from lmfleet.worker.runner.profiler import profile_cost_model
-from lmfleet.worker.scheduler.base import make_scheduler
+from lmfleet.worker.scheduler.base import SchedulerOutput, make_scheduler
 from lmfleet.worker.scheduler.cost_model import CostModel
 
 
@@ -55,6 +65,10 @@ class LLMEngine:
         # Outputs produced outside step() (aborts), delivered by the next step().
         self._pending_outputs: list[RequestOutput] = []
         self.num_generated_tokens = 0
+        overlap = config.model.overlap_steps
+        self.overlap_steps = self.runner.device.type == "cuda" if overlap is None else overlap
+        # The launched step whose tokens are not read back yet: (plan, step, launch time).
+        self._in_flight: Optional[tuple[SchedulerOutput, InFlightStep, float]] = None
 
     # ---- admission -------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int]) -> None:
@@ -88,7 +102,8 @@ class LLMEngine:
         return True
 
     def has_work(self) -> bool:
-        return bool(self._pending_outputs) or self.scheduler.has_work()
+        return (bool(self._pending_outputs) or self._in_flight is not None
+                or self.scheduler.has_work())
 
     # ---- the step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -99,19 +114,49 @@ class LLMEngine:
         self.sessions.expire()
         plan = self.scheduler.schedule()
         if plan.is_empty and not plan.swap_out_blocks and not plan.swap_in_blocks:
+            outputs.extend(self._read_back())
             return outputs
+        if not self.overlap_steps or any(
+                item.request.sampling_params.uses_penalties for item in plan.scheduled):
+            outputs.extend(self._read_back())  # penalties read the previous tokens on host
+            # Requests that stopped there are done: the step does not run them.
+            plan.scheduled = [s for s in plan.scheduled if not s.request.is_finished]
         start = time.perf_counter()
         self.runner.swap(plan.swap_out_blocks, plan.swap_in_blocks)
-        sampled = self.runner.execute(plan.scheduled, self.eos_token_ids)
+        in_flight = self._in_flight[1] if self._in_flight is not None else None
+        launched = self.runner.launch(plan.scheduled, self.eos_token_ids, in_flight)
+        outputs.extend(self._read_back())
         for item in plan.scheduled:
             request = item.request
+            if request.is_finished:
+                continue  # stopped by the step before: this step's work for it is dropped
             request.num_computed_tokens += item.num_new_tokens
             request.num_prefilled_tokens += item.num_new_tokens
-            self.kv_manager.cache_computed_blocks(request)
+            if request.num_computed_tokens == request.num_tokens:
+                request.append_placeholder()  # sampled by this step, still on the device
+        self._in_flight = (plan, launched, start)
+        if not self.overlap_steps:
+            outputs.extend(self._read_back())
+        return outputs
+
+    def _read_back(self) -> list[RequestOutput]:
+        """Wait for the step in flight, if any: fill its tokens in, apply stop conditions."""
+        if self._in_flight is None:
+            return []
+        plan, launched, start = self._in_flight
+        self._in_flight = None
+        sampled = launched.wait()
+        outputs = []
+        for item in plan.scheduled:
+            request = item.request
+            if request.is_finished or request.request_id not in self.requests:
+                continue  # aborted, or stopped by an earlier step
+            if request.block_ids:  # not swapped out or preempted since
+                self.kv_manager.cache_computed_blocks(request)
             token = sampled.get(request.request_id)
             if token is None:
                 continue  # a prefill chunk that did not reach the end of the prompt
-            request.append_output_token(token.token_id, token.logprobs)
+            request.resolve_placeholder(token.token_id, token.logprobs)
             self.num_generated_tokens += 1
             reason = self._stop_reason(request, token.token_id)
             if reason is not None:
@@ -134,9 +179,10 @@ class LLMEngine:
         return None
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
+        # A request preempted to recompute while its last token was in flight holds no KV.
+        keep_kv = request.session_id is not None and bool(request.block_ids)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        keep_kv = request.session_id is not None
         self.scheduler.finish(request, release_kv=not keep_kv)
         if keep_kv:
             self._session_swap_out.extend(self.sessions.park(request))

@@ -89,6 +89,9 @@ class Request:
     # Host-memory blocks holding this request's computed KV while it is swapped out
     # (then block_ids is empty); block i again holds tokens [i*bs, (i+1)*bs).
     host_block_ids: list[int] = field(default_factory=list)
+    # Sampled tokens still on the device (overlapped steps): each sits at the end of
+    # token_ids as PLACEHOLDER_TOKEN until the engine reads it back.
+    num_pending_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -100,7 +103,14 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        """Outputs sampled so far, including ones still on the device."""
+        return len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def output_is_complete(self) -> bool:
+        """max_tokens outputs exist (some maybe still on the device): nothing to schedule."""
+        max_tokens = self.sampling_params.max_tokens
+        return max_tokens is not None and self.num_output_tokens >= max_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -125,6 +135,30 @@ class Request:
         self.token_ids.append(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
+
+    def append_placeholder(self) -> None:
+        """A token was sampled on the device and is not read back yet: its slot in
+        token_ids exists (so the next step can be scheduled) but holds no id."""
+        self.token_ids.append(PLACEHOLDER_TOKEN)
+        self.num_pending_tokens += 1
+
+    def resolve_placeholder(self, token_id: int, logprobs: Optional[TokenLogprobs]) -> None:
+        """The oldest pending token arrived: it fills its placeholder."""
+        position = len(self.token_ids) - self.num_pending_tokens
+        self.token_ids[position] = token_id
+        self.num_pending_tokens -= 1
+        self.output_token_ids.append(token_id)
+        if logprobs is not None:
+            self.output_logprobs.append(logprobs)
+
+    def drop_placeholder(self) -> None:
+        """Forget the newest pending token (its step's result is discarded)."""
+        self.token_ids.pop()
+        self.num_pending_tokens -= 1
+
+
+# Stands for a sampled token that is still on the device (never a valid token id).
+PLACEHOLDER_TOKEN = -1
 
 
 @dataclass

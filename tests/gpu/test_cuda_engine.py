@@ -69,20 +69,60 @@ def run_engine(model_dir, prompts, max_tokens: int, prepare=None, **options
 
 def test_cuda_float32_equals_cpu_and_hf(model_dir, prompts):
     cpu = run_engine(model_dir, prompts, 16, device="cpu", dtype="float32")
+    # The default: Triton kernels, decode steps as CUDA graphs.
     cuda = run_engine(model_dir, prompts, 16, device="cuda", dtype="float32")
     assert cuda == cpu
-    # CPU decodes read the dense decode cache by default, CUDA gathers; both ways on CUDA.
-    dense = run_engine(model_dir, prompts, 16, device="cuda", dtype="float32",
-                       dense_decode_cache=True)
-    assert dense == cpu
-    # Preemption and chunking on CUDA too.
+    eager = run_engine(model_dir, prompts, 16, device="cuda", dtype="float32",
+                       enforce_eager=True)
+    assert eager == cpu
+    step_by_step = run_engine(model_dir, prompts, 16, device="cuda", dtype="float32",
+                              overlap_steps=False)
+    assert step_by_step == cpu
+    # The torch backend on CUDA: gathering, and the dense decode copy.
+    for dense in (False, True):
+        torch_path = run_engine(model_dir, prompts, 16, device="cuda", dtype="float32",
+                                attention_backend="torch", dense_decode_cache=dense)
+        assert torch_path == cpu, f"torch backend, dense_decode_cache={dense}"
+    # Preemption and chunking on CUDA too, with small blocks (many per request).
     squeezed = run_engine(model_dir, prompts, 16, device="cuda", dtype="float32",
-                          num_kv_blocks=12, max_num_batched_tokens=24)
+                          num_kv_blocks=48, block_size=4, max_num_batched_tokens=24)
     assert squeezed == cpu
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     assert [hf_greedy(hf, ids, 16, min_new_tokens=16) for ids in prompts[:4]] == cpu[:4]
+
+
+def test_cuda_prefix_hits_equal_cpu(model_dir, prompts):
+    """Prompts sharing long prefixes, run one after another so later ones hit the prefix
+    cache: the Triton prefill kernel reads the cached history in place."""
+    shared = prompts[0] * 3 + prompts[1]
+    family = [shared + tail for tail in prompts[2:6]]
+    cpu = run_engine(model_dir, family, 12, device="cpu", dtype="float32")
+    engine = LLMEngine(EngineConfig.from_options(str(model_dir), device="cuda",
+                                                 dtype="float32", block_size=16),
+                       model_dir=model_dir)
+    params = SamplingParams(max_tokens=12, min_tokens=12, temperature=0)
+    outputs, cached = [], []
+    for index, ids in enumerate(family):  # one at a time: each later one hits the cache
+        engine.add_request(Request(str(index), ids, params))
+        while engine.has_work():
+            for output in engine.step():
+                if output.finished:
+                    outputs.append(output.output_token_ids)
+                    cached.append(output.num_cached_tokens)
+    assert outputs == cpu
+    assert all(n >= 16 for n in cached[1:]), cached
+
+
+def test_cuda_graph_buckets_pad_batches_exactly(model_dir, prompts):
+    """Batch sizes that are not buckets (3, 5, 11 running) decode in a padded graph: the
+    padding rows must neither write the cache nor change the real rows."""
+    cpu = run_engine(model_dir, prompts[:11], 10, device="cpu", dtype="float32")
+    for count in (3, 5, 11):
+        cuda = run_engine(model_dir, prompts[:count], 10, device="cuda", dtype="float32",
+                          max_num_seqs=16)
+        assert cuda == cpu[:count], f"{count} requests"
 
 
 def test_cuda_bfloat16_runs_and_mostly_agrees(model_dir, prompts):

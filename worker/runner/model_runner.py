@@ -29,7 +29,7 @@ from lmfleet.worker.model.default_model import cache_dir
 from lmfleet.worker.model.loader import load_model
 from lmfleet.worker.request import Request, TokenLogprobs
 from lmfleet.worker.runner.cuda_graphs import DecodeGraphs
-from lmfleet.worker.runner.sampler import SamplingBatch, sample
+from lmfleet.worker.runner.sampler import PendingSample, SamplingBatch, sample_async, to_device
 from lmfleet.worker.runner.step_inputs import StepBatch, StepInputs
 from lmfleet.worker.scheduler.base import ScheduledRequest
 
@@ -46,6 +46,26 @@ CUDA_KV_MEMORY_FRACTION = 0.9
 class SampledToken:
     token_id: int
     logprobs: Optional[TokenLogprobs]
+
+
+class InFlightStep:
+    """A launched step whose sampled tokens are still on the device."""
+
+    def __init__(self, requests: list[Request], pending: Optional[PendingSample]) -> None:
+        self.requests = requests  # in sample-row order
+        self.pending = pending
+        self.row_of = {request.request_id: row for row, request in enumerate(requests)}
+
+    def wait(self) -> dict[str, SampledToken]:
+        """Block until the tokens are on the host: request id -> its sampled token."""
+        if self.pending is None:
+            return {}
+        result = self.pending.result()
+        return {
+            request.request_id: SampledToken(token, logprobs)
+            for request, token, logprobs in zip(self.requests, result.token_ids,
+                                                result.logprobs, strict=True)
+        }
 
 
 def available_cpu_memory() -> int:
@@ -206,12 +226,19 @@ class ModelRunner:
                  metadata) -> torch.Tensor:
         return self.model(input_ids, positions, self.kv_caches, metadata, self.backend)
 
-    @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest],
                 eos_token_ids: tuple[int, ...]) -> dict[str, SampledToken]:
-        """Run one step; returns the sampled token of each request that reached its end."""
+        """Run one step and wait; returns the sampled token of each request that reached
+        its end."""
+        return self.launch(scheduled, eos_token_ids).wait()
+
+    @torch.inference_mode()
+    def launch(self, scheduled: list[ScheduledRequest], eos_token_ids: tuple[int, ...],
+               in_flight: Optional[InFlightStep] = None) -> InFlightStep:
+        """Queue one step on the device without waiting for it. Input tokens still on the
+        device (placeholders) are taken from `in_flight`, the step launched before."""
         if not scheduled:
-            return {}
+            return InFlightStep([], None)
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
         bucket = None
@@ -219,13 +246,23 @@ class ModelRunner:
             bucket = self.graphs.bucket_for(len(decodes))
         batch = self.inputs.prepare(decodes + prefills, len(decodes), pad_to=bucket,
                                     extra=self._dense_decode_step(decodes))
+        if batch.placeholder_rows:
+            self._fill_placeholders(batch, in_flight)
         if bucket is not None:
             hidden = self.graphs.replay(bucket)
         else:
             hidden = self._eager_forward(batch)
         if not batch.sample_rows:
-            return {}
+            return InFlightStep([], None)
         return self._sample(hidden, batch, eos_token_ids)
+
+    def _fill_placeholders(self, batch: StepBatch, in_flight: Optional[InFlightStep]) -> None:
+        if in_flight is None or in_flight.pending is None:
+            raise RuntimeError("a step reads tokens still on the device, but none is in flight")
+        rows = [row for row, _ in batch.placeholder_rows]
+        sources = [in_flight.row_of[request.request_id] for _, request in batch.placeholder_rows]
+        tokens = in_flight.pending.device_token_ids[to_device(sources, self.device)]  # (P,)
+        batch.input_ids.index_copy_(0, to_device(rows, self.device), tokens.to(torch.int32))
 
     def _eager_forward(self, batch: StepBatch) -> torch.Tensor:
         metadata = self.backend.build_metadata(batch.common)
@@ -238,22 +275,17 @@ class ModelRunner:
             raise
 
     def _sample(self, hidden: torch.Tensor, batch: StepBatch,
-                eos_token_ids: tuple[int, ...]) -> dict[str, SampledToken]:
+                eos_token_ids: tuple[int, ...]) -> InFlightStep:
         rows = batch.sample_rows
         if rows == list(range(len(rows))):
             selected = hidden[:len(rows)]  # a decode-only step: no gather
         else:
-            selected = hidden[torch.tensor(rows).to(self.device, non_blocking=True)]
+            selected = hidden[to_device(rows, self.device)]
         logits = self.model.compute_logits(selected)  # (N, V)
         requests = batch.sample_requests
         sampling = SamplingBatch(requests, [self._generator(r) for r in requests],
                                  eos_token_ids)
-        result = sample(logits, sampling)
-        return {
-            request.request_id: SampledToken(token, logprobs)
-            for request, token, logprobs in zip(requests, result.token_ids, result.logprobs,
-                                                strict=True)
-        }
+        return InFlightStep(requests, sample_async(logits, sampling))
 
     def _dense_decode_step(self, decodes: list[ScheduledRequest]) -> Optional[DenseDecodeStep]:
         if self.dense_decode is None:

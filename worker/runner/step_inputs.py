@@ -37,6 +37,9 @@ class StepBatch:
     sample_rows: list[int]  # row in T of each token that samples, in request order
     sample_requests: list  # the Request of each sample row
     num_padded_reqs: int  # rows including graph padding (== common.num_reqs when eager)
+    # (token row, request) of input tokens still on the device (sampled by the step in
+    # flight): the runner fills them in on the device before the forward.
+    placeholder_rows: list
 
 
 class StepInputs:
@@ -106,7 +109,7 @@ class StepInputs:
         lens = seg("seq_lens", num_rows)
         tables = seg("block_tables", num_rows * width).reshape(num_rows, width)
         tables.fill(0)
-        sample_rows, sample_requests = [], []
+        sample_rows, sample_requests, placeholder_rows = [], [], []
         row = 0
         bs = self.block_size
         for index, item in enumerate(ordered):
@@ -126,6 +129,8 @@ class StepInputs:
                 positions[row:row + end - start] = pos
                 slots[row:row + end - start] = tables[index, pos // bs] * bs + pos % bs
             row += end - start
+            if request.num_pending_tokens and end == request.num_tokens:
+                placeholder_rows.append((row - 1, request))
             if end == request.num_tokens:
                 sample_rows.append(row - 1)
                 sample_requests.append(request)
@@ -155,7 +160,7 @@ class StepInputs:
             extra=extra,
         )
         batch = StepBatch(to_device("input_ids", ids), to_device("positions", positions),
-                          common, sample_rows, sample_requests, num_rows)
+                          common, sample_rows, sample_requests, num_rows, placeholder_rows)
         if persistent and self._copied is not None:
             self._copied.record()
         return batch

@@ -63,6 +63,10 @@ class FCFSScheduler(Scheduler):
     def finish(self, request: Request, release_kv: bool = True) -> None:
         if request in self.running:
             self.running.remove(request)
+        elif request in self.waiting:  # preempted while its last token was in flight
+            index = self.waiting.index(request)
+            del self.waiting[index]
+            del self._waiting_keys[index]
         self._admission_order.pop(request.request_id, None)
         if release_kv:
             self.kv_manager.free(request)
@@ -77,6 +81,8 @@ class FCFSScheduler(Scheduler):
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if request.output_is_complete:
+                continue  # its last token is in flight; it finishes when that arrives
             num_new_tokens = min(request.num_uncomputed_tokens, budget)
             while not self.kv_manager.allocate(request, num_new_tokens):
                 victim = self._lowest_priority_running()

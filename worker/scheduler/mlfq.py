@@ -232,6 +232,8 @@ class MLFQScheduler(Scheduler):
         for request in order:
             if budget == 0 or len(chosen) >= self.config.max_num_seqs:
                 break
+            if request.output_is_complete:
+                continue  # its last token is in flight; it finishes when that arrives
             # _place returns the tokens actually scheduled: fewer than asked after a
             # prefix hit (num_computed_tokens moved past the cached blocks).
             num_new_tokens = self._place(request, min(request.num_uncomputed_tokens, budget),
