@@ -61,10 +61,14 @@ COMMON_OPTIONS = {"enable_prefix_caching": False}
 # "test_a_requests" shrinks Test A for slow variants (marked in the JSON); "weight" is the
 # variant's share of the time left when it starts (time it does not use goes to the next).
 VARIANTS = {
+    # The ablation chain, each variant one feature less: Triton kernels + CUDA graphs +
+    # overlapped steps; without overlap; without graphs either (kernels only); the old
+    # gather + SDPA attention path (slow, so a quarter of Test A).
     "default": {"options": {}, "weight": 2.0},
-    "eager": {"options": {"enforce_eager": True}, "weight": 1.0},
-    # The old gather + SDPA attention path: slow, so a quarter of Test A.
-    "torch": {"options": {"attention_backend": "torch", "enforce_eager": True},
+    "no_overlap": {"options": {"overlap_steps": False}, "weight": 1.5},
+    "eager": {"options": {"enforce_eager": True, "overlap_steps": False}, "weight": 1.5},
+    "torch": {"options": {"attention_backend": "torch", "enforce_eager": True,
+                          "overlap_steps": False},
               "test_a_requests": 64, "weight": 1.0},
 }
 PEER_RECORDS = {"lmdeploy": ["lmdeploy-A", "lmdeploy-B"], "hf": ["hf-A", "hf-B"]}

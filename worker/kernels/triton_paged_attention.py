@@ -249,11 +249,15 @@ def _check_common(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
     return num_kv_heads, num_heads // num_kv_heads
 
 
-def _launch_config(dtype: torch.dtype, head_dim: int) -> tuple[str, int, int, int]:
-    """(dot precision, BLOCK_N, num_warps, num_stages) for H100."""
+def _launch_config(dtype: torch.dtype, head_dim: int,
+                   decode: bool = False) -> tuple[str, int, int, int]:
+    """(dot precision, BLOCK_N, num_warps, num_stages) for H100. Decode in 16 bits runs two
+    stages: on an H100 it read the cache at 2.4 TB/s that way against 2.0 with three
+    (batch 64, 530-token contexts; the same 2.8 TB/s either way at batch 256)."""
     wide = dtype == torch.float32 or head_dim > 128  # twice the registers and shared memory
     precision = "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit
-    return precision, 32 if head_dim > 128 else 64, 8 if wide else 4, 2 if wide else 3
+    stages = 2 if wide or decode else 3
+    return precision, 32 if head_dim > 128 else 64, 8 if wide else 4, stages
 
 
 def choose_num_splits(batch_size: int, max_seq_len: int, num_kv_heads: int,
@@ -283,7 +287,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     if batch == 0:
         return
     num_heads, head_dim = q.shape[1], q.shape[2]
-    precision, block_n, num_warps, num_stages = _launch_config(q.dtype, head_dim)
+    precision, block_n, num_warps, num_stages = _launch_config(q.dtype, head_dim, decode=True)
     if num_splits > 1:
         part_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32,
                              device=q.device)
