@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Optional
@@ -46,6 +45,7 @@ from lmfleet.router.grpc_api import ServingServicer, add_grpc_services
 from lmfleet.router.metrics import RouterMetrics
 from lmfleet.router.policies import DEFAULT_POLICY, make_policy
 from lmfleet.router.replicas import ReplicaRegistry, TokenizerLoader
+from lmfleet.router.sockets import PortInUseError, check_port_free, tcp_listener
 from lmfleet.router.store_sync import StoreSync
 from lmfleet.router.tokenizer import load_model_tokenizer
 
@@ -184,10 +184,14 @@ class Router:
         return f"{self.config.host}:{self.grpc_port}"
 
     async def start(self) -> None:
-        """Discover workers, then serve HTTP and gRPC. Raises OSError if a port is taken.
+        """Discover workers, then serve HTTP and gRPC. Raises PortInUseError (an OSError
+        naming the port) if a port is taken, before waiting for any worker.
 
         With a store, start-up lists it once; an unreachable store is not fatal (a
         warning; discovery keeps trying in the background)."""
+        # A taken port is reported now, naming it, not after discovery has waited.
+        check_port_free(self.config.host, self.config.http_port, "HTTP port")
+        check_port_free(self.config.host, self.config.grpc_port, "gRPC port")
         await self.registry.discover(self.config.discovery_timeout)
         self.registry.start()
         if self.store_sync is not None:
@@ -204,16 +208,21 @@ class Router:
                     self.grpc_address)
 
     async def _start_grpc(self) -> None:
-        self._grpc = grpc.aio.server()
+        # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind
+        # without error and share (steal) the other's connections.
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
         await add_grpc_services(self._grpc, ServingServicer(self.registry, self.generation,
                                                             self.auth))
+        host, port = self.config.host, self.config.grpc_port
         try:
-            port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
-        except RuntimeError as error:
-            raise OSError(f"cannot bind gRPC port {self.config.grpc_port}: {error}") from None
-        if port == 0:
-            raise OSError(f"cannot bind gRPC port {self.config.host}:{self.config.grpc_port}")
-        self.grpc_port = port
+            bound = self._grpc.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            # gRPC does not say why; a plain bind does (in use, no such address, ...).
+            check_port_free(host, port, "gRPC port")
+            raise PortInUseError(f"cannot listen on {host}:{port} (gRPC port)")
+        self.grpc_port = bound
         await self._grpc.start()
 
     async def _start_http(self) -> None:
@@ -221,14 +230,8 @@ class Router:
             registry=self.registry, generation=self.generation, metrics=self.metrics,
             auth=self.auth, max_body_bytes=self.config.max_body_bytes,
             request_timeout=self.config.request_timeout))
-        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.config.host, self.config.http_port))
-        except OSError:
-            sock.close()
-            raise
+        # IPPROTO_TCP, so that asyncio sets TCP_NODELAY on every accepted connection.
+        sock = tcp_listener(self.config.host, self.config.http_port, "HTTP port")
         self.http_port = sock.getsockname()[1]
         self._http = _EmbeddedUvicorn(uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="off",

@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     from lmfleet.cluster.state import MEMORY_URL, MemoryStore
     from lmfleet.router.auth import api_key_from_env
     from lmfleet.router.server import RouterConfig
+    from lmfleet.router.sockets import check_port_free
 
     fleet = fleet_config(args)
     # Checked before anything starts.
@@ -179,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port, api_key=api_key_from_env(args.api_key),
         max_in_flight=args.max_in_flight, max_queued=args.max_queued, policy=args.policy,
         discovery_timeout=0.0)
+    # Ports are checked before Ray and the replicas start (tens of seconds), so a taken
+    # one is reported at once, by number (PortInUseError: `error: cannot listen on ...`).
+    check_port_free(config.host, config.http_port, "HTTP port, --port")
+    check_port_free(config.host, config.grpc_port, "gRPC port, --grpc-port")
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

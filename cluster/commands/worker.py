@@ -76,6 +76,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="C kernels for CPU float32 (decode attention over the paged KV "
                    "cache, fused norm, rotary and SiLU steps), built on first use with the "
                    "system C compiler (auto: on where they build)")
+    p.add_argument("--attention-backend", default="auto", choices=("auto", "triton", "torch"),
+                   help="paged attention kernels: triton (CUDA) or torch (gather + SDPA; the "
+                   "C decode kernel on CPU) (auto: triton on CUDA, torch on CPU)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: launch every step's kernels from Python (no CUDA graphs)")
+    p.add_argument("--overlap-steps", default="auto", choices=("auto", "on", "off"),
+                   help="launch each step before reading the previous one's tokens back, "
+                   "so the CPU prepares a step while the GPU runs the last (auto: on for CUDA)")
     p.add_argument("--session-ttl-s", type=float, default=None, metavar="S",
                    help="keep an idle chat session's KV this long (default 600)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
@@ -126,7 +134,10 @@ def build_engine(args: argparse.Namespace):
 
 def engine_options(args: argparse.Namespace) -> dict:
     """Engine options from the command line; unset ones are left to the engine."""
-    options = {"device": args.device, "dtype": args.dtype, "policy": args.scheduler}
+    options = {"device": args.device, "dtype": args.dtype, "policy": args.scheduler,
+               "attention_backend": args.attention_backend}
+    if args.enforce_eager:
+        options["enforce_eager"] = True
     for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size",
                  "max_model_len", "mlfq_starvation_s", "mlfq_base_quantum_s", "mlfq_num_queues",
                  "mlfq_queue_order", "mlfq_last_queue", "mlfq_deadline_s", "mlfq_deadline_slack",
@@ -134,7 +145,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None:
             options[name] = value
-    for name in ("dense_decode_cache", "cpu_kernels"):  # auto: the engine decides
+    for name in ("dense_decode_cache", "cpu_kernels", "overlap_steps"):  # auto: the engine
         if getattr(args, name) != "auto":
             options[name] = getattr(args, name) == "on"
     if args.host_kv_memory is not None:

@@ -99,7 +99,7 @@ def test_parser_registers_each_subcommand():
     assert parser.parse_args(["models"]).func is cli._cmd_models
 
 
-@pytest.mark.parametrize("option", ["dense_decode_cache", "cpu_kernels"])
+@pytest.mark.parametrize("option", ["dense_decode_cache", "cpu_kernels", "overlap_steps"])
 def test_worker_auto_on_off_flags_map_to_engine_options(option):
     from lmfleet.cluster.commands.worker import engine_options, parse_worker_argv
 
@@ -113,6 +113,20 @@ def test_worker_auto_on_off_flags_map_to_engine_options(option):
     assert options(flag, "off")[option] is False
     with pytest.raises(ValueError, match=flag[2:]):
         options(flag, "sometimes")
+
+
+def test_worker_gpu_engine_flags_map_to_engine_options_the_engine_accepts():
+    from lmfleet.cluster.commands.worker import engine_options, parse_worker_argv
+    from lmfleet.worker.config import EngineConfig
+
+    options = engine_options(parse_worker_argv(
+        ["--port", "0", "--attention-backend", "triton", "--enforce-eager"]))
+    assert options["attention_backend"] == "triton" and options["enforce_eager"] is True
+    config = EngineConfig.from_options("default", **options)
+    assert config.model.attention_backend == "triton" and config.model.enforce_eager
+    assert "enforce_eager" not in engine_options(parse_worker_argv(["--port", "0"]))
+    with pytest.raises(ValueError, match="attention-backend"):
+        parse_worker_argv(["--port", "0", "--attention-backend", "flash"])
 
 
 def test_worker_mlfq_order_flags_map_to_engine_options_the_engine_accepts():
