@@ -79,7 +79,7 @@ def test_a_step_larger_than_the_buffers_gets_fresh_tensors():
     assert batch.input_ids.tolist() == list(range(2, 22))
     assert batch.common.block_tables.tolist() == [[0, 1, 2, 3, 4]]
     assert np.array_equal(batch.common.seq_lens_host, [20])
-    assert batch.sample_rows == [19]
+    assert batch.sample_rows == [19] and not batch.persistent
 
 
 def test_graph_buckets_cover_every_batch_size_up_to_the_maximum():

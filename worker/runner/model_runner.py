@@ -248,7 +248,7 @@ class ModelRunner:
                                     extra=self._dense_decode_step(decodes))
         if batch.placeholder_rows:
             self._fill_placeholders(batch, in_flight)
-        if bucket is not None:
+        if bucket is not None and batch.persistent:
             hidden = self.graphs.replay(bucket)
         else:
             hidden = self._eager_forward(batch)

@@ -40,6 +40,8 @@ class StepBatch:
     # (token row, request) of input tokens still on the device (sampled by the step in
     # flight): the runner fills them in on the device before the forward.
     placeholder_rows: list
+    # In the persistent buffers (what CUDA graphs read), not in fresh tensors.
+    persistent: bool = True
 
 
 class StepInputs:
@@ -160,7 +162,8 @@ class StepInputs:
             extra=extra,
         )
         batch = StepBatch(to_device("input_ids", ids), to_device("positions", positions),
-                          common, sample_rows, sample_requests, num_rows, placeholder_rows)
+                          common, sample_rows, sample_requests, num_rows, placeholder_rows,
+                          persistent)
         if persistent and self._copied is not None:
             self._copied.record()
         return batch
