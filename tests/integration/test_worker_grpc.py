@@ -324,16 +324,16 @@ def test_a_failed_step_reaches_every_stream_and_the_engine_keeps_serving(
     from lmfleet.worker.async_engine import AsyncEngine, EngineStepError
 
     engine = llm.engine
-    real_execute = engine.runner.execute
+    real_launch = engine.runner.launch
     calls = []
 
-    def execute_failing_once(*args, **kwargs):
+    def launch_failing_once(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("injected device fault")
-        return real_execute(*args, **kwargs)
+        return real_launch(*args, **kwargs)
 
-    monkeypatch.setattr(engine.runner, "execute", execute_failing_once)
+    monkeypatch.setattr(engine.runner, "launch", launch_failing_once)
 
     async def consume(async_engine, index):
         tokens = []
