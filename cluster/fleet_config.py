@@ -31,7 +31,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from types import MappingProxyType
 from typing import Any, Optional
 
@@ -81,6 +81,19 @@ class ControllerConfig:
                              f"reconcile_interval_s ({self.reconcile_interval_s})")
 
 
+def check_served_name(name: object) -> None:
+    """A model name as clients see it (/v1/models, `model` fields): not empty, no outer
+    spaces, and not a filesystem path, which would show every client the server's
+    directories. Hugging Face style names ("org/model") are fine. Raises ValueError."""
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(f"invalid model name {name!r}")
+    relative = name.startswith(("~", "./", "../", ".\\", "..\\"))
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).drive or relative:
+        hint = PurePosixPath(name.replace("\\", "/")).name or "default"
+        raise ValueError(f"invalid model name {name!r}: a file path; name the model "
+                         f"(e.g. {hint!r})")
+
+
 @dataclass(frozen=True)
 class ModelDeployment:
     """One model of the fleet. `engine` holds worker flags ("--max-num-seqs": "8"; None
@@ -96,8 +109,7 @@ class ModelDeployment:
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name or self.name != self.name.strip():
-            raise ValueError(f"invalid model name {self.name!r}")
+        check_served_name(self.name)
         if not isinstance(self.path, str) or not self.path:
             raise ValueError(f"path must be a model directory, .gguf file or 'default', got "
                              f"{self.path!r}")

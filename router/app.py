@@ -100,21 +100,23 @@ def create_app(ctx: HttpContext) -> FastAPI:
               responses={200: {"content": _sse_content("ChatCompletionChunk")},
                          **ERROR_RESPONSES})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        with _Outcome(ctx, body.model) as outcome:
+        with _Outcome(ctx) as outcome:
             return outcome.answered(await _chat(ctx, body, request, outcome))
 
     @app.post("/v1/completions", response_model=CompletionResponse,
               responses={200: {"content": _sse_content("CompletionChunk")},
                          **ERROR_RESPONSES})
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        with _Outcome(ctx, body.model) as outcome:
+        with _Outcome(ctx) as outcome:
             return outcome.answered(await _complete(ctx, body, request, outcome))
 
     @app.get("/v1/models", response_model=ModelList, responses={401: ERROR_RESPONSES[401]})
     async def list_models() -> ModelList:
         created = now()
+        # `root` is the served name, never the worker's model_path: a file path on the
+        # server is none of a client's business.
         return ModelList(data=[
-            ModelCard(id=m.name, created=created, root=m.replicas[0].info.model_path or None,
+            ModelCard(id=m.name, created=created, root=m.name,
                       max_model_len=m.max_model_len, num_replicas=m.num_healthy)
             for m in ctx.registry.models.values()])
 
@@ -169,11 +171,14 @@ async def _complete(ctx: HttpContext, body: CompletionRequest, request: Request,
 
 class _Outcome:
     """Counts one request in lmfleet:router_requests_total by the status it is answered
-    with (a streamed response counts as its 200 once it starts)."""
+    with (a streamed response counts as its 200 once it starts).
 
-    def __init__(self, ctx: HttpContext, model: Optional[str]) -> None:
+    `model` is set only once the registry resolved the request's model: the name a client
+    sent is never a label (unbounded cardinality, and text that may not even encode)."""
+
+    def __init__(self, ctx: HttpContext) -> None:
         self.metrics = ctx.metrics
-        self.model = model
+        self.model: Optional[str] = None
 
     def __enter__(self) -> _Outcome:
         return self
@@ -272,12 +277,16 @@ def _validation_message(error: RequestValidationError) -> tuple[str, Optional[st
     if not details:
         return "invalid request", None
     first = details[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return f"malformed JSON: {first.get('msg', '')}", None
     message = first.get("msg", "invalid value")
     extra = f" (and {len(details) - 1} more errors)" if len(details) > 1 else ""
+    # request_checks.py errors name their value's path themselves (loc is only the model).
+    param = (first.get("ctx") or {}).get("param")
+    if param is not None:
+        return f"{message}{extra}", str(param)
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
     return (f"{param}: {message}{extra}" if param else f"{message}{extra}"), param
 
 

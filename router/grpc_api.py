@@ -7,7 +7,9 @@ input, prompt too long), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (admissio
 UNAVAILABLE (no healthy replica after retries, or the replica failed mid-stream),
 DEADLINE_EXCEEDED (the client's deadline, which is also the worker call's deadline),
 CANCELLED (client cancel: the worker request is aborted), UNAUTHENTICATED (metadata
-`authorization: Bearer <key>` missing or wrong when a key is configured).
+`authorization: Bearer <key>` missing or wrong when a key is configured). A request that
+does not parse (e.g. a string field that is not valid UTF-8) is INVALID_ARGUMENT too, not
+the UNKNOWN that gRPC answers for a failing deserializer.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
@@ -27,7 +31,8 @@ from lmfleet.router.auth import ApiKeyAuth
 from lmfleet.router.errors import InvalidRequestError, RouterError
 from lmfleet.router.generation import ChoiceEnd, Generation, GenerationJob, TextChunk, Usage
 from lmfleet.router.params import GenerationParams
-from lmfleet.router.replicas import ReplicaRegistry
+from lmfleet.router.replicas import ModelReplicas, ReplicaRegistry
+from lmfleet.router.tokenizer import chat_messages_for_template
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,41 @@ def params_from_proto(proto: serving_pb2.GenerationParams) -> GenerationParams:
                             ignore_eos=proto.ignore_eos, **values)
 
 
+class UndecodableRequest:
+    """Stands for a request message that did not parse; the servicer answers it with
+    INVALID_ARGUMENT (`reason` is protobuf's)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return UndecodableRequest(str(error))
+    return deserialize
+
+
+def _add_serving(servicer: ServingServicer, server: grpc.aio.Server) -> None:
+    """serving_pb2_grpc.add_ServingServicer_to_server with deserializers that let a bad
+    message reach the servicer (see UndecodableRequest) instead of failing in gRPC."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=_tolerant(serving_pb2.ServingGenerateRequest.FromString),
+            response_serializer=serving_pb2.ServingGenerateResponse.SerializeToString),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=_tolerant(serving_pb2.ListModelsRequest.FromString),
+            response_serializer=serving_pb2.ListModelsResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 class ServingServicer(serving_pb2_grpc.ServingServicer):
     def __init__(self, registry: ReplicaRegistry, generation: Generation,
                  auth: ApiKeyAuth) -> None:
@@ -60,14 +100,23 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
                                 "invalid or missing API key (metadata 'authorization: "
                                 "Bearer <key>')")
 
+    async def _check_decoded(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, UndecodableRequest):
+            self.metrics.record_request(None, "grpc",
+                                        grpc.StatusCode.INVALID_ARGUMENT.name)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request message does not parse: {request.reason}")
+
     async def Generate(self, request: serving_pb2.ServingGenerateRequest,
                        context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[serving_pb2.ServingGenerateResponse]:
         await self._check_auth(context)
-        model_name = request.model or None
+        await self._check_decoded(request, context)
+        model_name = None  # a label only once resolved: never the name a client sent
         try:
-            job = await self._job(request, context)
-            model_name = job.model.name
+            model = self.registry.get(request.model)
+            model_name = model.name
+            job = await self._job(model, request, context)
             async with contextlib.aclosing(self.generation.stream(job)) as events:
                 finish_reason = "stop"
                 async for event in events:
@@ -94,9 +143,8 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
             raise
         self.metrics.record_request(model_name, "grpc", grpc.StatusCode.OK.name)
 
-    async def _job(self, request: serving_pb2.ServingGenerateRequest,
+    async def _job(self, model: ModelReplicas, request: serving_pb2.ServingGenerateRequest,
                    context: grpc.aio.ServicerContext) -> GenerationJob:
-        model = self.registry.get(request.model)
         params = params_from_proto(request.params)
         kind = request.WhichOneof("prompt")
         if kind == "text":
@@ -104,7 +152,8 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
         elif kind == "token_ids":
             prompt = await self.generation.tokenize(model, list(request.token_ids.ids))
         elif kind == "chat":
-            messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            messages = chat_messages_for_template(
+                [{"role": m.role, "content": m.content} for m in request.chat.messages])
             prompt = await self.generation.tokenize_chat(model, messages)
         else:
             raise InvalidRequestError("a prompt is required (text, token_ids or chat)",
@@ -121,6 +170,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
     async def ListModels(self, request: serving_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> serving_pb2.ListModelsResponse:
         await self._check_auth(context)
+        await self._check_decoded(request, context)
         return serving_pb2.ListModelsResponse(models=[
             serving_pb2.ModelCard(name=m.name, max_model_len=m.max_model_len,
                                   num_replicas=m.num_healthy)
@@ -130,7 +180,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
 async def add_grpc_services(server: grpc.aio.Server, servicer: ServingServicer
                             ) -> HealthServicer:
     """Register Serving, health (SERVING for "" and the Serving service) and reflection."""
-    serving_pb2_grpc.add_ServingServicer_to_server(servicer, server)
+    _add_serving(servicer, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", SERVICE_NAME):

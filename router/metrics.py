@@ -1,6 +1,8 @@
 """Prometheus metrics of the router, with vLLM's names under the `lmfleet:` prefix.
 
-Router-side, measured here for every request (label `model_name`):
+Router-side, measured here for every request (label `model_name`: a served model's name,
+or "" for a request whose model was never resolved, e.g. an unknown name; a name a client
+sent is never a label, which keeps the series bounded and every label encodable):
   lmfleet:router_requests_total{api,status}   answered client requests: api "http" with
       the HTTP status ("499": client gone first), api "grpc" with the gRPC code name
   lmfleet:request_success_total{finished_reason}
@@ -31,6 +33,8 @@ from prometheus_client.registry import Collector
 from lmfleet.router.replicas import ReplicaRegistry
 
 PREFIX = "lmfleet:"
+# model_name of requests whose model was never resolved (bad input, unknown model, 401).
+UNRESOLVED = ""
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Buckets as vLLM's (seconds).
@@ -69,10 +73,13 @@ class RouterMetrics:
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated.",
                                          ["model_name"], registry=r)
         r.register(_LoadReportCollector(replicas))
+        self._replicas = replicas
 
     def record_request(self, model: Optional[str], api: str, status: str) -> None:
-        """Count one answered request (`model` None/"" when it was never resolved)."""
-        self.requests.labels(model_name=model or "", api=api, status=status).inc()
+        """Count one answered request (`model` None/"" when it was never resolved; a name
+        that is not a served model's counts as unresolved too)."""
+        label = model if model and model in self._replicas.models else UNRESOLVED
+        self.requests.labels(model_name=label, api=api, status=status).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,16 +1,21 @@
 """The OpenAI protocol as vLLM serves it: request, response and stream-chunk models.
 
-Requests accept unknown fields and ignore them (clients send provider-specific extras).
-Field constraints are declared here so that /openapi.json describes what the server
-really accepts; `GenerationParams` re-checks the same ranges for the gRPC door. Errors
-are `{"error": {"message", "type", "param", "code"}}` with the HTTP status as `code`.
+Requests accept unknown fields and ignore them (clients send provider-specific extras),
+except the known fields of features lmfleet does not implement (tools, structured output,
+...: request_checks.py), which are refused unless "off". Known fields are validated
+strictly: a wrong JSON type is a 400 (`"stream": "yes"` is not true, `"max_tokens": "5"`
+is not 5), and text must be valid Unicode (no lone surrogates). Field constraints are
+declared here so that /openapi.json describes what the server really accepts;
+`GenerationParams` re-checks the same ranges for the gRPC door. Errors are
+`{"error": {"message", "type", "param", "code"}}` with the HTTP status as `code`.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal, Optional, Union
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,6 +27,15 @@ from lmfleet.router.params import (
     MAX_N,
     GenerationParams,
 )
+from lmfleet.router.request_checks import (
+    CHAT_FEATURES,
+    COMMON_FEATURES,
+    COMPLETION_FEATURES,
+    Feature,
+    check_text,
+    check_unsupported,
+)
+from lmfleet.router.tokenizer import ChatRole
 
 TokenId = Annotated[int, Field(ge=0, le=(1 << 32) - 1)]
 Int32 = Annotated[int, Field(ge=-(1 << 31), le=(1 << 31) - 1)]
@@ -31,8 +45,9 @@ Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 
 
 class _Request(BaseModel):
-    # Unknown fields are accepted and ignored, as vLLM and OpenAI do.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are accepted and ignored, as vLLM and OpenAI do. Strict: JSON types
+    # are not coerced, so `"stream": "yes"` or `"n": 2.0` is a 400, never a guess.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class _Response(BaseModel):
@@ -73,6 +88,16 @@ class _SamplingFields(_Request):
     user: Optional[str] = None
     skip_special_tokens: Optional[bool] = True
 
+    # Fields of unimplemented features this endpoint refuses unless "off".
+    _features: ClassVar[Mapping[str, Feature]] = COMMON_FEATURES
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_raw(cls, data: Any) -> Any:
+        check_unsupported(data, cls._features)
+        check_text(data, cls.model_fields)
+        return data
+
     @property
     def include_usage_chunk(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -98,7 +123,7 @@ class ContentPart(_Request):
 
 
 class ChatMessage(_Request):
-    role: str
+    role: ChatRole
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
 
@@ -110,6 +135,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: Optional[bool] = False
     top_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]] = None
     add_generation_prompt: Optional[bool] = True
+
+    _features: ClassVar[Mapping[str, Feature]] = {**COMMON_FEATURES, **CHAT_FEATURES}
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -203,6 +230,8 @@ Prompt = Union[str, Annotated[list[str], Field(min_length=1)],
 class CompletionRequest(_SamplingFields):
     prompt: Prompt = Field(description="Text, texts, token ids, or lists of token ids.")
     logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]] = None
+
+    _features: ClassVar[Mapping[str, Feature]] = {**COMMON_FEATURES, **COMPLETION_FEATURES}
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompt as a list of prompts (each text or token ids)."""

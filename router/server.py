@@ -45,7 +45,7 @@ from lmfleet.router.grpc_api import ServingServicer, add_grpc_services
 from lmfleet.router.metrics import RouterMetrics
 from lmfleet.router.policies import DEFAULT_POLICY, make_policy
 from lmfleet.router.replicas import ReplicaRegistry, TokenizerLoader
-from lmfleet.router.sockets import PortInUseError, check_port_free, tcp_listener
+from lmfleet.router.sockets import ListenError, check_port_free, tcp_listener
 from lmfleet.router.store_sync import StoreSync
 from lmfleet.router.tokenizer import load_model_tokenizer
 
@@ -184,7 +184,7 @@ class Router:
         return f"{self.config.host}:{self.grpc_port}"
 
     async def start(self) -> None:
-        """Discover workers, then serve HTTP and gRPC. Raises PortInUseError (an OSError
+        """Discover workers, then serve HTTP and gRPC. Raises ListenError (an OSError
         naming the port) if a port is taken, before waiting for any worker.
 
         With a store, start-up lists it once; an unreachable store is not fatal (a
@@ -210,7 +210,7 @@ class Router:
     async def _start_grpc(self) -> None:
         # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind
         # without error and share (steal) the other's connections.
-        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         await add_grpc_services(self._grpc, ServingServicer(self.registry, self.generation,
                                                             self.auth))
         host, port = self.config.host, self.config.grpc_port
@@ -221,7 +221,7 @@ class Router:
         if bound == 0:
             # gRPC does not say why; a plain bind does (in use, no such address, ...).
             check_port_free(host, port, "gRPC port")
-            raise PortInUseError(f"cannot listen on {host}:{port} (gRPC port)")
+            raise ListenError(f"cannot listen on {host}:{port} (gRPC port)")
         self.grpc_port = bound
         await self._grpc.start()
 

@@ -11,7 +11,7 @@ Linux, on every request of a reused connection.
 start before spending time on workers or Ray when its port is taken (the real bind later
 still reports a conflict the same way if the port was taken meanwhile).
 
-Both raise `PortInUseError` (an OSError) whose message names the address and what the port
+Both raise `ListenError` (an OSError) whose message names the address and what the port
 was for: "cannot listen on 127.0.0.1:8000 (HTTP port): address already in use".
 """
 
@@ -21,21 +21,22 @@ import errno
 import socket
 
 
-class PortInUseError(OSError):
-    """A port could not be bound; the message names the address and its purpose."""
+class ListenError(OSError):
+    """A port could not be bound (in use, no such address, ...); the message names the
+    address and what it was for."""
 
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _bind_error(host: str, port: int, what: str, error: OSError) -> PortInUseError:
+def _bind_error(host: str, port: int, what: str, error: OSError) -> ListenError:
     reason = ("address already in use" if error.errno == errno.EADDRINUSE
               else error.strerror or str(error))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     hint = " (choose another port, or 0 for a free one)" if error.errno == errno.EADDRINUSE \
         else ""
-    result = PortInUseError(f"cannot listen on {address} ({what}): {reason}{hint}")
+    result = ListenError(f"cannot listen on {address} ({what}): {reason}{hint}")
     result.errno = error.errno  # kept for callers; str() stays the message alone
     return result
 
@@ -55,7 +56,7 @@ def tcp_listener(host: str, port: int, what: str = "HTTP port") -> socket.socket
 
 
 def check_port_free(host: str, port: int, what: str) -> None:
-    """Raise PortInUseError if `host:port` cannot be bound now (port 0 always can)."""
+    """Raise ListenError if `host:port` cannot be bound now (port 0 always can)."""
     if port == 0:
         return
     tcp_listener(host, port, what).close()

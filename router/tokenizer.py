@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args
 
 from lmfleet.router.errors import InvalidRequestError
 
@@ -29,6 +29,11 @@ REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded in front of the first output tokens. Some tokenizers (sentencepiece)
 # render a token's leading space only when something precedes it; vLLM uses 5 as well.
 DETOKENIZE_CONTEXT_TOKENS = 5
+
+# Chat roles both front doors accept. Not "tool"/"function": tool calling is not
+# implemented (request_checks.py), so a conversation cannot hold their results.
+ChatRole = Literal["system", "user", "assistant", "developer"]
+CHAT_ROLES: tuple[str, ...] = get_args(ChatRole)
 
 
 class ModelTokenizer:
@@ -219,10 +224,17 @@ def flatten_message_content(content: Any, index: int) -> str:
 
 
 def chat_messages_for_template(messages: Sequence[Any]) -> list[dict[str, Any]]:
-    """Plain dicts for the chat template from OpenAI-style message objects or dicts."""
+    """Plain dicts for the chat template from OpenAI-style message objects or dicts.
+
+    Raises InvalidRequestError for a role outside CHAT_ROLES (the HTTP models already
+    refuse one; gRPC messages arrive here unchecked)."""
     result: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
         data = message if isinstance(message, dict) else message.model_dump(exclude_none=True)
+        if data.get("role") not in CHAT_ROLES:
+            raise InvalidRequestError(
+                f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)}, got "
+                f"{data.get('role')!r}", param=f"messages[{index}].role")
         entry: dict[str, Any] = {"role": data.get("role"),
                                  "content": flatten_message_content(data.get("content"), index)}
         if data.get("name"):

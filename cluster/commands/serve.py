@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight, max_queued=args.max_queued, policy=args.policy,
         discovery_timeout=0.0)
     # Ports are checked before Ray and the replicas start (tens of seconds), so a taken
-    # one is reported at once, by number (PortInUseError: `error: cannot listen on ...`).
+    # one is reported at once, by number (ListenError: `error: cannot listen on ...`).
     check_port_free(config.host, config.http_port, "HTTP port, --port")
     check_port_free(config.host, config.grpc_port, "gRPC port, --grpc-port")
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

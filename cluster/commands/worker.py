@@ -160,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"invalid --port {args.port}: must be in [0, 65535]")
     if args.drain_timeout < 0:
         raise ValueError(f"invalid --drain-timeout {args.drain_timeout}: must be >= 0")
+    if args.model_name is not None:  # checked before the model loads
+        from lmfleet.cluster.fleet_config import check_served_name
+
+        check_served_name(args.model_name)
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import asyncio

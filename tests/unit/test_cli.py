@@ -53,6 +53,9 @@ def test_convert_help_documents_options():
         (["controller", "--config", "f.yaml", "--redis", "memory://"], "needs a Redis URL"),
         (["serve", "--config", "/no/fleet.yaml"], "cannot read fleet config"),
         (["serve", "--replicas", "2", "--min-replicas", "1"], "not both"),
+        # A served name is shown to every client (/v1/models): never a server file path.
+        (["worker", "--port", "0", "--model-name", "/srv/models/llama"], "a file path"),
+        (["serve", "--model-name", "/srv/models/llama"], "a file path"),
     ],
 )
 def test_bad_invocations_print_one_line_and_exit_2(args, message):

@@ -70,6 +70,8 @@ def test_a_fleet_yaml_becomes_deployments_with_worker_argv(tmp_path):
     ({"models": [{"name": "a", "scheduler": "lifo"}]}, "scheduler must be one of"),
     ({"models": [{"name": "a", "tp": 0}]}, "tp must be an integer >= 1"),
     ({"models": [{"name": "a", "tp": 2}]}, "tp=2, pp=1: the engine runs tp=1, pp=1 only"),
+    ({"models": [{"name": "/srv/models/llama"}]}, "a file path; name the model"),
+    ({"models": [{"name": "~/llama"}]}, "a file path; name the model"),
     ({"models": [{"name": "a", "engine": {"max_num_seq": 8}}]},
      r"models\[0\]\.engine: unknown key 'max_num_seq'"),
     ({"models": [{"name": "a", "engine": {"max_num_seqs": "many"}}]},

@@ -36,8 +36,24 @@ def test_invalid_completion_requests_are_rejected(body):
 
 
 def test_unknown_fields_are_ignored():
-    request = CompletionRequest(prompt="x", best_of=3, suffix="!")
-    assert not hasattr(request, "best_of")
+    request = CompletionRequest(prompt="x", provider_extra={"a": 1}, trace_tag="!")
+    assert not hasattr(request, "provider_extra")
+
+
+@pytest.mark.parametrize("extra, off", [
+    ({"best_of": 3}, {"best_of": 1}),
+    ({"suffix": "!"}, {"suffix": ""}),
+    ({"echo": True}, {"echo": False}),
+    ({"logit_bias": {"5": 1.0}}, {"logit_bias": {}}),
+    ({"guided_json": {}}, {"guided_json": None}),
+])
+def test_fields_of_unimplemented_features_are_refused_unless_off(extra, off):
+    """They change what is generated: ignoring them would return something else than
+    asked for (vLLM refuses what it does not support, too)."""
+    (name,) = extra
+    with pytest.raises(ValidationError, match=f"{name}: .*not supported"):
+        CompletionRequest(prompt="x", **extra)
+    CompletionRequest(prompt="x", **off)
 
 
 def test_chat_top_logprobs_needs_logprobs():

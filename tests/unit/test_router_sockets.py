@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from lmfleet.router.server import Router, RouterConfig
-from lmfleet.router.sockets import PortInUseError, check_port_free, tcp_listener
+from lmfleet.router.sockets import ListenError, check_port_free, tcp_listener
 
 # A bound on each scenario, so a regression (e.g. waiting for discovery) fails, not hangs.
 SCENARIO_TIMEOUT_S = 60
@@ -84,7 +84,7 @@ def test_a_taken_http_port_is_reported_before_waiting_for_workers():
     with _taken_port() as port:
         config = RouterConfig(workers=("127.0.0.1:1",), http_port=port, grpc_port=0,
                               discovery_timeout=3600)
-        with pytest.raises(PortInUseError, match=rf"127\.0\.0\.1:{port} \(HTTP port\): "
+        with pytest.raises(ListenError, match=rf"127\.0\.0\.1:{port} \(HTTP port\): "
                                                  "address already in use"):
             _run(Router(config).start())
 
@@ -93,7 +93,7 @@ def test_a_taken_grpc_port_is_reported_naming_it():
     with _taken_port() as port:
         config = RouterConfig(store_url="memory://", http_port=0, grpc_port=port,
                               discovery_timeout=0)
-        with pytest.raises(PortInUseError, match=rf"127\.0\.0\.1:{port} \(gRPC port\)"):
+        with pytest.raises(ListenError, match=rf"127\.0\.0\.1:{port} \(gRPC port\)"):
             _run(Router(config).start())
 
 
@@ -107,7 +107,7 @@ def test_a_second_grpc_server_cannot_share_the_routers_grpc_port():
         async with first:
             second = Router(RouterConfig(store_url="memory://", http_port=0,
                                          grpc_port=first.grpc_port, discovery_timeout=0))
-            with pytest.raises(PortInUseError, match=f":{first.grpc_port} \\(gRPC port\\)"):
+            with pytest.raises(ListenError, match=f":{first.grpc_port} \\(gRPC port\\)"):
                 # Past the up-front check, as if the port was taken during discovery.
                 await second._start_grpc()
             await second.stop()
@@ -118,7 +118,7 @@ def test_a_second_grpc_server_cannot_share_the_routers_grpc_port():
 def test_check_port_free_accepts_port_zero_and_free_ports():
     check_port_free("127.0.0.1", 0, "HTTP port")
     with _taken_port() as port:
-        with pytest.raises(PortInUseError, match="address already in use"):
+        with pytest.raises(ListenError, match="address already in use"):
             check_port_free("127.0.0.1", port, "HTTP port")
 
 
