@@ -55,3 +55,10 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Re-renders the Helm chart's golden examples (deploy/helm/examples/NAME.rendered.yaml from
+# NAME.values.yaml) with the real Helm engine (helm-python-sdk, offline); tests/deploy
+# checks that the committed files equal a fresh render.
+.PHONY: helm-golden
+helm-golden: $(STAMP)
+	$(PY) -m tests.deploy.helm_render

@@ -34,6 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="join this Ray cluster (HOST:PORT or 'auto'; default: start one)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics on this port (0: a free one)")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address the metrics server listens on (default 127.0.0.1; 0.0.0.0 "
+                   "in a pod, so Prometheus and probes can reach it)")
     p.add_argument("--start-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="how long to wait for the first replicas of every model")
     p.add_argument("--log-level", default="info",
@@ -82,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
             for signum in previous:
                 signal.signal(signum, lambda signum, frame: stop.set())
             if args.metrics_port is not None:
-                port = _serve_metrics(controller, args.metrics_port)
-                progress(f"metrics on http://127.0.0.1:{port}/metrics")
+                port = _serve_metrics(controller, args.metrics_port, args.metrics_host)
+                progress(f"metrics on http://{args.metrics_host}:{port}/metrics")
             print(f"lmfleet controller ready models={','.join(m.name for m in fleet.models)}",
                   flush=True)
             while not stop.wait(0.5):
@@ -102,12 +105,12 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signum, handler)
 
 
-def _serve_metrics(controller, port: int) -> int:
+def _serve_metrics(controller, port: int, host: str = "127.0.0.1") -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from lmfleet.cluster.controller_metrics import ControllerCollector
 
     registry = CollectorRegistry(auto_describe=True)
     registry.register(ControllerCollector(controller))
-    server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    server, _ = start_http_server(port, addr=host, registry=registry)
     return server.server_port

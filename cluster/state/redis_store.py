@@ -21,6 +21,7 @@ into a Redis that restarted empty.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Optional, TypeVar
@@ -43,6 +44,9 @@ from lmfleet.cluster.state.keys import KeyLayout, encode
 logger = logging.getLogger(__name__)
 
 URL_SCHEMES = ("redis://", "rediss://", "unix://")
+# The password when the URL carries none: in Kubernetes it comes from a Secret as an
+# environment variable, so it is neither in the pod's command line nor in logged URLs.
+PASSWORD_ENV = "LMFLEET_REDIS_PASSWORD"
 T = TypeVar("T")
 
 # KEYS[1]: the models set. ARGV[1]: the cluster namespace; ARGV[2]: one encoded model name,
@@ -87,8 +91,10 @@ class RedisStore(StateStore):
         self.cluster = cluster
         self._keys = KeyLayout(cluster)
         self._clock = clock
+        # A password in the URL wins over the environment's (redis-py's from_url order).
         self._client = redis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=socket_timeout,
+            url, password=os.environ.get(PASSWORD_ENV) or None,
+            decode_responses=True, socket_timeout=socket_timeout,
             socket_connect_timeout=socket_connect_timeout,
             retry=Retry(NoBackoff(), retries=1))
         self._list_script = self._client.register_script(_LIST_SCRIPT)

@@ -1,0 +1,86 @@
+"""The Grafana dashboard shipped with the chart queries only series that lmfleet exports:
+every `lmfleet:*` name in its PromQL is one the routers (router/metrics.py) or the
+controller (cluster/controller_metrics.py) expose, read from their collectors, not from a
+list kept by hand. A renamed metric fails here until the dashboard follows."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from lmfleet.cluster.controller_metrics import ControllerCollector
+from lmfleet.router.metrics import RouterMetrics
+from tests.deploy import helm_render
+from tests.deploy.chart_fixtures import example_objects, find
+
+DASHBOARD = helm_render.CHART_DIR / "files" / "grafana-dashboard.json"
+SERIES = re.compile(r"\b(lmfleet:[A-Za-z0-9_:]+)")
+
+
+def _sample_names(registry: CollectorRegistry) -> set[str]:
+    """Every series name the registry exposes: counters as NAME_total, histograms as
+    NAME_bucket/_sum/_count (what a scrape shows), whether or not samples exist yet."""
+    names = set()
+    for family in registry.collect():
+        if family.type == "counter":
+            names |= {family.name + "_total", family.name + "_created"}
+        elif family.type == "histogram":
+            names |= {family.name + suffix for suffix in ("_bucket", "_sum", "_count")}
+        else:
+            names.add(family.name)
+    return names
+
+
+def exported_series() -> set[str]:
+    # The load-report collector lists models at scrape time; none is needed for its names.
+    router = RouterMetrics(SimpleNamespace(models={}))
+    controller = CollectorRegistry()
+    controller.register(ControllerCollector(SimpleNamespace(snapshot=dict)))
+    return _sample_names(router.registry) | _sample_names(controller)
+
+
+def queries(dashboard: dict) -> list[str]:
+    out = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    out += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    return out
+
+
+def test_every_series_the_dashboard_queries_is_exported():
+    dashboard = json.loads(DASHBOARD.read_text())
+    exported = exported_series()
+    assert "lmfleet:time_to_first_token_seconds_bucket" in exported  # the scan works
+    used = {name for expr in queries(dashboard) for name in SERIES.findall(expr)}
+    assert used and not used - exported, sorted(used - exported)
+
+
+@pytest.mark.parametrize("panel", [
+    "Time to first token", "Inter-token latency", "End-to-end request latency",
+    "Tokens per second", "Requests running / waiting on replicas",
+    "KV cache usage per replica", "Prefix cache hit rate",
+    "MLFQ queues: waiting / running requests", "Replicas by state", "Autoscaler decisions",
+])
+def test_the_dashboard_has_the_panels_operators_look_for(panel):
+    titles = {p["title"] for p in json.loads(DASHBOARD.read_text())["panels"]}
+    assert panel in titles
+
+
+def test_the_dashboard_configmap_carries_the_file_and_the_sidecar_label():
+    configmap = find(example_objects("gpu-default"), "ConfigMap", "-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["lmfleet.json"]) == json.loads(DASHBOARD.read_text())
+
+
+def test_panel_ids_and_positions_do_not_collide():
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells = set()
+    for p in panels:
+        g = p["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, p["title"]
+                cells.add((x, y))
