@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmfleet.router.auth import ApiKeyAuth
 from lmfleet.router.errors import OverloadedError, RouterError
 from lmfleet.router.generation import Event, Generation, GenerationJob
-from lmfleet.router.http_gate import HttpGate
+from lmfleet.router.http_gate import DEFAULT_BODY_TIMEOUT_S, HttpGate
 from lmfleet.router.metrics import CONTENT_TYPE, RouterMetrics
 from lmfleet.router.openai_api import (
     ChatCompletionChunk,
@@ -85,6 +85,7 @@ class HttpContext:
     auth: ApiKeyAuth
     max_body_bytes: int
     request_timeout: Optional[float] = None
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
 
 class _ClientGone(Exception):
@@ -134,6 +135,7 @@ def create_app(ctx: HttpContext) -> FastAPI:
 
     _finish_openapi(app)
     app.add_middleware(HttpGate, auth=ctx.auth, max_body_bytes=ctx.max_body_bytes,
+                       body_timeout_s=ctx.body_timeout_s,
                        on_refused=lambda status: ctx.metrics.record_request(
                            None, "http", str(status)))
     return app

@@ -1,14 +1,20 @@
-"""ASGI middleware in front of the HTTP API: API-key check and request-body limit.
+"""ASGI middleware in front of the HTTP API: API-key check, request-body limit and
+body read timeout.
 
 Runs before FastAPI parses anything, so a request without the key gets 401 whatever its
 body, and an oversized body gets 413 without being buffered: a declared Content-Length
 over the limit is refused at once; a body that grows past the limit while read (chunked
 uploads) is refused then. The rest of an oversized body is read and discarded (up to
 `DRAIN_LIMIT_BYTES`) so the client sees the 413 instead of a reset connection.
+
+A body that stops arriving (shorter than its Content-Length, or a stalled upload) would
+hold the connection and a server task forever: each read waits at most `body_timeout_s`,
+then the request is answered 408 and the connection closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any, Optional
@@ -20,14 +26,19 @@ from lmfleet.router.openai_api import error_body
 # connection is simply answered and closed.
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 PROTECTED_PREFIX = "/v1/"
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 class HttpGate:
     def __init__(self, app: Any, auth: ApiKeyAuth, max_body_bytes: int,
-                 on_refused: Optional[Callable[[int], None]] = None) -> None:
-        """`on_refused(status)` is told about every request answered here (401, 413)."""
+                 on_refused: Optional[Callable[[int], None]] = None,
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
+        """`on_refused(status)` is told about every request answered here (401, 408, 413)."""
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+        if not body_timeout_s > 0:
+            raise ValueError(f"body_timeout_s must be positive, got {body_timeout_s}")
+        self.body_timeout_s = body_timeout_s
         self.app = app
         self.auth = auth
         self.max_body_bytes = max_body_bytes
@@ -53,7 +64,14 @@ class HttpGate:
         body = bytearray()
         more = True
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                self._refused(408)
+                await _send_error(send, 408, "BadRequestError",
+                                  f"request body not received within {self.body_timeout_s:g} s",
+                                  {"connection": "close"})
+                return
             if message["type"] != "http.request":
                 await self.app(scope, _replay(bytes(body), message, receive), send)
                 return

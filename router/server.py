@@ -42,6 +42,7 @@ from lmfleet.router.app import HttpContext, create_app
 from lmfleet.router.auth import ApiKeyAuth
 from lmfleet.router.generation import DEFAULT_MAX_ATTEMPTS, Generation
 from lmfleet.router.grpc_api import ServingServicer, add_grpc_services
+from lmfleet.router.http_gate import DEFAULT_BODY_TIMEOUT_S
 from lmfleet.router.metrics import RouterMetrics
 from lmfleet.router.policies import DEFAULT_POLICY, make_policy
 from lmfleet.router.replicas import ReplicaRegistry, TokenizerLoader
@@ -70,6 +71,7 @@ class RouterConfig:
     policy: default routing policy; model_policies: (model, policy) overrides.
     max_body_bytes: larger HTTP bodies get 413.
     request_timeout: seconds every HTTP request may take (gRPC uses the client deadline).
+    body_timeout_s: seconds an HTTP request body may stall between reads (then 408).
     max_attempts: replicas tried per completion before UNAVAILABLE / 503.
     poll_interval: seconds between load/health polls of each worker.
     discovery_timeout: seconds start() waits for workers to report their model.
@@ -86,6 +88,7 @@ class RouterConfig:
     model_policies: tuple[tuple[str, str], ...] = ()
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     request_timeout: Optional[float] = None
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     poll_interval: float = 0.5
     discovery_timeout: float = 60.0
@@ -127,6 +130,8 @@ class RouterConfig:
             raise ValueError(f"max_body_bytes must be positive, got {self.max_body_bytes}")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
+        if not self.body_timeout_s > 0:
+            raise ValueError(f"body_timeout_s must be positive, got {self.body_timeout_s}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.poll_interval <= 0 or self.discovery_timeout < 0:
@@ -229,7 +234,8 @@ class Router:
         app = create_app(HttpContext(
             registry=self.registry, generation=self.generation, metrics=self.metrics,
             auth=self.auth, max_body_bytes=self.config.max_body_bytes,
-            request_timeout=self.config.request_timeout))
+            request_timeout=self.config.request_timeout,
+            body_timeout_s=self.config.body_timeout_s))
         # IPPROTO_TCP, so that asyncio sets TCP_NODELAY on every accepted connection.
         sock = tcp_listener(self.config.host, self.config.http_port, "HTTP port")
         self.http_port = sock.getsockname()[1]

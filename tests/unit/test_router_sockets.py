@@ -136,3 +136,28 @@ def test_serve_reports_a_taken_port_before_starting_anything(flag):
     assert f"error: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert flag in result.stderr and "address already in use" in result.stderr
     assert "lmfleet serve:" not in result.stderr  # no progress: nothing was started
+
+
+def test_a_body_shorter_than_its_content_length_gets_408_instead_of_holding_on():
+    """The client promises 100 bytes and sends 10, then waits: the router answers 408 (JSON)
+    once the body stalls for body_timeout_s, and closes the connection."""
+
+    async def scenario() -> bytes:
+        config = RouterConfig(store_url="memory://", http_port=0, grpc_port=0,
+                              discovery_timeout=0, body_timeout_s=0.5)
+        async with Router(config) as router:
+            host, port = router.http_address.rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                         b'{"model": ')
+            await writer.drain()
+            try:
+                return await asyncio.wait_for(reader.read(), SCENARIO_TIMEOUT_S)
+            finally:
+                writer.close()
+
+    response = _run(scenario())
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert b'"error"' in body and b"not received within 0.5 s" in body
