@@ -236,10 +236,29 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    # Ranks of one replica, each holding 1/tp of every layer's heads and MLP columns and
+    # of the KV cache (worker/parallel/). The offline LLM starts them as local processes.
+    tensor_parallel_size: int = 1
+    # Group set-up and each collective give up after this long (a rank that died or never
+    # started), so nothing hangs.
+    parallel_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        tp = self.tensor_parallel_size
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"invalid tensor_parallel_size={tp!r}: must be an integer >= 1")
+        if not self.parallel_timeout_s > 0:
+            raise ValueError(f"invalid parallel_timeout_s={self.parallel_timeout_s}: "
+                             "must be > 0")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # Seeds the draw of per-request seeds for requests that give none.
     seed: int = 0
 
@@ -247,11 +266,12 @@ class EngineConfig:
     def from_options(cls, model: str = "default", **options: Any) -> EngineConfig:
         """Build from flat options; each name must belong to exactly one sub-config."""
         groups: dict[str, dict[str, Any]] = {"model": {"model": model}, "cache": {},
-                                             "scheduler": {}}
+                                             "scheduler": {}, "parallel": {}}
         owners = {
             f.name: group
             for group, klass in (("model", ModelConfig), ("cache", CacheConfig),
-                                 ("scheduler", SchedulerConfig))
+                                 ("scheduler", SchedulerConfig),
+                                 ("parallel", ParallelConfig))
             for f in dataclasses.fields(klass)
         }
         seed = options.pop("seed", 0)
@@ -269,5 +289,6 @@ class EngineConfig:
             model=model_config,
             cache=CacheConfig(**groups["cache"]),
             scheduler=SchedulerConfig(**groups["scheduler"]),
+            parallel=ParallelConfig(**groups["parallel"]),
             seed=seed,
         )

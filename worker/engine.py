@@ -27,6 +27,7 @@ from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.kv.manager import KVCacheManager
 from lmfleet.worker.kv.sessions import SessionCache
 from lmfleet.worker.model.default_model import resolve_model_path
+from lmfleet.worker.parallel.ranks import DriverRunner, RankProcesses
 from lmfleet.worker.request import (
     FinishReason,
     Request,
@@ -44,7 +45,18 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model_dir: Optional[Path] = None) -> None:
         self.config = config
         self.model_dir = Path(model_dir) if model_dir else resolve_model_path(config.model.model)
-        self.runner = ModelRunner(config, self.model_dir)
+        if config.model.overlap_steps and config.parallel.tensor_parallel_size > 1:
+            # The other ranks would need rank 0's sampled tokens on their devices
+            # (worker/parallel/ranks.py); checked before any rank starts.
+            raise ValueError("overlap_steps is not supported with tensor_parallel_size > 1 yet")
+        self.runner = self._make_runner(config)
+        try:
+            self._setup(config)
+        except BaseException:
+            self.close()  # the other ranks, if any, must not outlive a failed start
+            raise
+
+    def _setup(self, config: EngineConfig) -> None:
         self.arch = self.runner.arch
         self.max_model_len = self.runner.max_model_len
         self.eos_token_ids = self.arch.eos_token_ids
@@ -66,9 +78,33 @@ class LLMEngine:
         self._pending_outputs: list[RequestOutput] = []
         self.num_generated_tokens = 0
         overlap = config.model.overlap_steps
-        self.overlap_steps = self.runner.device.type == "cuda" if overlap is None else overlap
+        tensor_parallel = config.parallel.tensor_parallel_size > 1
+        self.overlap_steps = (self.runner.device.type == "cuda" and not tensor_parallel
+                              if overlap is None else overlap)
         # The launched step whose tokens are not read back yet: (plan, step, launch time).
         self._in_flight: Optional[tuple[SchedulerOutput, InFlightStep, float]] = None
+
+    def _make_runner(self, config: EngineConfig):
+        """One ModelRunner; under tensor parallelism this process is rank 0 and the other
+        ranks are started here (worker/parallel/ranks.py)."""
+        if config.parallel.tensor_parallel_size == 1:
+            return ModelRunner(config, self.model_dir)
+        ranks = RankProcesses(config, self.model_dir)
+        try:
+            return DriverRunner(ModelRunner(config, self.model_dir), ranks)
+        except RuntimeError as error:  # a collective failed: a rank's own error names it
+            failure = ranks.failure(error)
+            ranks.close(timeout_s=0)
+            raise failure from error
+        except BaseException:
+            ranks.close(timeout_s=0)
+            raise
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks, if any (idempotent)."""
+        runner = self.__dict__.get("runner")
+        if isinstance(runner, DriverRunner):
+            runner.close()
 
     # ---- admission -------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int]) -> None:

@@ -17,7 +17,7 @@ from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.engine import LLMEngine
 from lmfleet.worker.request import CompletionOutput, Request, RequestOutput
 from lmfleet.worker.sampling_params import SamplingParams
-from lmfleet.worker.tokenizer import load_tokenizer
+from lmfleet.worker.tokenizer import decode_output, load_tokenizer
 
 Prompt = Union[str, list[int]]
 Message = dict[str, Any]
@@ -31,9 +31,33 @@ def _child_seed(seed: Optional[int], index: int) -> Optional[int]:
 
 class LLM:
     def __init__(self, model: str = "default", **engine_options: Any) -> None:
+        # tensor_parallel_size=N starts N-1 local rank processes; close() (or leaving a
+        # `with LLM(...)` block) stops them.
         self.engine = LLMEngine(EngineConfig.from_options(model, **engine_options))
-        self.tokenizer = load_tokenizer(self.engine.model_dir)
+        try:
+            self.tokenizer = load_tokenizer(self.engine.model_dir)
+        except BaseException:
+            self.engine.close()
+            raise
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the engine's other ranks (tensor parallelism); idempotent."""
+        engine = self.__dict__.get("engine")
+        if engine is not None:
+            engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass  # interpreter shutdown: the daemon rank processes go with it
 
     def generate(
         self,
@@ -111,7 +135,7 @@ class LLM:
         return finished
 
     def _completion(self, index: int, output: RequestOutput) -> CompletionOutput:
-        text = self.tokenizer.decode(output.output_token_ids, skip_special_tokens=True)
+        text = decode_output(self.tokenizer, output.prompt_token_ids, output.output_token_ids)
         return CompletionOutput(index=index, output_token_ids=output.output_token_ids, text=text,
                                 finish_reason=output.finish_reason, logprobs=output.logprobs)
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmfleet.worker.model.parallel_linear import MergedColumnParallelLinear, RowParallelLinear
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -121,17 +123,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class GatedMLP(nn.Module):
-    """SwiGLU with gate and up projections fused into one matmul."""
+    """SwiGLU with gate and up projections fused into one matmul. Under tensor
+    parallelism each rank holds intermediate_size / tp of gate and of up (column-parallel)
+    and the matching input slice of down_proj (row-parallel, all-reduced)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
         super().__init__()
-        self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size, intermediate_size], bias=bias,
+            what="intermediate_size")
+        self.intermediate_size = self.gate_up_proj.local_sizes[0]  # this rank's
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias,
+                                           what="intermediate_size")
         self.fused_ops = None  # the device's fused kernels, set by attach_fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, H)
-        gate_up = self.gate_up_proj(x)  # (T, 2I)
+        gate_up = self.gate_up_proj(x)  # (T, 2I) (I: this rank's)
         if self.fused_ops is not None and self.fused_ops.supports(gate_up):
             return self.down_proj(self.fused_ops.silu_mul(gate_up))  # (T, H)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)  # (T, I) views each

@@ -1,8 +1,9 @@
 """The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over flattened tokens.
 
 The model sees one flat batch of T tokens from many requests (`input_ids`, `positions`)
-and leaves everything about requests to the attention backend's metadata. It is free of
-parallelism and quantization: those are applied as separate passes over the modules.
+and leaves everything about requests to the attention backend's metadata. It names the
+parallel layer each projection is (parallel_linear.py) and nothing else about ranks: under
+tensor parallelism each rank builds its heads (num_heads / tp) and its MLP slice.
 """
 
 from __future__ import annotations
@@ -21,21 +22,29 @@ from lmfleet.worker.model.layers import (
     RotaryEmbedding,
     apply_rotary,
 )
+from lmfleet.worker.model.parallel_linear import (
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 
 
 class Attention(nn.Module):
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
-        self.num_heads = arch.num_heads
-        self.num_kv_heads = arch.num_kv_heads
+        # q, k and v fused into one matmul, split by heads across ranks; its loader fills
+        # the three slices.
+        self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim, arch.num_heads,
+                                          arch.num_kv_heads, bias=arch.qkv_bias)
+        self.num_heads = self.qkv_proj.num_heads  # this rank's
+        self.num_kv_heads = self.qkv_proj.num_kv_heads  # this rank's
         self.head_dim = arch.head_dim
-        self.q_size = arch.num_heads * arch.head_dim
-        self.kv_size = arch.num_kv_heads * arch.head_dim
+        self.q_size = self.num_heads * arch.head_dim
+        self.kv_size = self.num_kv_heads * arch.head_dim
         self.scale = arch.head_dim**-0.5
-        # q, k and v fused into one matmul; the loader fills the three slices.
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size,
-                                  bias=arch.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=arch.o_bias)
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size,
+                                        bias=arch.o_bias, what="num_attention_heads * head_dim")
         self.fused_ops = None  # the device's fused kernels, set by attach_fused_ops
 
     def forward(self, x: torch.Tensor, rope: RopeStep, kv_cache: KVCache, metadata: Any,
@@ -79,7 +88,7 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, arch: ArchConfig, max_positions: int) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
@@ -91,7 +100,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.arch = arch
         self.model = LlamaModel(arch, max_positions)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -108,5 +117,6 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(x, delta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (N, H) -> float32 logits (N, V); only rows that sample are passed."""
+        """hidden (N, H) -> float32 logits (N, V) (gathered from every rank's vocab shard);
+        only rows that sample are passed."""
         return self.lm_head(hidden).float()

@@ -1,7 +1,8 @@
 """Load a Hugging Face Llama-family directory (config.json + *.safetensors) into our model.
 
-Checkpoint names follow transformers; q/k/v and gate/up are fused here into the
-model's `qkv_proj` and `gate_up_proj` slices.
+Checkpoint names follow transformers. The loader is generic: each checkpoint tensor goes
+to its parameter's own `weight_loader` (parallel_linear.py), which takes this rank's shard
+and, for the fused `qkv_proj` and `gate_up_proj`, the slice named by the shard id.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from safetensors import safe_open
 
 from lmfleet.worker.model.arch import ArchConfig, UnsupportedModelError
 from lmfleet.worker.model.llama import LlamaForCausalLM
+from lmfleet.worker.model.parallel_linear import MergedColumnParallelLinear, QKVParallelLinear
 
-# checkpoint suffix -> (fused parameter suffix, slice index)
+# checkpoint suffix -> (fused parameter suffix, shard id)
 _FUSED = {
-    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
-    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
-    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "self_attn.q_proj": ("self_attn.qkv_proj", "q"),
+    "self_attn.k_proj": ("self_attn.qkv_proj", "k"),
+    "self_attn.v_proj": ("self_attn.qkv_proj", "v"),
     "mlp.gate_proj": ("mlp.gate_up_proj", 0),
     "mlp.up_proj": ("mlp.gate_up_proj", 1),
 }
@@ -48,13 +50,7 @@ def load_model(model_dir: Path, max_positions: int, dtype: torch.dtype,
     model.model.rotary = rotary.to(device)
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    params = dict(model.named_parameters())
-    split_sizes = {
-        "self_attn.qkv_proj": [arch.num_heads * arch.head_dim,
-                               arch.num_kv_heads * arch.head_dim,
-                               arch.num_kv_heads * arch.head_dim],
-        "mlp.gate_up_proj": [arch.intermediate_size, arch.intermediate_size],
-    }
+    params = dict(model.named_parameters())  # a tied lm_head.weight is not listed
     loaded: set[str] = set()
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as checkpoint:
@@ -63,49 +59,51 @@ def load_model(model_dir: Path, max_positions: int, dtype: torch.dtype,
                     continue
                 if name == "lm_head.weight" and arch.tie_word_embeddings:
                     continue
-                target, rows = _target(name, split_sizes)
+                target, shard_id = _target(name)
                 if target not in params:
                     raise UnsupportedModelError(f"unexpected weight {name!r} in {path.name}")
-                tensor = checkpoint.get_tensor(name)
                 param = params[target]
-                with torch.no_grad():
-                    destination = param if rows is None else param[rows[0] : rows[1]]
-                    if destination.shape != tensor.shape:
-                        raise UnsupportedModelError(
-                            f"weight {name!r} has shape {tuple(tensor.shape)}, "
-                            f"expected {tuple(destination.shape)}")
-                    destination.copy_(tensor.to(dtype))
-                loaded.add(target if rows is None else f"{target}[{rows[0]}]")
-    expected = set()
-    for name in params:
-        fused = next((f for f in split_sizes if name.endswith(f + ".weight")
-                      or name.endswith(f + ".bias")), None)
-        if fused is None:
-            expected.add(name)
-        else:
-            offsets = _offsets(split_sizes[fused])
-            expected.update(f"{name}[{start}]" for start, _ in offsets)
-    if arch.tie_word_embeddings:
-        expected.discard("lm_head.weight")
+                weight_loader = getattr(param, "weight_loader", _default_loader)
+                try:
+                    weight_loader(param, checkpoint.get_tensor(name), shard_id)
+                except ValueError as error:  # a shape that does not fit
+                    raise UnsupportedModelError(f"weight {name!r} {error}") from None
+                loaded.add(_key(target, shard_id))
+    expected = {_key(name, shard) for name, param in params.items()
+                for shard in _shard_ids(param)}
     missing = sorted(expected - loaded)
     if missing:
         raise UnsupportedModelError(f"checkpoint in {model_dir} lacks weights: {missing[:5]}")
     return model.eval()
 
 
-def _offsets(sizes: list[int]) -> list[tuple[int, int]]:
-    offsets, start = [], 0
-    for size in sizes:
-        offsets.append((start, start + size))
-        start += size
-    return offsets
+def _default_loader(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    """Parameters outside the parallel layers (norms): the whole tensor on every rank."""
+    if param.shape != loaded.shape:
+        raise ValueError(f"has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(loaded.to(param.dtype))
 
 
-def _target(name: str, split_sizes: dict[str, list[int]]):
-    """Checkpoint name -> (our parameter name, row range within it or None)."""
-    for suffix, (fused, index) in _FUSED.items():
+def _shard_ids(param: torch.nn.Parameter) -> tuple:
+    """The shard ids a checkpoint must fill this parameter with (None: one whole tensor)."""
+    owner = getattr(getattr(param, "weight_loader", None), "__self__", None)
+    if isinstance(owner, QKVParallelLinear):
+        return ("q", "k", "v")
+    if isinstance(owner, MergedColumnParallelLinear):
+        return tuple(range(len(owner.local_sizes)))
+    return (None,)
+
+
+def _key(name: str, shard_id) -> str:
+    return name if shard_id is None else f"{name}[{shard_id}]"
+
+
+def _target(name: str):
+    """Checkpoint name -> (our parameter name, shard id within it or None)."""
+    for suffix, (fused, shard_id) in _FUSED.items():
         marker = f".{suffix}."
         if marker in name:
             prefix, kind = name.split(marker)
-            return f"{prefix}.{fused}.{kind}", _offsets(split_sizes[fused])[index]
+            return f"{prefix}.{fused}.{kind}", shard_id
     return name, None

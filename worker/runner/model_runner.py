@@ -27,6 +27,7 @@ from lmfleet.worker.model.cpu_linear import transpose_linears
 from lmfleet.worker.model.cpu_ops import attach_fused_ops, load_cpu_ops
 from lmfleet.worker.model.default_model import cache_dir
 from lmfleet.worker.model.loader import load_model
+from lmfleet.worker.parallel import state as parallel_state
 from lmfleet.worker.request import Request, TokenLogprobs
 from lmfleet.worker.runner.cuda_graphs import DecodeGraphs
 from lmfleet.worker.runner.sampler import PendingSample, SamplingBatch, sample_async, to_device
@@ -87,6 +88,10 @@ class ModelRunner:
             raise ValueError("device='cuda' requested but CUDA is not available")
         self.dtype = config.model.torch_dtype
         self.arch = ArchConfig.from_model_dir(model_dir)
+        # Under tensor parallelism this runner is one rank: it holds its shard of the weights
+        # and the KV of its KV heads; block ids mean the same blocks on every rank.
+        self.tp_rank = parallel_state.get_tp_rank()
+        self.tp_size = parallel_state.get_tp_size()
         self.backend_name = resolve_backend_name(config.model.attention_backend, self.device)
         max_len = config.model.max_model_len or self.arch.max_position_embeddings
         if self.arch.sliding_window:
@@ -96,7 +101,8 @@ class ModelRunner:
         if self.device.type == "cpu":
             transpose_linears(self.model)
         decode_kernel, fused_ops = self._load_fused_kernels()
-        self.backend = make_backend(self.backend_name, self.arch.num_kv_heads, self.device,
+        self.num_kv_heads = self.arch.num_kv_heads // self.tp_size  # this rank's
+        self.backend = make_backend(self.backend_name, self.num_kv_heads, self.device,
                                     decode_kernel)
         if not self.backend.supports_dtype(self.device, self.dtype):
             raise ValueError(f"the {self.backend_name} attention backend does not support "
@@ -111,7 +117,7 @@ class ModelRunner:
             logger.warning("max_model_len capped at %d by the KV capacity (%d blocks)",
                            self.max_model_len, self.num_blocks)
         shape = kv_cache_shape(self.arch.num_layers, self.num_blocks, self.block_size,
-                               self.arch.num_kv_heads, self.arch.head_dim)
+                               self.num_kv_heads, self.arch.head_dim)
         # Zero-filled, not empty: attention multiplies masked-out slots by a weight of 0,
         # which is only harmless if they hold finite values.
         self.kv_storage = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -169,15 +175,22 @@ class ModelRunner:
         if not use_dense:
             return None
         return DenseDecodeCache(
-            self.arch.num_layers, self.arch.num_kv_heads, self.arch.head_dim, self.dtype,
+            self.arch.num_layers, self.num_kv_heads, self.arch.head_dim, self.dtype,
             self.device, max_bytes=self.num_blocks * self.kv_block_bytes,
             max_slots=self.config.scheduler.max_num_seqs)
 
     @property
     def kv_block_bytes(self) -> int:
-        return self.block_size * self.arch.kv_bytes_per_token * self.dtype.itemsize
+        # This rank's share: its KV heads.
+        return (self.block_size * self.arch.kv_bytes_per_token // self.tp_size
+                * self.dtype.itemsize)
 
     def _num_kv_blocks(self, max_model_len: int) -> int:
+        # Every rank holds the same blocks (rank 0's block tables address them all): the
+        # smallest budget of the ranks decides.
+        return parallel_state.all_reduce_min(self._local_num_kv_blocks(max_model_len))
+
+    def _local_num_kv_blocks(self, max_model_len: int) -> int:
         cache = self.config.cache
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
@@ -281,7 +294,9 @@ class ModelRunner:
             selected = hidden[:len(rows)]  # a decode-only step: no gather
         else:
             selected = hidden[to_device(rows, self.device)]
-        logits = self.model.compute_logits(selected)  # (N, V)
+        logits = self.model.compute_logits(selected)  # (N, V), gathered from every rank
+        if self.tp_rank != 0:
+            return InFlightStep([], None)  # only rank 0 samples
         requests = batch.sample_requests
         sampling = SamplingBatch(requests, [self._generator(r) for r in requests],
                                  eos_token_ids)
