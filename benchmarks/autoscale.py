@@ -7,7 +7,7 @@ and --max-replicas, and offers three phases of Poisson arrivals of streaming
 --low-rate for --low-s, --spike-rate for --spike-s, --after-rate for --after-s. Each
 request's send time, TTFT, E2E and success are recorded client-side (online.py's
 HttpTarget). A sampler polls GET /metrics every --sample-interval-s: replicas by state, the
-autoscaler's desired replicas and total load, lmfleet:num_requests_waiting/running (sum and
+autoscaler's desired replicas and total load, vllm:num_requests_waiting/running (sum and
 per replica). After the load it waits for every request, then samples on until the fleet
 is back at min_replicas (at most --tail-s).
 
@@ -137,10 +137,10 @@ def parse_metrics(text: str, model: str) -> dict:
                 out[sample.labels["state"]] = int(sample.value)
             elif sample.name in names:
                 out[names[sample.name]] = sample.value
-            elif sample.name == "lmfleet:num_requests_waiting":
+            elif sample.name == "vllm:num_requests_waiting":
                 out["waiting"] += sample.value
                 out["waiting_by_replica"][sample.labels["replica"]] = sample.value
-            elif sample.name == "lmfleet:num_requests_running":
+            elif sample.name == "vllm:num_requests_running":
                 out["running"] += sample.value
     return out
 

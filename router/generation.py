@@ -174,9 +174,6 @@ class Generation:
             cached_tokens=sum(max(ends[p * n + i].cached_tokens for i in range(n))
                               for p in range(len(job.prompts))))
         self.metrics.prompt_tokens.labels(name).inc(usage.prompt_tokens)
-        self.metrics.e2e.labels(name).observe(asyncio.get_running_loop().time() - arrival)
-        for end in ends.values():
-            self.metrics.success.labels(name, end.finish_reason).inc()
         yield usage
 
     async def _run_choice(self, job: GenerationJob, index: int, prompt: list[int],
@@ -302,7 +299,9 @@ class _ChoiceStream:
         self.emit = emit
         self.metrics = metrics
         self.state = state
+        self.prompt_len = len(prompt)
         self.num_tokens = 0
+        self.first_token_time: Optional[float] = None
         self.last_token_time: Optional[float] = None
 
     @property
@@ -333,11 +332,29 @@ class _ChoiceStream:
         self._end(reason, complete.cached_tokens)
 
     def _end(self, reason: str, cached_tokens: int) -> None:
-        self.metrics.generation_tokens.labels(self.model.name).inc(self.num_tokens)
+        self._observe_finished(reason)
         self.emit(ChoiceEnd(self.index, reason, self.num_tokens, cached_tokens))
+
+    def _observe_finished(self, reason: str) -> None:
+        """Per finished completion, as vLLM per finished (child) request."""
+        metrics, name = self.metrics, self.model.name
+        now = asyncio.get_running_loop().time()
+        metrics.generation_tokens.labels(name).inc(self.num_tokens)
+        metrics.record_success(name, reason)
+        metrics.e2e.labels(name).observe(now - self.state.arrival)
+        metrics.request_prompt_tokens.observe(name, self.model.max_model_len, self.prompt_len)
+        metrics.request_generation_tokens.observe(name, self.model.max_model_len,
+                                                  self.num_tokens)
+        # vLLM: decode time / (generated tokens - 1), 0 for fewer than two tokens.
+        tpot = 0.0
+        if self.num_tokens > 1 and self.first_token_time is not None:
+            tpot = (self.last_token_time - self.first_token_time) / (self.num_tokens - 1)
+        metrics.tpot.labels(name).observe(tpot)
 
     def _observe_latency(self, num_tokens: int) -> None:
         now = asyncio.get_running_loop().time()
+        if self.first_token_time is None:
+            self.first_token_time = now
         if not self.state.first_token_seen:
             self.state.first_token_seen = True
             self.metrics.ttft.labels(self.model.name).observe(now - self.state.arrival)

@@ -1,7 +1,8 @@
 """The Grafana dashboard shipped with the chart queries only series that lmfleet exports:
-every `lmfleet:*` name in its PromQL is one the routers (router/metrics.py) or the
-controller (cluster/controller_metrics.py) expose, read from their collectors, not from a
-list kept by hand. A renamed metric fails here until the dashboard follows."""
+every `lmfleet:*` and `vllm:*` name in its PromQL is one the routers (router/metrics.py) or
+the controller (cluster/controller_metrics.py) expose, read from their collectors, not from
+a list kept by hand. A renamed metric fails here until the dashboard follows. vLLM's own
+dashboard's series (VLLM_DASHBOARD_SERIES) are exported under vLLM's names too."""
 
 from __future__ import annotations
 
@@ -18,7 +19,32 @@ from tests.deploy import helm_render
 from tests.deploy.chart_fixtures import example_objects, find
 
 DASHBOARD = helm_render.CHART_DIR / "files" / "grafana-dashboard.json"
-SERIES = re.compile(r"\b(lmfleet:[A-Za-z0-9_:]+)")
+SERIES = re.compile(r"\b((?:lmfleet|vllm):[A-Za-z0-9_:]+)")
+
+# The metric names vLLM's own Grafana dashboard queries (vLLM's repository,
+# examples/online_serving/prometheus_grafana/grafana.json), restated by hand. vLLM renamed
+# time_per_output_token_seconds to inter_token_latency_seconds; either is accepted.
+VLLM_DASHBOARD_SERIES = [
+    "vllm:e2e_request_latency_seconds_bucket",
+    "vllm:e2e_request_latency_seconds_sum",
+    "vllm:e2e_request_latency_seconds_count",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:time_to_first_token_seconds_bucket",
+    ("vllm:time_per_output_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket"),
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:request_prompt_tokens_bucket",
+    "vllm:request_generation_tokens_bucket",
+    "vllm:request_success_total",
+]
+
+
+def vllm_dashboard_series_missing(exported: set[str]) -> list:
+    """The entries of VLLM_DASHBOARD_SERIES none of whose names is in `exported`."""
+    return [entry for entry in VLLM_DASHBOARD_SERIES
+            if not set((entry,) if isinstance(entry, str) else entry) & exported]
 
 
 def _sample_names(registry: CollectorRegistry) -> set[str]:
@@ -52,9 +78,26 @@ def queries(dashboard: dict) -> list[str]:
 def test_every_series_the_dashboard_queries_is_exported():
     dashboard = json.loads(DASHBOARD.read_text())
     exported = exported_series()
-    assert "lmfleet:time_to_first_token_seconds_bucket" in exported  # the scan works
+    assert "vllm:time_to_first_token_seconds_bucket" in exported  # the scan works
     used = {name for expr in queries(dashboard) for name in SERIES.findall(expr)}
     assert used and not used - exported, sorted(used - exported)
+    assert any(name.startswith("vllm:") for name in used)
+
+
+def test_every_series_vllms_own_dashboard_queries_is_exported():
+    assert not vllm_dashboard_series_missing(exported_series())
+
+
+def test_ours_are_lmfleet_and_vllms_are_not_duplicated_under_lmfleet():
+    exported = exported_series()
+    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+                 "time_to_first_token_seconds_bucket", "prompt_tokens_total",
+                 "request_success_total", "num_preemptions_total",
+                 "prefix_cache_hits_total", "prefix_cache_queries_total"):
+        assert f"vllm:{name}" in exported and f"lmfleet:{name}" not in exported
+    for name in ("queue_num_waiting", "swap_out_blocks_total", "num_sessions",
+                 "fleet_replicas", "autoscaler_desired_replicas"):
+        assert f"lmfleet:{name}" in exported
 
 
 @pytest.mark.parametrize("panel", [
@@ -84,3 +127,21 @@ def test_panel_ids_and_positions_do_not_collide():
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, p["title"]
                 cells.add((x, y))
+
+
+def test_the_keda_and_hpa_example_scales_the_router_on_an_exported_vllm_series():
+    import kubernetes_validate
+    import yaml
+
+    path = helm_render.EXAMPLES_DIR / "keda-scaledobject.yaml"
+    scaled, hpa = list(yaml.safe_load_all(path.read_text()))
+    router = find(example_objects("gpu-default"), "Deployment", "-router")["metadata"]["name"]
+    assert scaled["kind"] == "ScaledObject" and hpa["kind"] == "HorizontalPodAutoscaler"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == router
+    assert hpa["spec"]["scaleTargetRef"]["name"] == router
+    (trigger,) = scaled["spec"]["triggers"]
+    used = SERIES.findall(trigger["metadata"]["query"])
+    assert used == ["vllm:num_requests_waiting"]
+    assert set(used) <= exported_series()
+    assert hpa["spec"]["metrics"][0]["external"]["metric"]["name"] == "vllm_num_requests_waiting"
+    kubernetes_validate.validate(hpa, kubernetes_validate.latest_version(), strict=True)

@@ -267,8 +267,8 @@ def test_metrics_count_requests_latency_and_tokens(router, client, model):
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     label = f'model_name="{model}"'
-    assert samples[f"lmfleet:time_to_first_token_seconds_count{{{label}}}"] >= 1
-    assert samples[f"lmfleet:e2e_request_latency_seconds_count{{{label}}}"] >= 1
-    assert samples[f"lmfleet:generation_tokens_total{{{label}}}"] >= 3
+    assert samples[f"vllm:time_to_first_token_seconds_count{{{label}}}"] >= 1
+    assert samples[f"vllm:e2e_request_latency_seconds_count{{{label}}}"] >= 1
+    assert samples[f"vllm:generation_tokens_total{{{label}}}"] >= 3
     assert samples[f'lmfleet:router_requests_total{{api="http",{label},status="200"}}'] >= 1
-    assert any(k.startswith("lmfleet:kv_cache_usage_perc{") for k in samples)
+    assert any(k.startswith("vllm:kv_cache_usage_perc{") for k in samples)
