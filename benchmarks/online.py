@@ -213,8 +213,11 @@ class GrpcTarget:
         import grpc
 
         from lmfleet.proto.v1 import worker_pb2_grpc
+        from lmfleet.worker.auth import client_interceptors, worker_token_from_env
 
-        self.channel = grpc.aio.insecure_channel(spec.address)
+        # A worker started with $LMFLEET_WORKER_TOKEN needs it on every call.
+        self.channel = grpc.aio.insecure_channel(
+            spec.address, interceptors=client_interceptors(worker_token_from_env()))
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
 
     async def close(self) -> None:

@@ -53,7 +53,8 @@ class ControllerConfig:
     drain_timeout_s: a replica being removed finishes its requests for at most this long.
     replica_ttl_s: TTL of the replicas' records in the state store.
     restart_backoff_s: wait after a failed start before the next one (doubles, <= 30 s).
-    replica_host: address replicas listen on (default: their node's IP).
+    replica_host: address replicas listen on (default: their node's IP; `lmfleet serve`
+        with a Ray cluster of its own: 127.0.0.1, as only its router calls them).
     """
 
     reconcile_interval_s: float = 0.5

@@ -44,12 +44,15 @@ class ReplicaActor:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
 
-    def start(self, host: Optional[str] = None) -> tuple[str, int]:
+    def start(self, host: Optional[str] = None,
+              token: Optional[str] = None) -> tuple[str, int]:
         """Load the model and serve it; returns (the worker's gRPC address "HOST:PORT",
         this process's pid).
 
         host: the address to listen on (default: this node's IP as Ray knows it, so
-        routers on other nodes can reach it)."""
+        routers on other nodes can reach it).
+        token: the worker token Worker calls must carry (default: $LMFLEET_WORKER_TOKEN
+        of this process; none: open)."""
         import ray
 
         from lmfleet.cluster.commands.worker import build_engine
@@ -64,7 +67,7 @@ class ReplicaActor:
         threading.Thread(target=loop.run_forever, name="replica-loop", daemon=True).start()
 
         async def serve() -> tuple[WorkerServer, int]:  # grpc.aio needs the loop running
-            server = WorkerServer(AsyncEngine(engine), model_name)
+            server = WorkerServer(AsyncEngine(engine), model_name, token=token)
             return server, await server.start(host, 0)
 
         server, port = asyncio.run_coroutine_threadsafe(serve(), loop).result()

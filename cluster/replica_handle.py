@@ -8,6 +8,11 @@ channel, and where it is in its life.
 Every method returns at once (Ray object refs and gRPC futures are polled), so one
 controller round can look after many replicas without threads; only `kill()` waits, and
 only for Ray's bounded kill.
+
+With $LMFLEET_WORKER_TOKEN set in the controller's process, the replica is handed the
+token (an argument of its `start`, so it holds on nodes of a cluster started elsewhere,
+whose processes do not share this one's environment) and the controller's own GetLoad
+and Drain calls carry it; grpc.health needs none.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lmfleet.cluster.fleet_config import ModelDeployment
 from lmfleet.proto.v1 import worker_pb2, worker_pb2_grpc
+from lmfleet.worker.auth import token_metadata, worker_token_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +88,8 @@ class ReplicaHandle:
         self._drain: Optional[grpc.Future] = None
         self._shutdown_ref = None
         self._shutdown_at = 0.0
+        self._token = worker_token_from_env()
+        self._metadata = token_metadata(self._token)
 
     def __repr__(self) -> str:
         return f"replica {self.replica_id} ({self.state.value}, {self.address or 'no address'})"
@@ -110,7 +118,7 @@ class ReplicaHandle:
             num_cpus=placement.cpus_per_rank, num_gpus=1 if placement.use_gpu else 0,
             scheduling_strategy=strategy, max_restarts=0,
         ).remote(self.deployment.worker_argv())
-        self._start_ref = self._actor.start.remote(replica_host)
+        self._start_ref = self._actor.start.remote(replica_host, self._token)
         self._watch_ref = self._actor.wait_until_stopped.remote()
 
     def poll_start(self, start_timeout_s: float) -> Optional[str]:
@@ -155,7 +163,8 @@ class ReplicaHandle:
         worker = worker_pb2_grpc.WorkerStub(self._channel)
         self._checks = (
             health.Check.future(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s),
-            worker.GetLoad.future(worker_pb2.GetLoadRequest(), timeout=timeout_s))
+            worker.GetLoad.future(worker_pb2.GetLoadRequest(), timeout=timeout_s,
+                                  metadata=self._metadata))
 
     def finish_health_check(self) -> HealthResult:
         """Waits for the answers of `begin_health_check` (bounded by its timeout) and
@@ -182,7 +191,7 @@ class ReplicaHandle:
         self.state = ReplicaState.DRAINING
         stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._drain = stub.Drain.future(worker_pb2.DrainRequest(timeout_seconds=timeout_s),
-                                        timeout=timeout_s + 10.0)
+                                        timeout=timeout_s + 10.0, metadata=self._metadata)
 
     def drained(self) -> bool:
         """While DRAINING: whether the worker has finished (or the drain call ended)."""

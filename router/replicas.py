@@ -15,6 +15,9 @@ the requests it still serves have finished. When a `SessionDirectory` is attache
 (`registry.sessions`), `ModelReplicas.select_for` keeps a session's binding there, so
 several routers send one session to the same replica.
 
+With $LMFLEET_WORKER_TOKEN set, every call on these channels carries it (a client
+interceptor, worker/auth.py), as workers started with the same token require.
+
 Everything here runs on the router's event loop; nothing needs a lock.
 """
 
@@ -34,6 +37,7 @@ from lmfleet.router.admission import Admission
 from lmfleet.router.errors import InvalidRequestError, ModelNotFoundError
 from lmfleet.router.policies import Policy, RouteRequest, SessionAffinityPolicy, make_policy
 from lmfleet.router.tokenizer import ModelTokenizer
+from lmfleet.worker.auth import WORKER_TOKEN_ENV, client_interceptors, worker_token_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +172,8 @@ class ReplicaRegistry:
 
     `model_policies` maps a model name to a policy name; others use `default_policy`.
     `tokenizer_loader(model_path, model_name)` loads a model's tokenizer (blocking; it
-    runs in a thread).
+    runs in a thread). `worker_token` is sent on every worker call (default:
+    $LMFLEET_WORKER_TOKEN; none: calls carry no token).
     """
 
     def __init__(self, addresses: Sequence[str], tokenizer_loader: TokenizerLoader,
@@ -176,7 +181,8 @@ class ReplicaRegistry:
                  model_policies: Optional[dict[str, str]] = None,
                  max_in_flight: Optional[int] = None, max_queued: Optional[int] = None,
                  poll_interval: float = 0.5, rpc_timeout: float = 2.0,
-                 allow_no_workers: bool = False) -> None:
+                 allow_no_workers: bool = False,
+                 worker_token: Optional[str] = None) -> None:
         if not addresses and not allow_no_workers:
             raise ValueError("at least one worker address is needed")
         make_policy(default_policy)  # ValueError for an unknown name, before any I/O
@@ -197,6 +203,8 @@ class ReplicaRegistry:
         self._tokenizers: dict[tuple[str, str], ModelTokenizer] = {}
         self._retired: list[Replica] = []  # removed; channel closed when idle
         self.sessions: Optional[SessionDirectory] = None
+        self._interceptors = client_interceptors(worker_token or worker_token_from_env())
+        self._auth_warned: set[str] = set()  # addresses whose token refusal was logged
 
     # ---- lookup -----------------------------------------------------------------------
     def get(self, model: Optional[str]) -> ModelReplicas:
@@ -264,7 +272,15 @@ class ReplicaRegistry:
             return await stub.GetModelInfo(worker_pb2.GetModelInfoRequest(),
                                            timeout=self._rpc_timeout)
         except grpc.aio.AioRpcError as error:
-            logger.debug("GetModelInfo(%s) failed: %s", address, error.code())
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                # A token mismatch never heals by itself: say so once, loudly.
+                if address not in self._auth_warned:
+                    self._auth_warned.add(address)
+                    logger.error("worker %s refused the router's worker token (is "
+                                 "$%s the same on both?): %s", address, WORKER_TOKEN_ENV,
+                                 error.details())
+            else:
+                logger.debug("GetModelInfo(%s) failed: %s", address, error.code())
             return None
 
     async def add_replica(self, address: str, info: worker_pb2.ModelInfo,
@@ -314,8 +330,8 @@ class ReplicaRegistry:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address,
-                                                                 options=CHANNEL_OPTIONS)
+            self._channels[address] = grpc.aio.insecure_channel(
+                address, options=CHANNEL_OPTIONS, interceptors=self._interceptors)
         return self._channels[address]
 
     async def poll_once(self) -> None:

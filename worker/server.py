@@ -12,6 +12,10 @@ once, which frees its KV blocks.
 
 Health: "" and "lmfleet.v1.Worker" are SERVING from `start()` (the model is loaded by
 then) until draining begins, then NOT_SERVING for good.
+
+Auth: with a worker token ($LMFLEET_WORKER_TOKEN, worker/auth.py) every lmfleet.v1.Worker
+call needs metadata `authorization: Bearer <token>` (else UNAUTHENTICATED); health and
+reflection stay open for probes.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from grpc_reflection.v1alpha import reflection
 
 from lmfleet.proto.v1 import worker_pb2, worker_pb2_grpc
 from lmfleet.worker.async_engine import AsyncEngine, EngineDeadError, EngineStepError
+from lmfleet.worker.auth import (
+    WorkerTokenInterceptor,
+    worker_listen_warning,
+    worker_token_from_env,
+)
 from lmfleet.worker.request import RequestOutput
 from lmfleet.worker.sampling_params import SamplingParams
 
@@ -218,16 +227,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
 
 class WorkerServer:
-    """The grpc.aio server of one replica: Worker, health and reflection services."""
+    """The grpc.aio server of one replica: Worker, health and reflection services.
 
-    def __init__(self, engine: AsyncEngine, model_name: str) -> None:
+    token: the worker token Worker calls must carry (default: $LMFLEET_WORKER_TOKEN; none:
+    open)."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str,
+                 token: Optional[str] = None) -> None:
         self.engine = engine
         self.model_name = model_name
+        self.token = token or worker_token_from_env()
         self.health = health_aio.HealthServicer()
         self.servicer = WorkerServicer(engine, model_name, self.health)
-        # Without this, grpc sets SO_REUSEPORT and a second worker given the same port
-        # would silently share it instead of failing to start.
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        interceptors = [WorkerTokenInterceptor(self.token)] if self.token else None
+        # Without so_reuseport 0, grpc sets SO_REUSEPORT and a second worker given the
+        # same port would silently share it instead of failing to start.
+        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                                       interceptors=interceptors)
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -239,6 +255,9 @@ class WorkerServer:
         """Start the engine thread and listen on host:port (0: a free port); returns the
         port. Health turns SERVING here, since the model is loaded by now."""
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        warning = worker_listen_warning(host, self.token)
+        if warning:
+            logger.warning(warning)
         try:
             bound = self._server.add_insecure_port(address)
         except RuntimeError as exc:  # grpc reports a failed bind this way

@@ -9,6 +9,11 @@ Prints exactly one line on stdout once every model has its first replicas:
 `lmfleet controller ready models=NAME[,NAME...]`; logs (with every scaling decision and
 its inputs) go to stderr; `--metrics-port` serves the controller's Prometheus metrics.
 SIGINT/SIGTERM: drain and stop the replicas, exit 0.
+
+Replicas listen on their node's IP (routers in other pods call them) unless
+`--replica-host` or the config's `controller.replica_host` says otherwise; set
+$LMFLEET_WORKER_TOKEN (e.g. from a Secret) here and in every router, so only they can call
+the replicas (worker/auth.py).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "in Redis for the routers",
         description="Run the controller of the fleet described by --config: replicas as "
         "Ray actors in placement groups, health checks, restarts, drains and autoscaling, "
-        "published to the Redis state store that `lmfleet router --redis` reads.",
+        "published to the Redis state store that `lmfleet router --redis` reads. "
+        "Environment: LMFLEET_WORKER_TOKEN, a shared secret the replicas then require on "
+        "every Worker call; give the routers the same value.",
     )
     p.add_argument("--config", required=True, metavar="FLEET_YAML", help="the fleet config")
     p.add_argument("--redis", required=True, metavar="URL",
@@ -32,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="state store namespace (default: the config's `cluster`)")
     p.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="join this Ray cluster (HOST:PORT or 'auto'; default: start one)")
+    p.add_argument("--replica-host", default=None, metavar="HOST",
+                   help="address the replicas listen on (default: the config's "
+                   "controller.replica_host, else each node's IP)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics on this port (0: a free one)")
     p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
@@ -63,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     fleet = load_fleet_config(args.config)
     if args.cluster:
         fleet = dataclasses.replace(fleet, cluster=args.cluster)
+    if args.replica_host:
+        fleet = dataclasses.replace(fleet, controller=dataclasses.replace(
+            fleet.controller, replica_host=args.replica_host))
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()

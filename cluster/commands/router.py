@@ -22,7 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="serve the OpenAI API and the lmfleet gRPC API in front of worker replicas",
         description="Route requests to lmfleet workers. Each worker's model is discovered "
         "(GetModelInfo); workers serving the same model name are replicas of it, and "
-        "several models can be served behind one endpoint.",
+        "several models can be served behind one endpoint. Environment: "
+        "LMFLEET_WORKER_TOKEN, when set, is sent to every worker as metadata "
+        "'authorization: Bearer TOKEN' (the workers must have the same value).",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--worker", action="append", metavar="HOST:PORT",

@@ -19,6 +19,12 @@ the matching `--model-name`, else 'default' or its directory name) with `--repli
 autoscaled between `--min-replicas` and `--max-replicas`. The engine flags (--device,
 --dtype, --max-num-seqs, --scheduler, ...) are the worker's own, copied from `lmfleet
 worker`'s parser, so both always accept the same ones.
+
+The replicas' gRPC ports are for this fleet only: with a local Ray cluster they listen on
+127.0.0.1 (`--replica-host` or the config's `controller.replica_host` says otherwise;
+joining a cluster with --ray-address, they listen on their node's IP so this router
+reaches them), and every Worker call needs $LMFLEET_WORKER_TOKEN, which this command
+makes up when it is not set (worker/auth.py), so no one else can drain or use them.
 """
 
 from __future__ import annotations
@@ -58,6 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-address", default=None, metavar="ADDRESS",
                    help="join this Ray cluster (HOST:PORT or 'auto') instead of starting a "
                    "local one")
+    p.add_argument("--replica-host", default=None, metavar="HOST",
+                   help="address the replicas' gRPC servers listen on (default: the "
+                   "config's controller.replica_host, else 127.0.0.1 with a local Ray "
+                   "cluster and each node's IP with --ray-address). Their calls need "
+                   "LMFLEET_WORKER_TOKEN from the environment; a random one is made up when "
+                   "it is not set")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="how long a replica being removed may finish its requests")
     p.add_argument("--host", default="127.0.0.1", help="address the router listens on")
@@ -152,6 +164,29 @@ def fleet_config(args: argparse.Namespace):
         for n, m in zip(names, models, strict=True)), controller)
 
 
+def replica_host(args: argparse.Namespace, configured: str | None) -> str | None:
+    """Where the replicas listen: --replica-host, else the config's, else loopback when
+    this process starts its own Ray cluster (the router beside it is all that calls them),
+    else None (each node's IP: a cluster joined may place them on other machines)."""
+    if args.replica_host:
+        return args.replica_host
+    if configured:
+        return configured
+    return "127.0.0.1" if args.ray_address is None else None
+
+
+def ensure_worker_token() -> None:
+    """Make up $LMFLEET_WORKER_TOKEN when it is not set. Set before Ray, the controller
+    and the router start, so all of them (and Ray's local processes) share it."""
+    import os
+    import secrets
+
+    from lmfleet.worker.auth import WORKER_TOKEN_ENV, worker_token_from_env
+
+    if worker_token_from_env() is None:
+        os.environ[WORKER_TOKEN_ENV] = secrets.token_urlsafe(32)
+
+
 class _Stop(Exception):
     """SIGINT/SIGTERM arrived while the replicas were loading."""
 
@@ -162,6 +197,7 @@ def _progress(message: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import asyncio
+    import dataclasses
     import logging
     import signal
 
@@ -174,6 +210,10 @@ def run(args: argparse.Namespace) -> int:
     from lmfleet.router.sockets import check_port_free
 
     fleet = fleet_config(args)
+    host = replica_host(args, fleet.controller.replica_host)
+    fleet = dataclasses.replace(
+        fleet, controller=dataclasses.replace(fleet.controller, replica_host=host))
+    ensure_worker_token()
     # Checked before anything starts.
     config = RouterConfig(
         store_url=MEMORY_URL, cluster=fleet.cluster, host=args.host, http_port=args.port,

@@ -7,7 +7,8 @@ command prints exactly one line to stdout (flushed), and nothing else ever goes 
     lmfleet worker ready on HOST:PORT model=NAME
 
 (`--port 0` picks a free port; the line carries the real one. An IPv6 host is bracketed.)
-Logs go to stderr. SIGTERM or SIGINT: stop admitting requests (health NOT_SERVING), let
+Logs go to stderr. $LMFLEET_WORKER_TOKEN, when set, must come with every Worker call
+(worker/auth.py). SIGTERM or SIGINT: stop admitting requests (health NOT_SERVING), let
 in-flight ones finish for up to `--drain-timeout` seconds, abort the rest, exit 0.
 """
 
@@ -26,11 +27,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="serve one model replica over gRPC (the router's backend)",
         description="Load MODEL and serve it over gRPC as lmfleet.v1.Worker (token ids in, "
         "token ids out), with grpc.health.v1 health and server reflection. Prints "
-        f"'{READY_PREFIX}HOST:PORT model=NAME' on stdout when ready; logs go to stderr.",
+        f"'{READY_PREFIX}HOST:PORT model=NAME' on stdout when ready; logs go to stderr. "
+        "Environment: LMFLEET_WORKER_TOKEN, when set, is a shared secret every "
+        "lmfleet.v1.Worker call must carry as metadata 'authorization: Bearer TOKEN' "
+        "(wrong or missing: UNAUTHENTICATED; health and reflection stay open for probes); "
+        "give routers and the controller the same value.",
     )
     p.add_argument("--model", default="default",
                    help="model directory, .gguf file, or 'default' (embedded SmolLM2)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; on any other address set "
+                   "LMFLEET_WORKER_TOKEN, or anyone who reaches the port can drain the worker)")
     p.add_argument("--port", type=int, required=True, help="port to listen on (0: a free one)")
     p.add_argument("--model-name", default=None,
                    help="name reported by GetModelInfo (default: the model directory's name)")

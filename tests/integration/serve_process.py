@@ -14,6 +14,7 @@ returns the exit code. Its stderr is kept (`serve.stderr_lines`) and copied to o
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import re
 import subprocess
@@ -31,6 +32,9 @@ WORKER_READY = re.compile(r"ready on (?P<address>\S+) \(pid (?P<pid>\d+)")
 # Several workers loading at once on a busy 2-core machine: be patient, but bounded.
 START_TIMEOUT = 400.0
 STOP_TIMEOUT = 90.0
+# `lmfleet serve`'s replicas need a worker token; the tests give serve this one so they
+# can also call the replicas directly (worker_load(address, WORKER_TOKEN)).
+WORKER_TOKEN = "lmfleet-test-worker-token"
 
 
 @dataclass
@@ -80,8 +84,8 @@ class ServeProcess:
 @contextlib.contextmanager
 def start_serve(extra_args: Sequence[str] = ()) -> Iterator[ServeProcess]:
     """Run `lmfleet serve` on free ports; yield once it printed its ready line."""
-    with _start("serve", ["--port", "0", "--grpc-port", "0", *extra_args],
-                READY_LINE) as (process, match, stderr_lines):
+    with _start("serve", ["--port", "0", "--grpc-port", "0", *extra_args], READY_LINE,
+                {"LMFLEET_WORKER_TOKEN": WORKER_TOKEN}) as (process, match, stderr_lines):
         yield ServeProcess(match["http"], match["grpc"], match["models"].split(","),
                            process, stderr_lines)
 
@@ -95,10 +99,12 @@ def start_controller(args: Sequence[str]) -> Iterator[ServeProcess]:
 
 
 @contextlib.contextmanager
-def _start(command: str, args: Sequence[str], ready: re.Pattern):
+def _start(command: str, args: Sequence[str], ready: re.Pattern,
+           env: Optional[dict[str, str]] = None):
     process = subprocess.Popen([sys.executable, "-m", "lmfleet.cluster.cli", command, *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               stdin=subprocess.DEVNULL, text=True)
+                               stdin=subprocess.DEVNULL, text=True,
+                               env={**os.environ, **(env or {})})
     stderr_lines: list[str] = []
     threading.Thread(target=_pump_stderr, args=(process, stderr_lines), daemon=True).start()
     try:

@@ -4,13 +4,14 @@ fields with sane values, and a PNG."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from benchmarks.online import Workload, make_requests
-from tests.integration.serve_process import start_serve
+from tests.integration.serve_process import WORKER_TOKEN, start_serve
 
 WORKLOAD = ["--num-requests", "8", "--input-len-mean", "16", "--input-len-range", "4",
             "--output-len-mean", "6", "--output-len-range", "2", "--seed", "3"]
@@ -24,8 +25,10 @@ def serve():
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
+    # The token of serve's replicas, for runs that call a worker directly (--grpc).
     return subprocess.run([sys.executable, "-m", "lmfleet.cluster.cli", "bench", *args],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "LMFLEET_WORKER_TOKEN": WORKER_TOKEN})
 
 
 def _expected_output_tokens() -> int:

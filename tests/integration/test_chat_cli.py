@@ -10,7 +10,7 @@ import sys
 import pexpect
 import pytest
 
-from tests.integration.serve_process import start_serve
+from tests.integration.serve_process import WORKER_TOKEN, start_serve
 from tests.integration.test_router_helpers import wait_until, worker_load
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -96,7 +96,7 @@ def test_ctrl_c_stops_the_answer_but_not_the_chat(serve):
     # Closing the stream aborted the generation: the worker is idle well before a
     # 1500-token answer could have finished.
     (worker,) = serve.worker_addresses
-    assert wait_until(lambda: worker_load(worker).num_running == 0, timeout=5.0)
+    assert wait_until(lambda: worker_load(worker, WORKER_TOKEN).num_running == 0, timeout=5.0)
     child.expect_exact(">>> ")
     answer, usage = _turn(child, "Say hello.")
     assert answer

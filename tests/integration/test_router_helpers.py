@@ -20,6 +20,7 @@ from typing import Optional
 import grpc
 
 from lmfleet.proto.v1 import worker_pb2, worker_pb2_grpc
+from lmfleet.worker.auth import token_metadata
 from tests.integration.serve_process import first_line
 
 READY_LINE = re.compile(r"^lmfleet router ready http=(?P<http>\S+) grpc=(?P<grpc>\S+)$")
@@ -72,10 +73,11 @@ def openai_client(router: RouterProcess, api_key: str = "unused", timeout: float
                          timeout=timeout)
 
 
-def worker_load(address: str) -> worker_pb2.LoadReport:
+def worker_load(address: str, token: Optional[str] = None) -> worker_pb2.LoadReport:
+    """GetLoad of a worker (`token`: the worker token it requires, if any)."""
     with grpc.insecure_channel(address) as channel:
-        return worker_pb2_grpc.WorkerStub(channel).GetLoad(worker_pb2.GetLoadRequest(),
-                                                            timeout=10)
+        return worker_pb2_grpc.WorkerStub(channel).GetLoad(
+            worker_pb2.GetLoadRequest(), timeout=10, metadata=token_metadata(token))
 
 
 def served_by(addresses: Sequence[str], send: Callable[[], object]) -> list[int]:

@@ -10,11 +10,15 @@ import subprocess
 import sys
 import time
 
+import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lmfleet.cluster.commands import serve as serve_command
-from tests.integration.serve_process import start_serve
+from lmfleet.proto.v1 import worker_pb2, worker_pb2_grpc
+from tests.integration.serve_process import WORKER_TOKEN, start_serve
+from tests.integration.test_router_helpers import worker_load
 
 
 def server_test(test):
@@ -56,6 +60,23 @@ def test_ready_line_names_the_model_and_two_workers_started(serve):
     assert len(set(serve.worker_addresses)) == 2
     assert len(set(serve.worker_pids)) == 2
     assert set(serve.worker_pids) <= set(serve.descendant_pids())
+
+
+@server_test
+def test_replicas_listen_on_loopback_and_need_the_worker_token(serve):
+    # Issue 19 item 7: a local fleet's replicas are reachable from this machine only, and
+    # even from here Drain/Generate/... need the token serve shares with its router.
+    for address in serve.worker_addresses:
+        assert address.startswith("127.0.0.1:"), address
+        with grpc.insecure_channel(address) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                worker_pb2_grpc.WorkerStub(channel).Drain(worker_pb2.DrainRequest(),
+                                                          timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=30)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert worker_load(address, WORKER_TOKEN).draining is False
 
 
 @server_test

@@ -19,6 +19,7 @@ for tests that signal the process themselves.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import re
 import subprocess
@@ -53,11 +54,14 @@ def worker_process(
     extra_args: Sequence[str] = (),
     start_timeout: float = DEFAULT_START_TIMEOUT,
     stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+    env: Optional[dict[str, str]] = None,
 ) -> Iterator[WorkerProcess]:
-    """Start a worker on a free port; yield its handle once health is SERVING."""
+    """Start a worker on a free port; yield its handle once health is SERVING. `env`
+    adds to (or overrides) this process's environment."""
     command = [sys.executable, "-m", "lmfleet.cluster.cli", "worker", "--model",
                str(model_dir), "--host", "127.0.0.1", "--port", "0", *extra_args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, **(env or {})})
     try:
         deadline = time.monotonic() + start_timeout
         line = _read_ready_line(process, deadline)
@@ -77,9 +81,10 @@ def start_worker(
     extra_args: Sequence[str] = (),
     start_timeout: float = DEFAULT_START_TIMEOUT,
     stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+    env: Optional[dict[str, str]] = None,
 ) -> Iterator[str]:
     """Start a worker on a free port; yield "127.0.0.1:PORT" once health is SERVING."""
-    with worker_process(model_dir, extra_args, start_timeout, stop_timeout) as handle:
+    with worker_process(model_dir, extra_args, start_timeout, stop_timeout, env) as handle:
         yield handle.address
 
 
