@@ -191,6 +191,34 @@ def test_the_api_key_reaches_routers_only_through_a_secret(name):
         assert value not in json.dumps(others)
 
 
+@pytest.mark.parametrize(("name", "secret_name", "value"), [
+    ("existing-secret", "lmfleet-worker-token", None),
+    ("kuberay-off", "lmfleet-worker-token", "a-worker-token"),
+])
+def test_the_worker_token_reaches_routers_and_controller_only_through_a_secret(
+        name, secret_name, value):
+    objects = example_objects(name)
+    raycluster = find_all(objects, "RayCluster")
+    if raycluster:
+        controller = raycluster[0]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    else:
+        [deployment] = [o for o in find_all(objects, "Deployment")
+                        if o["metadata"]["name"].endswith("-controller")]
+        controller = deployment["spec"]["template"]["spec"]["containers"][0]
+    for container in (router_container(objects), controller):
+        [env] = [e for e in container["env"] if e["name"] == "LMFLEET_WORKER_TOKEN"]
+        assert env["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": "worker-token"}
+    secrets = [s for s in find_all(objects, "Secret")
+               if s["metadata"]["name"] == secret_name]
+    if value is None:  # managed outside the chart: never created or overwritten here
+        assert secrets == []
+    else:
+        [secret] = secrets
+        assert base64.b64decode(secret["data"]["worker-token"]).decode() == value
+        others = [o for o in objects if o["kind"] != "Secret"]
+        assert value not in json.dumps(others)
+
+
 def test_the_redis_password_comes_from_its_secret_for_routers_and_controller():
     objects = example_objects("external-redis")
     assert not [o for o in objects if o["metadata"]["name"].endswith("-redis")]

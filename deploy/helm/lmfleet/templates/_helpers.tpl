@@ -67,6 +67,28 @@ the password travels as LMFLEET_REDIS_PASSWORD from a Secret). */}}
 {{- end }}
 {{- end }}
 
+{{- define "lmfleet.workerTokenSecretName" -}}
+{{- .Values.workerToken.existingSecret | default (printf "%s-worker-token" (include "lmfleet.fullname" .)) }}
+{{- end }}
+
+{{/* The router -> worker token (worker/auth.py reads $LMFLEET_WORKER_TOKEN): routers and
+the controller send it; the controller hands it to the replicas it starts. */}}
+{{- define "lmfleet.workerTokenEnv" -}}
+{{- if or .Values.workerToken.value .Values.workerToken.existingSecret }}
+- name: LMFLEET_WORKER_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lmfleet.workerTokenSecretName" . }}
+      key: {{ .Values.workerToken.existingSecretKey }}
+{{- end }}
+{{- end }}
+
+{{/* The controller's secrets, by reference (KubeRay head and the plain Deployment). */}}
+{{- define "lmfleet.controllerEnv" -}}
+{{- include "lmfleet.redisPasswordEnv" . }}
+{{- include "lmfleet.workerTokenEnv" . }}
+{{- end }}
+
 {{- define "lmfleet.apiKeySecretName" -}}
 {{- .Values.apiKey.existingSecret | default (printf "%s-api-key" (include "lmfleet.fullname" .)) }}
 {{- end }}
@@ -154,6 +176,7 @@ fromYamlArray): min/max replicas, world = tp x pp, whether the engine runs on a 
       key: {{ .Values.apiKey.existingSecretKey }}
 {{- end }}
 {{- include "lmfleet.redisPasswordEnv" . }}
+{{- include "lmfleet.workerTokenEnv" . }}
 {{- end }}
 
 {{/* `lmfleet controller` arguments, shared by the KubeRay head and the plain Deployment. */}}
