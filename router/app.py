@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
 
 from fastapi import FastAPI, Request
@@ -28,6 +28,7 @@ from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmfleet.router.auth import ApiKeyAuth
+from lmfleet.router.drain import Drain
 from lmfleet.router.errors import OverloadedError, RouterError
 from lmfleet.router.generation import Event, Generation, GenerationJob
 from lmfleet.router.http_gate import DEFAULT_BODY_TIMEOUT_S, HttpGate
@@ -86,6 +87,8 @@ class HttpContext:
     max_body_bytes: int
     request_timeout: Optional[float] = None
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    # Shared with the Router, which starts the drain when it stops.
+    drain: Drain = field(default_factory=Drain)
 
 
 class _ClientGone(Exception):
@@ -206,20 +209,33 @@ def _job(ctx: HttpContext, model, prompts, params, body) -> GenerationJob:
 
 async def _respond(ctx: HttpContext, request: Request, job: GenerationJob,
                    formatter: OpenAIFormatter, stream: bool) -> Response:
+    ctx.drain.check()  # a stopping router takes no new work (JSON 503)
+    drain = ctx.drain
+    drain.begin()
     events = ctx.generation.stream(job)
     try:
         if not stream:
-            return JSONResponse(await _unless_disconnected(request, formatter.collect(events)))
+            try:
+                return JSONResponse(await _unless_disconnected(
+                    request, drain.until_stopped(formatter.collect(events))))
+            finally:
+                drain.end()
         # Wait for the first event before sending headers: errors up to here keep their
         # status code (503 overloaded, 400 from the worker, ...).
-        first = await _unless_disconnected(request, anext(events))
+        first = await _unless_disconnected(request, drain.until_stopped(anext(events)))
     except _ClientGone:
         await events.aclose()
+        if stream:
+            drain.end()
         return Response(status_code=499)
     except BaseException:
         await events.aclose()
+        if stream:
+            drain.end()
         raise
-    return _SSEResponse(formatter.sse(_prepend(first, events)), media_type="text/event-stream",
+    # The stream's end (however it ends) releases this request's drain count.
+    body = formatter.sse(drain.guarded(_prepend(first, events)))
+    return _SSEResponse(body, media_type="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

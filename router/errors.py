@@ -72,6 +72,16 @@ class NoReplicaError(RouterError):
     retry_after = 1
 
 
+class ShuttingDownError(RouterError):
+    """The router is stopping: new requests are refused, running ones end at the drain
+    deadline."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    error_type = "ServiceUnavailableError"
+    retry_after = 1
+
+
 class DeadlineExceededError(RouterError):
     http_status = 504
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED

@@ -40,6 +40,7 @@ from lmfleet.cluster.state import (
 )
 from lmfleet.router.app import HttpContext, create_app
 from lmfleet.router.auth import ApiKeyAuth
+from lmfleet.router.drain import Drain
 from lmfleet.router.generation import DEFAULT_MAX_ATTEMPTS, Generation
 from lmfleet.router.grpc_api import ServingServicer, add_grpc_services
 from lmfleet.router.http_gate import DEFAULT_BODY_TIMEOUT_S
@@ -72,6 +73,7 @@ class RouterConfig:
     max_body_bytes: larger HTTP bodies get 413.
     request_timeout: seconds every HTTP request may take (gRPC uses the client deadline).
     body_timeout_s: seconds an HTTP request body may stall between reads (then 408).
+    drain_timeout: on stop, seconds running requests may take to finish (router/drain.py).
     max_attempts: replicas tried per completion before UNAVAILABLE / 503.
     poll_interval: seconds between load/health polls of each worker.
     discovery_timeout: seconds start() waits for workers to report their model.
@@ -89,6 +91,7 @@ class RouterConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     request_timeout: Optional[float] = None
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    drain_timeout: float = 30.0
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     poll_interval: float = 0.5
     discovery_timeout: float = 60.0
@@ -132,6 +135,8 @@ class RouterConfig:
             raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
         if not self.body_timeout_s > 0:
             raise ValueError(f"body_timeout_s must be positive, got {self.body_timeout_s}")
+        if not self.drain_timeout >= 0:
+            raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.poll_interval <= 0 or self.discovery_timeout < 0:
@@ -174,6 +179,7 @@ class Router:
         self.metrics = RouterMetrics(self.registry)
         self.generation = Generation(self.registry, self.metrics, config.max_attempts)
         self.auth = ApiKeyAuth(config.api_key)
+        self.drain = Drain()
         self._http: Optional[_EmbeddedUvicorn] = None
         self._http_task: Optional[asyncio.Task] = None
         self._grpc: Optional[grpc.aio.Server] = None
@@ -235,13 +241,15 @@ class Router:
             registry=self.registry, generation=self.generation, metrics=self.metrics,
             auth=self.auth, max_body_bytes=self.config.max_body_bytes,
             request_timeout=self.config.request_timeout,
-            body_timeout_s=self.config.body_timeout_s))
+            body_timeout_s=self.config.body_timeout_s, drain=self.drain))
         # IPPROTO_TCP, so that asyncio sets TCP_NODELAY on every accepted connection.
         sock = tcp_listener(self.config.host, self.config.http_port, "HTTP port")
         self.http_port = sock.getsockname()[1]
         self._http = _EmbeddedUvicorn(uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="off",
-            timeout_graceful_shutdown=5))
+            # Past the drain deadline every request ends by itself (drain.py); this is only
+            # the backstop for a response that would not.
+            timeout_graceful_shutdown=self.config.drain_timeout + 5))
         self._http_task = asyncio.get_running_loop().create_task(
             self._http.serve(sockets=[sock]))
         while not self._http.started:  # bounded: serve() either starts or ends the task
@@ -251,22 +259,29 @@ class Router:
             await asyncio.sleep(0.01)
 
     async def stop(self) -> None:
-        """Stop both servers (in-flight HTTP requests get a few seconds), the poller and
-        the worker channels. Safe to call more than once."""
+        """Stop gracefully: stop accepting connections, refuse new requests (JSON 503),
+        let running ones finish for up to `drain_timeout` s, then end the rest cleanly
+        (streams with an error event and [DONE], others with a JSON 503; gRPC calls get
+        the same grace). Then the poller and the worker channels. Safe to call twice."""
+        grace = self.config.drain_timeout
+        tasks = []
         if self._http is not None and self._http_task is not None:
-            self._http.should_exit = True
-            try:
-                await asyncio.wait_for(asyncio.shield(self._http_task), 10)
-            except asyncio.TimeoutError:
-                self._http.force_exit = True
-                await self._http_task
-            self._http, self._http_task = None, None
+            self._http.should_exit = True  # closes the listening socket first
+            tasks.append(self._stop_http(grace))
         if self._grpc is not None:
-            await self._grpc.stop(grace=2)
-            self._grpc = None
+            tasks.append(self._grpc.stop(grace=grace))
+        await asyncio.gather(self.drain.drain(grace), *tasks)
+        self._http, self._http_task, self._grpc = None, None, None
         if self.store_sync is not None:
             await self.store_sync.stop()
         await self.registry.stop()
+
+    async def _stop_http(self, grace: float) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._http_task), grace + 10)
+        except asyncio.TimeoutError:
+            self._http.force_exit = True
+            await self._http_task
 
     async def __aenter__(self) -> Router:
         await self.start()

@@ -2,7 +2,9 @@
 
 Prints exactly one line on stdout once both servers accept connections:
 `lmfleet router ready http=HOST:PORT grpc=HOST:PORT` (ports resolved when given as 0).
-Logs go to stderr. SIGINT/SIGTERM stop it gracefully (exit 0).
+Logs go to stderr. SIGINT/SIGTERM stop it gracefully (exit 0): no new connections or
+requests (JSON 503), running requests finish for up to --drain-timeout, the rest end with
+an error (a stream with an error event and [DONE]).
 
 Workers come either from `--worker` (a fixed list) or from a Redis state store
 (`--redis URL [--cluster NAME]`), where replicas are published with a TTL
@@ -58,6 +60,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="largest accepted HTTP request body (default 4 MiB; larger: 413)")
     p.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
                    help="deadline for each HTTP request (default: none)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT: stop accepting, let running requests finish for "
+                   "up to this long, then end the rest with an error (streams: an error "
+                   "event and [DONE]; others: a JSON 503)")
     p.add_argument("--discovery-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long start-up waits for workers to report their model")
     p.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS",
@@ -101,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight, max_queued=args.max_queued, policy=policy,
         model_policies=model_policies, max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout, discovery_timeout=args.discovery_timeout,
+        drain_timeout=args.drain_timeout,
         poll_interval=args.poll_interval)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

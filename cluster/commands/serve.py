@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         store_url=MEMORY_URL, cluster=fleet.cluster, host=args.host, http_port=args.port,
         grpc_port=args.grpc_port, api_key=api_key_from_env(args.api_key),
         max_in_flight=args.max_in_flight, max_queued=args.max_queued, policy=args.policy,
-        discovery_timeout=0.0)
+        discovery_timeout=0.0, drain_timeout=max(args.drain_timeout, 0.0))
     # Ports are checked before Ray and the replicas start (tens of seconds), so a taken
     # one is reported at once, by number (ListenError: `error: cannot listen on ...`).
     check_port_free(config.host, config.http_port, "HTTP port, --port")
