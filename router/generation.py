@@ -7,10 +7,15 @@ when a seed is given), and per completion:
 
 - picks a replica by the model's policy and calls worker `Generate` with the time left
   until the request's deadline as the gRPC deadline (so the worker stops too);
-- before the first token, a failing replica (UNAVAILABLE, INTERNAL, a broken stream) is
+- a failing replica (UNAVAILABLE, INTERNAL, a broken stream; e.g. one that died) is
   skipped and the next one is tried, up to `max_attempts` replicas; an UNAVAILABLE one
-  is marked unhealthy until its next good load poll. After the first token a failure
-  ends the request with StreamInterruptedError (tokens already went to the client);
+  is marked unhealthy until its next good load poll. A completion that had already
+  produced tokens resumes on the next replica: prompt + the tokens produced so far become
+  the new prompt, with the budget left (max_tokens, min_tokens) and the same stop rules,
+  so the client sees one uninterrupted completion; greedy output is token-identical to an
+  undisturbed run (a seeded sampler restarts its random stream, and presence/frequency
+  penalties then count only the tokens after the resume). Only when no replica is left
+  does it end with StreamInterruptedError;
 - detokenizes incrementally and applies stop strings; on a match it cancels the worker
   call (which aborts the worker request) and finishes with finish_reason "stop".
 
@@ -191,9 +196,11 @@ class Generation:
         params = job.params
         left = model.max_model_len - len(prompt)
         max_tokens = min(params.max_tokens or left, left)
-        worker_params = params.to_worker(sample, max_tokens)
         stop_token_ids = set(params.stop_token_ids)
         route = RouteRequest(model=model.name, session_id=job.session_id)
+        # One text state for every attempt: a resumed completion continues it.
+        stream = _ChoiceStream(index, model, prompt, params, stop_token_ids, emit,
+                               self.metrics, state)
         tried: list[str] = []
         last_error = "no replica is healthy"
         for attempt in range(self.max_attempts):
@@ -201,26 +208,36 @@ class Generation:
             if replica is None:
                 break
             tried.append(replica.address)
+            done = stream.token_ids  # produced before a failed replica: resume after them
+            if len(done) >= max_tokens:  # it died between its last token and its end
+                stream.on_complete(worker_pb2.GenerateComplete(finish_reason="length"))
+                return
+            worker_params = params.to_worker(sample, max_tokens - len(done))
+            if done and params.min_tokens:
+                worker_params.min_tokens = max(params.min_tokens - len(done), 0)
             request = worker_pb2.GenerateRequest(
-                request_id=f"{job.request_id}-{index}-{attempt}", prompt_token_ids=prompt,
-                sampling_params=worker_params, priority=job.priority)
+                request_id=f"{job.request_id}-{index}-{attempt}",
+                prompt_token_ids=prompt + done, sampling_params=worker_params,
+                priority=job.priority)
             if job.session_id is not None:
                 request.session_id = job.session_id
-            stream = _ChoiceStream(index, model, prompt, params, stop_token_ids, emit,
-                                   self.metrics, state)
             try:
                 if await self._attempt(job, replica, request, stream):
                     return
             except _RetryableError as error:
                 last_error = f"{replica.address}: {error}"
                 continue
+        if stream.started:
+            raise StreamInterruptedError(
+                f"the replica failed mid-generation and no other could resume it "
+                f"(tried {len(tried)}; last error: {last_error})")
         raise NoReplicaError(f"no replica of model {model.name} could serve the request "
                              f"(tried {len(tried)}; last error: {last_error})")
 
     async def _attempt(self, job: GenerationJob, replica: Replica,
                        request: worker_pb2.GenerateRequest, stream: _ChoiceStream) -> bool:
         """One try on one replica. True when the completion finished; raises
-        _RetryableError when nothing was streamed yet and another replica may work."""
+        _RetryableError when the replica failed and another one may take over."""
         timeout = self._remaining(job, required=True)
         replica.in_flight += 1
         call = replica.stub.Generate(request, timeout=timeout)
@@ -234,8 +251,8 @@ class Generation:
                     stream.on_complete(response.complete)
                     return True
                 elif kind == "error":
-                    self._worker_error(response.error, stream.started)
-            self._fail(stream.started, "the worker ended the stream without a result")
+                    self._worker_error(response.error)
+            raise _RetryableError("the worker ended the stream without a result")
         except grpc.aio.AioRpcError as error:
             code = error.code()
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -244,23 +261,17 @@ class Generation:
                 raise InvalidRequestError(error.details() or "invalid request") from None
             if code == grpc.StatusCode.UNAVAILABLE:
                 self.registry.mark_unhealthy(replica)
-            self._fail(stream.started, f"{code.name}: {error.details()}")
+            raise _RetryableError(f"{code.name}: {error.details()}") from None
         finally:
             replica.in_flight -= 1
             call.cancel()  # no-op once finished; otherwise aborts the worker request
-        return False  # unreachable: _fail raises
-
-    def _worker_error(self, error: worker_pb2.GenerateError, started: bool) -> None:
-        if error.kind == worker_pb2.GenerateError.INVALID_ARGUMENT:
-            raise InvalidRequestError(error.message or "invalid request")
-        self._fail(started, f"{worker_pb2.GenerateError.Kind.Name(error.kind)}: "
-                            f"{error.message}")
 
     @staticmethod
-    def _fail(started: bool, message: str) -> None:
-        if started:
-            raise StreamInterruptedError(f"the replica failed mid-generation ({message})")
-        raise _RetryableError(message)
+    def _worker_error(error: worker_pb2.GenerateError) -> None:
+        if error.kind == worker_pb2.GenerateError.INVALID_ARGUMENT:
+            raise InvalidRequestError(error.message or "invalid request")
+        raise _RetryableError(f"{worker_pb2.GenerateError.Kind.Name(error.kind)}: "
+                              f"{error.message}")
 
     @staticmethod
     def _remaining(job: GenerationJob, required: bool = False) -> Optional[float]:
@@ -273,7 +284,7 @@ class Generation:
 
 
 class _RetryableError(Exception):
-    """A replica failed before streaming anything; another replica may be tried."""
+    """A replica failed; another replica may be tried (resuming what was produced)."""
 
 
 @dataclass
@@ -300,6 +311,7 @@ class _ChoiceStream:
         self.metrics = metrics
         self.state = state
         self.prompt_len = len(prompt)
+        self.token_ids: list[int] = []  # produced so far, over every attempt
         self.num_tokens = 0
         self.first_token_time: Optional[float] = None
         self.last_token_time: Optional[float] = None
@@ -314,6 +326,7 @@ class _ChoiceStream:
         if not token_ids:
             return False
         self._observe_latency(len(token_ids))
+        self.token_ids.extend(token_ids)
         self.num_tokens += len(token_ids)
         # A stop token ends generation; like vLLM, its text is not part of the output.
         text_ids = token_ids[:-1] if token_ids[-1] in self.stop_token_ids else token_ids

@@ -199,7 +199,7 @@ FAILURE_FLEET = {
     ("ray_kill", "died"), ("sigkill", "died"),
     # A frozen process answers nothing: it fails its health checks and is replaced.
     ("sigstop", "unhealthy")])
-def test_a_replica_killed_mid_stream_loses_no_waiting_request_and_is_replaced(
+def test_a_replica_killed_mid_stream_loses_no_request_and_is_replaced(
         kill, stop_reason, expected):
     with in_process_fleet(fleet_config_from_dict(FAILURE_FLEET)) as fleet:
         assert fleet.wait_for(lambda: len(fleet.router.registry.get("f").replicas) == 2,
@@ -222,16 +222,12 @@ def test_a_replica_killed_mid_stream_loses_no_waiting_request_and_is_replaced(
                 os.kill(victim.pid, signal.SIGKILL if kill == "sigkill" else signal.SIGSTOP)
             results = [f.result(timeout=300) for f in futures]  # none hangs
 
-        failed = [r for r in results if r.error]
-        # Requests streaming from the victim end with a clear error event...
-        assert failed, "the victim was generating, so some stream must have broken"
-        assert all(r.first_chunk_at < killed_at for r in failed), [
-            (r.error, r.chunks) for r in failed]
-        assert all(r.error.startswith("the replica failed mid-generation") for r in failed), [
-            r.error for r in failed]
-        # ...and every other request, including those waiting on the victim, completes.
-        check_all_correct([r for r in results if not r.error], expected, 48)
-        assert len(failed) < len(results)
+        # The victim was generating (and had requests waiting): the streams it was serving
+        # resumed on the other replica (prompt + the tokens already sent), the waiting ones
+        # went there too, and every greedy stream is token-identical to an undisturbed run.
+        assert [r.error for r in results] == [""] * len(results)
+        assert any(r.first_chunk_at < killed_at for r in results)
+        check_all_correct(results, expected, 48)
 
         def restored() -> bool:
             ready = fleet.ready("f")
