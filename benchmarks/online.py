@@ -13,7 +13,6 @@ mean/p50/p90/p99 of each, request and token throughput, and goodput under an SLO
 (requests/s with TTFT <= slo_ttft_ms and TPOT <= slo_tpot_ms, as in DistServe).
 
 Use: `benchmark([TargetSpec("http", URL)], Workload(), [1, 8])`; online_report writes it.
-
 Two targets run back to back per concurrency, alternating (ABBA.. over `rounds`) so a
 drifting load hits both alike; `comparisons` gives their differences and ratios."""
 
@@ -214,9 +213,7 @@ class GrpcTarget:
 
         from lmfleet.proto.v1 import worker_pb2_grpc
         from lmfleet.worker.auth import client_interceptors, worker_token_from_env
-
-        # A worker started with $LMFLEET_WORKER_TOKEN needs it on every call.
-        self.channel = grpc.aio.insecure_channel(
+        self.channel = grpc.aio.insecure_channel(  # the worker token, when one is set
             spec.address, interceptors=client_interceptors(worker_token_from_env()))
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
 
