@@ -1,6 +1,6 @@
 """Text side of the router: tokenizers, chat templates, incremental detokenization, stops.
 
-The worker speaks token ids only (DESIGN.md §1); everything about text lives here:
+The worker speaks token ids only; everything about text lives here:
 
 - `ModelTokenizer`: one model's Hugging Face tokenizer with prompt encoding and chat
   template application (loaded from the worker's `ModelInfo.model_path`, which the router

@@ -1,4 +1,4 @@
-"""The state store shared by routers and the controller (DESIGN.md §3).
+"""The state store shared by routers and the controller.
 
     from lmfleet.cluster.state import open_store
     store = open_store("redis://127.0.0.1:6379", cluster="prod")   # or "memory://"

@@ -1,4 +1,4 @@
-"""The state store (DESIGN.md §3): what several routers and the controller share.
+"""The state store: what several routers and the controller share.
 
 Three kinds of state, all scoped to one *cluster* (a namespace, so several fleets can
 share one Redis) and all expiring on their own, so a crashed writer leaves nothing behind:

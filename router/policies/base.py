@@ -1,4 +1,4 @@
-"""The routing-policy interface (DESIGN.md §3): `select(replicas, request) -> replica | None`.
+"""The routing-policy interface: `select(replicas, request) -> replica | None`.
 
 A policy is a small object owned by one model's replica set. The router calls `select`
 for every attempt of every request, on the event loop (no locking needed), with only the

@@ -1,5 +1,5 @@
 """Session affinity: every turn of a chat session goes to the replica that served it
-before, so the replica can reuse the session's KV (DESIGN.md §5).
+before, so the replica can reuse the session's KV.
 
 Parameters:
 - `fallback`: the policy for a session's first turn, for requests without a session_id,

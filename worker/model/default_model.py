@@ -1,4 +1,4 @@
-"""Model names → local Hugging Face directories; the embedded default model (DESIGN.md §6).
+"""Model names → local Hugging Face directories; the embedded default model.
 
 `resolve_model_path(model)` accepts:
 

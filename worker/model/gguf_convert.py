@@ -1,4 +1,4 @@
-"""GGUF → Hugging Face directory conversion (DESIGN.md §6).
+"""GGUF → Hugging Face directory conversion.
 
 `convert_gguf(gguf_path, out_dir)` turns a Llama-family GGUF file (any quantization
 transformers can dequantize) into a plain Hugging Face model directory:

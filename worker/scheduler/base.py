@@ -1,6 +1,6 @@
 """The scheduler interface: which requests run in the next step, and with how many tokens.
 
-Contract (DESIGN.md §3):
+Contract:
 - `add(request)` admits a request (status WAITING); `abort(request_id)` removes it.
 - `schedule()` returns a `SchedulerOutput`: the requests to run this step with their token
   counts (decodes count 1, prefill chunks their length, within `max_num_batched_tokens`
