@@ -110,7 +110,7 @@ class RequestResult:
         return (self.e2e_s - self.ttft_s) / (self.output_len - 1)
 
 
-class _Timer:
+class TokenTimer:
     """Collects the arrival times of streamed pieces of one request."""
 
     def __init__(self) -> None:
@@ -180,7 +180,7 @@ class HttpTarget:
                 "stream_options": {"include_usage": True}}
         if self.model:
             body["model"] = self.model
-        timer, usage = _Timer(), None
+        timer, usage = TokenTimer(), None
         try:
             async with self.client.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code != 200:
@@ -229,7 +229,7 @@ class GrpcTarget:
             request_id=f"bench-{uuid.uuid4().hex}", prompt_token_ids=request.prompt_token_ids,
             sampling_params=worker_pb2.SamplingParams(
                 max_tokens=request.output_len, temperature=0.0, ignore_eos=True))
-        timer = _Timer()
+        timer = TokenTimer()
         try:
             async for response in self.stub.Generate(message):
                 kind = response.WhichOneof("response")
