@@ -16,6 +16,10 @@ when a seed is given), and per completion:
   undisturbed run (a seeded sampler restarts its random stream, and presence/frequency
   penalties then count only the tokens after the resume). Only when no replica is left
   does it end with StreamInterruptedError;
+- while no replica can take an attempt (the only one died and its replacement is starting,
+  all are unhealthy), waits for one up to `replica_wait_s` (and the request's deadline)
+  instead of failing at once, so a client's retries are not spent before the replacement
+  is up; then NoReplicaError (503);
 - detokenizes incrementally and applies stop strings; on a match it cancels the worker
   call (which aborts the worker request) and finishes with finish_reason "stop".
 
@@ -48,6 +52,11 @@ from lmfleet.router.tokenizer import IncrementalDetokenizer, StopStringMatcher
 
 # Replicas tried per completion before giving up with NoReplicaError.
 DEFAULT_MAX_ATTEMPTS = 3
+# How long a completion waits for a replica when none can take it. A replica a controller
+# replaces comes back in seconds (Ray restarts the actor, the model loads).
+DEFAULT_REPLICA_WAIT_S = 15.0
+# How often a waiting completion looks again (health changes arrive with the load polls).
+_REPLICA_WAIT_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -99,12 +108,16 @@ Event = Union[TextChunk, ChoiceEnd, Usage]
 
 class Generation:
     def __init__(self, registry: ReplicaRegistry, metrics: RouterMetrics,
-                 max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+                 max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                 replica_wait_s: float = DEFAULT_REPLICA_WAIT_S) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if not replica_wait_s >= 0:
+            raise ValueError(f"replica_wait_s must be >= 0, got {replica_wait_s}")
         self.registry = registry
         self.metrics = metrics
         self.max_attempts = max_attempts
+        self.replica_wait_s = replica_wait_s
 
     # ---- input ---------------------------------------------------------------------------
     async def tokenize(self, model: ModelReplicas, prompt: Union[str, Sequence[int]]
@@ -204,7 +217,7 @@ class Generation:
         tried: list[str] = []
         last_error = "no replica is healthy"
         for attempt in range(self.max_attempts):
-            replica = await model.select_for(route, exclude=tried)
+            replica = await self._next_replica(job, route, tried)
             if replica is None:
                 break
             tried.append(replica.address)
@@ -265,6 +278,23 @@ class Generation:
         finally:
             replica.in_flight -= 1
             call.cancel()  # no-op once finished; otherwise aborts the worker request
+
+    async def _next_replica(self, job: GenerationJob, route: RouteRequest,
+                            tried: list[str]) -> Optional[Replica]:
+        """The replica for the next attempt (not one in `tried`); while there is none,
+        look again until `replica_wait_s` or the deadline has passed, then None."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.replica_wait_s
+        if job.deadline is not None:
+            give_up = min(give_up, job.deadline)
+        while True:
+            # A model whose last replica went is kept a while (ReplicaRegistry's
+            # empty_model_grace_s); should it go and come back, the new entry serves.
+            model = self.registry.models.get(job.model.name, job.model)
+            replica = await model.select_for(route, exclude=tried)
+            if replica is not None or loop.time() >= give_up:
+                return replica
+            await asyncio.sleep(min(_REPLICA_WAIT_POLL_S, give_up - loop.time()))
 
     @staticmethod
     def _worker_error(error: worker_pb2.GenerateError) -> None:

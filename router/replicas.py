@@ -10,10 +10,11 @@ unhealthy at once when a call to it fails with UNAVAILABLE.
 
 Replicas can also come and go while the router runs (`add_replica` / `remove_replica`,
 driven by router/store_sync.py from the shared state store): a model appears with its
-first replica and disappears with its last; a removed replica's channel is closed once
-the requests it still serves have finished. When a `SessionDirectory` is attached
-(`registry.sessions`), `ModelReplicas.select_for` keeps a session's binding there, so
-several routers send one session to the same replica.
+first replica and disappears `empty_model_grace_s` after its last one went (unless a
+replacement came; meanwhile requests wait for it rather than get a 404); a removed
+replica's channel is closed once the requests it still serves have finished. When a
+`SessionDirectory` is attached (`registry.sessions`), `ModelReplicas.select_for` keeps a
+session's binding there, so several routers send one session to the same replica.
 
 With $LMFLEET_WORKER_TOKEN set, every call on these channels carries it (a client
 interceptor, worker/auth.py), as workers started with the same token require.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Optional, Protocol
@@ -182,7 +184,8 @@ class ReplicaRegistry:
                  max_in_flight: Optional[int] = None, max_queued: Optional[int] = None,
                  poll_interval: float = 0.5, rpc_timeout: float = 2.0,
                  allow_no_workers: bool = False,
-                 worker_token: Optional[str] = None) -> None:
+                 worker_token: Optional[str] = None,
+                 empty_model_grace_s: float = 0.0) -> None:
         if not addresses and not allow_no_workers:
             raise ValueError("at least one worker address is needed")
         make_policy(default_policy)  # ValueError for an unknown name, before any I/O
@@ -205,6 +208,10 @@ class ReplicaRegistry:
         self.sessions: Optional[SessionDirectory] = None
         self._interceptors = client_interceptors(worker_token or worker_token_from_env())
         self._auth_warned: set[str] = set()  # addresses whose token refusal was logged
+        # A model whose last replica was removed stays this long (requests wait for a
+        # replacement instead of a 404); `_emptied_at` holds when it emptied.
+        self._empty_model_grace_s = empty_model_grace_s
+        self._emptied_at: dict[str, float] = {}
 
     # ---- lookup -----------------------------------------------------------------------
     def get(self, model: Optional[str]) -> ModelReplicas:
@@ -306,17 +313,36 @@ class ReplicaRegistry:
         return replica
 
     def remove_replica(self, replica: Replica) -> None:
-        """Stop routing to `replica`; its model goes when its last replica does. Requests
-        it serves now finish; its channel is closed by the poller once they have."""
+        """Stop routing to `replica`; its model goes `empty_model_grace_s` after its last
+        replica does (at once when 0). Requests it serves now finish; its channel is
+        closed by the poller once they have."""
         model = self.models.get(replica.model_name)
         if model is None or not any(r is replica for r in model.replicas):
             return
         model.remove(replica)
         if not model.replicas:
-            del self.models[model.name]
-            logger.info("model %s has no replica left; no longer served", model.name)
+            if self._empty_model_grace_s > 0:
+                self._emptied_at[model.name] = time.monotonic()
+                logger.info("model %s has no replica left; waiting %.0f s for one",
+                            model.name, self._empty_model_grace_s)
+            else:
+                self._forget_model(model.name)
         self._retired.append(replica)
         logger.info("replica %s (%s) removed", replica.address, replica.model_name)
+
+    def _forget_model(self, name: str) -> None:
+        self.models.pop(name, None)
+        self._emptied_at.pop(name, None)
+        logger.info("model %s has no replica left; no longer served", name)
+
+    def _forget_empty_models(self) -> None:
+        now = time.monotonic()
+        for name, since in list(self._emptied_at.items()):
+            model = self.models.get(name)
+            if model is not None and model.replicas:
+                del self._emptied_at[name]  # a replacement came
+            elif now - since >= self._empty_model_grace_s:
+                self._forget_model(name)
 
     async def _close_idle_channels(self) -> None:
         in_use = {r.address for m in self.models.values() for r in m.replicas}
@@ -342,6 +368,8 @@ class ReplicaRegistry:
             await self._discover_pending()
         if self._retired:
             await self._close_idle_channels()
+        if self._emptied_at:
+            self._forget_empty_models()
 
     async def _poll_replica(self, replica: Replica) -> None:
         try:

@@ -41,7 +41,7 @@ from lmfleet.cluster.state import (
 from lmfleet.router.app import HttpContext, create_app
 from lmfleet.router.auth import ApiKeyAuth
 from lmfleet.router.drain import Drain
-from lmfleet.router.generation import DEFAULT_MAX_ATTEMPTS, Generation
+from lmfleet.router.generation import DEFAULT_MAX_ATTEMPTS, DEFAULT_REPLICA_WAIT_S, Generation
 from lmfleet.router.grpc_api import ServingServicer, add_grpc_services
 from lmfleet.router.http_gate import DEFAULT_BODY_TIMEOUT_S
 from lmfleet.router.metrics import RouterMetrics
@@ -75,6 +75,9 @@ class RouterConfig:
     body_timeout_s: seconds an HTTP request body may stall between reads (then 408).
     drain_timeout: on stop, seconds running requests may take to finish (router/drain.py).
     max_attempts: replicas tried per completion before UNAVAILABLE / 503.
+    replica_wait_s: while no replica of the model can take a request (its replacement is
+        starting, all are unhealthy), how long the request waits for one before 503; a
+        model whose last replica went away is kept (not 404) that long too.
     poll_interval: seconds between load/health polls of each worker.
     discovery_timeout: seconds start() waits for workers to report their model.
     """
@@ -93,6 +96,7 @@ class RouterConfig:
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     drain_timeout: float = 30.0
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    replica_wait_s: float = DEFAULT_REPLICA_WAIT_S
     poll_interval: float = 0.5
     discovery_timeout: float = 60.0
     store_url: Optional[str] = None
@@ -139,6 +143,8 @@ class RouterConfig:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if not self.replica_wait_s >= 0:
+            raise ValueError(f"replica_wait_s must be >= 0, got {self.replica_wait_s}")
         if self.poll_interval <= 0 or self.discovery_timeout < 0:
             raise ValueError("poll_interval must be > 0 and discovery_timeout >= 0")
 
@@ -166,7 +172,8 @@ class Router:
             config.workers, tokenizer_loader, default_policy=config.policy,
             model_policies=dict(config.model_policies), max_in_flight=config.max_in_flight,
             max_queued=config.max_queued, poll_interval=config.poll_interval,
-            allow_no_workers=config.store_url is not None)
+            allow_no_workers=config.store_url is not None,
+            empty_model_grace_s=config.replica_wait_s)
         self.store: Optional[StateStore] = None
         self.store_sync: Optional[StoreSync] = None
         if store is not None and config.store_url is None:
@@ -177,7 +184,8 @@ class Router:
             self.store_sync = StoreSync(self.store, self.registry, config.store_poll_interval,
                                         config.session_ttl)
         self.metrics = RouterMetrics(self.registry)
-        self.generation = Generation(self.registry, self.metrics, config.max_attempts)
+        self.generation = Generation(self.registry, self.metrics, config.max_attempts,
+                                     config.replica_wait_s)
         self.auth = ApiKeyAuth(config.api_key)
         self.drain = Drain()
         self._http: Optional[_EmbeddedUvicorn] = None

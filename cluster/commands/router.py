@@ -64,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="on SIGTERM/SIGINT: stop accepting, let running requests finish for "
                    "up to this long, then end the rest with an error (streams: an error "
                    "event and [DONE]; others: a JSON 503)")
+    add_replica_wait_flag(p)
     p.add_argument("--discovery-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long start-up waits for workers to report their model")
     p.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS",
@@ -71,6 +72,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
+
+
+def add_replica_wait_flag(p: argparse.ArgumentParser) -> None:
+    """--replica-wait-timeout, shared with `lmfleet serve`."""
+    p.add_argument("--replica-wait-timeout", type=float, default=None, metavar="SECONDS",
+                   help="while no replica of a model can take a request (a replacement is "
+                   "starting, all are unhealthy), how long requests wait for one before a "
+                   "503 (default 15; 0: at once)")
+
+
+def replica_wait(args: argparse.Namespace) -> dict:
+    """RouterConfig's replica_wait_s from --replica-wait-timeout (unset: its default)."""
+    if args.replica_wait_timeout is None:
+        return {}
+    return {"replica_wait_s": args.replica_wait_timeout}
 
 
 def _policies(values: list[str] | None) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -107,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight, max_queued=args.max_queued, policy=policy,
         model_policies=model_policies, max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout, discovery_timeout=args.discovery_timeout,
-        drain_timeout=args.drain_timeout,
+        drain_timeout=args.drain_timeout, **replica_wait(args),
         poll_interval=args.poll_interval)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

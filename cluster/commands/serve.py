@@ -34,6 +34,7 @@ import copy
 import sys
 from pathlib import Path
 
+from lmfleet.cluster.commands import router as router_command
 from lmfleet.cluster.commands import worker as worker_command
 
 
@@ -72,6 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "it is not set")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="how long a replica being removed may finish its requests")
+    router_command.add_replica_wait_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address the router listens on")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free port)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: a free port)")
@@ -219,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
         store_url=MEMORY_URL, cluster=fleet.cluster, host=args.host, http_port=args.port,
         grpc_port=args.grpc_port, api_key=api_key_from_env(args.api_key),
         max_in_flight=args.max_in_flight, max_queued=args.max_queued, policy=args.policy,
-        discovery_timeout=0.0, drain_timeout=max(args.drain_timeout, 0.0))
+        discovery_timeout=0.0, drain_timeout=max(args.drain_timeout, 0.0),
+        **router_command.replica_wait(args))
     # Ports are checked before Ray and the replicas start (tens of seconds), so a taken
     # one is reported at once, by number (ListenError: `error: cannot listen on ...`).
     check_port_free(config.host, config.http_port, "HTTP port, --port")

@@ -66,14 +66,15 @@ def _progress(message: str) -> None:
 
 @contextlib.contextmanager
 def in_process_fleet(fleet: FleetConfig, store: Optional[StateStore] = None,
-                     store_url: str = MEMORY_URL) -> Iterator[InProcessFleet]:
+                     store_url: str = MEMORY_URL, **router_options) -> Iterator[InProcessFleet]:
+    """`router_options` go to the RouterConfig (e.g. replica_wait_s)."""
     store = store if store is not None else MemoryStore(fleet.cluster)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="test-router", daemon=True)
     thread.start()
     config = RouterConfig(store_url=store_url, cluster=fleet.cluster, http_port=0,
                           grpc_port=0, discovery_timeout=0.0, store_poll_interval=0.2,
-                          poll_interval=0.2)
+                          poll_interval=0.2, **router_options)
 
     def on_loop(coroutine_fn):
         return asyncio.run_coroutine_threadsafe(coroutine_fn(), loop).result(60)

@@ -237,3 +237,33 @@ def test_a_replica_killed_mid_stream_loses_no_request_and_is_replaced(
         assert fleet.controller.snapshot()["f"].stops == {stop_reason: 1}
         again = stream_completion(fleet.base_url, "f", PROMPTS[0], 12)
         assert (again.error, again.text) == ("", expected[tuple(PROMPTS[0])][12])
+
+
+SOLO_FLEET = {
+    "controller": {"reconcile_interval_s": 0.3, "replica_ttl_s": 3.0,
+                   "health_check_timeout_s": 1.0},
+    "models": [{"name": "s", "replicas": 1, "engine": ENGINE}],
+}
+
+
+def test_requests_sent_while_the_only_replica_is_replaced_wait_for_it(expected):
+    # The router waits for a replica up to replica_wait_s (bounded here by WAIT_S, for a
+    # replacement loading on a busy machine) and keeps the model while it has none.
+    with in_process_fleet(fleet_config_from_dict(SOLO_FLEET), replica_wait_s=WAIT_S) as fleet:
+        registry = fleet.router.registry
+        assert fleet.wait_for(lambda: len(registry.get("s").replicas) == 1, WAIT_S)
+        (victim,) = fleet.controller.replicas("s")
+        import ray
+
+        ray.kill(victim.actor, no_restart=True)
+        # Sent once the router knows the model has no replica that can serve (without
+        # the wait: an immediate 503, or a 404 once the store dropped the replica).
+        assert fleet.wait_for(lambda: "s" in registry.models
+                              and registry.models["s"].num_healthy == 0, WAIT_S)
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            results = list(pool.map(lambda p: stream_completion(fleet.base_url, "s", p, 12),
+                                    PROMPTS))
+        assert [r.error for r in results] == [""] * len(PROMPTS)
+        assert [r.text for r in results] == [expected[tuple(p)][12] for p in PROMPTS]
+        assert fleet.controller.snapshot()["s"].stops == {"died": 1}
+        assert victim.replica_id not in fleet.ready("s")

@@ -35,8 +35,9 @@ def addresses(workers):
 @pytest.fixture(scope="module")
 def router(addresses):
     # Polls so rare that only a failed call can reveal a dead worker: the retry path.
-    with start_router(addresses, ["--policy", "round_robin", "--poll-interval", "600"]
-                      ) as router:
+    # With no replica left a request waits a second for one, then gets its 503.
+    with start_router(addresses, ["--policy", "round_robin", "--poll-interval", "600",
+                                  "--replica-wait-timeout", "1"]) as router:
         yield router
 
 

@@ -172,6 +172,48 @@ def test_the_registry_follows_the_store(caplog):
     asyncio.run(scenario())
 
 
+def test_a_model_without_replicas_is_kept_for_the_grace_then_forgotten():
+    async def scenario():
+        server, address = await _start_fake_worker("m")
+        store = MemoryStore()
+        reg = ReplicaRegistry([], tokenizer_loader=lambda path, name: None,
+                              allow_no_workers=True, rpc_timeout=5.0, empty_model_grace_s=0.5)
+        sync = StoreSync(store, reg)
+        try:
+            store.register(ReplicaRecord("r1", "m", address), 0.1)
+            await sync.sync_once()
+            kept = reg.models["m"]
+            store.remove("m", "r1")
+            await sync.sync_once()  # missing from now; dropped after its TTL
+            await asyncio.sleep(0.2)
+            await sync.sync_once()
+            await reg.poll_once()
+            # Replica gone, model kept (requests wait for a replacement, no 404)...
+            assert reg.get("m") is kept and kept.replicas == [] and kept.num_healthy == 0
+            # ...and a replacement joins the same entry, which then stays.
+            store.register(ReplicaRecord("r2", "m", address), 0.1)
+            await sync.sync_once()
+            await asyncio.sleep(0.5)
+            await reg.poll_once()
+            assert reg.get("m") is kept and [r.replica_id for r in kept.replicas] == ["r2"]
+            # Without a replacement, the model goes once the grace has passed.
+            store.remove("m", "r2")
+            await sync.sync_once()
+            await asyncio.sleep(0.2)
+            await sync.sync_once()
+            await reg.poll_once()
+            assert kept.replicas == []
+            assert "m" in reg.models
+            await asyncio.sleep(0.6)
+            await reg.poll_once()
+            assert "m" not in reg.models
+        finally:
+            await reg.stop()
+            await server.stop(None)
+
+    asyncio.run(scenario())
+
+
 def test_router_config_takes_a_store_instead_of_workers():
     config = RouterConfig(store_url="redis://127.0.0.1:6379", cluster="blue")
     assert (config.workers, config.store_url, config.cluster) == (
