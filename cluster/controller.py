@@ -32,11 +32,13 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
 from lmfleet.cluster.autoscaler import Autoscaler, ReplicaLoad, ScalingDecision
 from lmfleet.cluster.fleet_config import FleetConfig, ModelDeployment
+from lmfleet.cluster.placement import unplaceable_reason
 from lmfleet.cluster.replica_handle import ReplicaHandle, ReplicaState, load_summary
 from lmfleet.cluster.state import ReplicaRecord, StateStore, StateStoreError
 
@@ -62,6 +64,10 @@ class _ModelState:
     next_start_at: float = 0.0
     last_error: str = ""
     ever_ready: bool = False
+    # Why no replica of this model can ever be placed on this (fixed-size) cluster; no
+    # start is tried then. On a cluster that may grow it is only warned about, once.
+    unplaceable: str = ""
+    placement_warned: bool = False
     last_decision: Optional[ScalingDecision] = None
     # Counters for the metrics: replica starts, and stops by reason.
     starts: int = 0
@@ -88,10 +94,15 @@ class ModelSnapshot:
 
 class Controller:
     """See the module docstring. `store` receives the replicas (MemoryStore in
-    `lmfleet serve`, RedisStore for a shared fleet); `clock` is for tests."""
+    `lmfleet serve`, RedisStore for a shared fleet); `clock` is for tests.
+    `cluster_can_grow`: False for a Ray cluster this process started (its nodes are all
+    there is), so a model no node can hold fails at once instead of waiting for resources
+    a joined, autoscaled cluster might still add."""
 
-    def __init__(self, config: FleetConfig, store: StateStore, clock=time.monotonic) -> None:
+    def __init__(self, config: FleetConfig, store: StateStore, clock=time.monotonic,
+                 cluster_can_grow: bool = True) -> None:
         self.config = config
+        self.cluster_can_grow = cluster_can_grow
         self.settings = config.controller
         self.store = store
         self._clock = clock
@@ -103,6 +114,8 @@ class Controller:
         self._snapshot: dict[str, ModelSnapshot] = {}
         self._round_done = threading.Condition(self._lock)
         self._store_down = False
+        # Models not ready when wait_ready returned ({model: why}); served without.
+        self.start_failures: dict[str, str] = {}
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> Controller:
@@ -112,26 +125,44 @@ class Controller:
             self._thread.start()
         return self
 
-    def wait_ready(self, timeout_s: float) -> None:
-        """Block until every model has min_replicas READY replicas. Raises
-        FleetStartError when a model's replica fails before the model ever had one, and
-        TimeoutError after `timeout_s`."""
+    def wait_ready(self, timeout_s: float,
+                   on_failure: Callable[[str, str], None] = lambda model, why: None
+                   ) -> dict[str, str]:
+        """Block until every model has min_replicas READY replicas or has failed before
+        it ever had one (a replica's start failed, or none can be placed); each failure
+        is passed to `on_failure(model, why)` as soon as it is seen. Returns {model: why}
+        for the models not ready, which the caller serves without; raises
+        FleetStartError when no model is ready, and TimeoutError when none is ready
+        after `timeout_s` (models still starting then are returned as not ready)."""
         deadline = time.monotonic() + timeout_s
+        failed: dict[str, str] = {}
         while True:
             snapshot = self.snapshot()
-            waiting = []
+            waiting, ready = [], []
             for state in self._models.values():
-                model = snapshot.get(state.deployment.name)
+                name = state.deployment.name
+                model = snapshot.get(name)
                 num_ready = len(model.ready) if model else 0
-                if model and model.last_error and not state.ever_ready:
-                    raise FleetStartError(f"model '{model.name}': {model.last_error}")
-                if num_ready < state.deployment.autoscaling.min_replicas:
-                    waiting.append(state.deployment.name)
-            if not waiting:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"models not ready within {timeout_s:.0f} s: "
-                                   f"{', '.join(waiting)}")
+                if num_ready >= state.deployment.autoscaling.min_replicas:
+                    ready.append(name)
+                elif name in failed:
+                    pass
+                elif model and model.last_error and not state.ever_ready:
+                    failed[name] = model.last_error
+                    on_failure(name, model.last_error)
+                else:
+                    waiting.append(name)
+            if not waiting or time.monotonic() > deadline:
+                if not ready:
+                    if waiting:
+                        raise TimeoutError(f"models not ready within {timeout_s:.0f} s: "
+                                           f"{', '.join(waiting)}")
+                    raise FleetStartError("; ".join(f"model '{name}': {why}"
+                                                    for name, why in failed.items()))
+                failed.update({name: f"not ready within {timeout_s:.0f} s"
+                               for name in waiting})
+                self.start_failures = {n: failed[n] for n in failed if n not in ready}
+                return self.start_failures
             with self._round_done:
                 self._round_done.wait(0.5)
 
@@ -245,6 +276,8 @@ class Controller:
         state.replicas = [r for r in state.replicas if r.state is not ReplicaState.STOPPED]
 
     def _scale(self, state: _ModelState) -> None:
+        if state.unplaceable:
+            return
         ready = [r for r in state.in_state(ReplicaState.READY) if r.last_load is not None]
         loads = [ReplicaLoad(r.replica_id, r.last_load.num_running, r.last_load.num_waiting,
                              r.last_load.kv_cache_usage) for r in ready]
@@ -267,6 +300,8 @@ class Controller:
 
     # ---- helpers -------------------------------------------------------------------------
     def _start_replica(self, state: _ModelState) -> None:
+        if state.unplaceable or not self._placeable(state):
+            return
         replica_id = f"{state.deployment.name}-{next(state.ids)}"
         replica = ReplicaHandle(replica_id, state.deployment, self._clock)
         try:
@@ -280,6 +315,26 @@ class Controller:
         state.replicas.append(replica)
         state.starts += 1
         logger.info("model %s: starting replica %s", state.deployment.name, replica_id)
+
+    def _placeable(self, state: _ModelState) -> bool:
+        """False when no node of this fixed-size cluster can hold a replica (the model is
+        then marked unplaceable, with why). On a cluster that can grow, warns once and
+        says True: the placement group waits for the resources."""
+        import ray
+
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        reason = unplaceable_reason(state.deployment.placement, nodes)
+        if reason is None:
+            return True
+        name = state.deployment.name
+        if self.cluster_can_grow:
+            if not state.placement_warned:
+                state.placement_warned = True
+                logger.warning("model %s: %s; waiting for the cluster to grow", name, reason)
+            return True
+        state.unplaceable = state.last_error = reason
+        logger.info("model %s: %s", name, reason)  # reported by wait_ready's caller
+        return False
 
     def _drop(self, state: _ModelState, replica: ReplicaHandle, reason: str) -> None:
         self._withdraw(replica)

@@ -3,7 +3,8 @@ stop; shared by `lmfleet serve` and `lmfleet controller`.
 
     with running_fleet(fleet, store, ray_address=None, start_timeout_s=600,
                        progress=print) as controller:
-        ...   # every model has its min_replicas serving here
+        ...   # every model has its min_replicas serving here, except those in
+              # controller.start_failures (failed, unplaceable or late: reported)
 
 On exit (normal, exception or signal) the replicas are drained and stopped, and a Ray
 cluster this call started is shut down; a second Ctrl-C cannot cut that short (it is
@@ -27,19 +28,30 @@ from lmfleet.cluster.state import StateStore
 def running_fleet(fleet: FleetConfig, store: StateStore, ray_address: Optional[str],
                   start_timeout_s: float, progress: Callable[[str], None],
                   verbose: bool = False) -> Iterator[Controller]:
-    """Start the fleet and wait for its first replicas (FleetStartError / TimeoutError
-    when they do not come); yield the running controller; stop everything on exit."""
+    """Start the fleet and wait for its first replicas; yield the running controller
+    once every model is ready or has failed (each failure reported through `progress`
+    when seen: a model no node of a local cluster can hold fails at once), with at
+    least one ready (else FleetStartError / TimeoutError); stop everything on exit."""
     controller: Optional[Controller] = None
     started_ray = False
     try:
         progress(f"joining Ray at {ray_address}" if ray_address else "starting Ray")
         started_ray = init_ray(fleet, ray_address, log_to_driver=verbose)
-        controller = Controller(fleet, store).start()
+        # A cluster this call started has all the nodes it will ever have.
+        controller = Controller(fleet, store, cluster_can_grow=not started_ray).start()
         for deployment in fleet.models:
             scaling = deployment.autoscaling
             progress(f"model '{deployment.name}' ({deployment.path}): "
                      f"{scaling.min_replicas}..{scaling.max_replicas} replica(s)")
-        controller.wait_ready(start_timeout_s)
+        def failed(name: str, why: str) -> None:
+            # With one model its failure is the command's error; with several, the
+            # others may still be served, so each failure is said when seen.
+            if len(fleet.models) > 1:
+                progress(f"error: model '{name}': {why}")
+
+        controller.wait_ready(start_timeout_s, failed)
+        if controller.start_failures:
+            progress(f"serving without {', '.join(map(repr, controller.start_failures))}")
         for deployment in fleet.models:
             for replica in controller.replicas(deployment.name):
                 if replica.address is not None:

@@ -73,3 +73,43 @@ class ReplicaPlacement:
         if self.tp != SUPPORTED_TP or self.pp != SUPPORTED_PP:
             raise ValueError(f"tp={self.tp}, pp={self.pp}: the engine runs tp=1, pp=1 only "
                              "until tensor/pipeline parallelism lands")
+
+
+def unplaceable_reason(placement: ReplicaPlacement,
+                       nodes: list[dict[str, float]]) -> str | None:
+    """Why a replica with `placement` can never be placed on a cluster whose alive nodes
+    have the `nodes` total resources (Ray's `node["Resources"]`), or None when it fits
+    an empty cluster. Only the layout is checked, not what other replicas hold now."""
+    bundles = placement.bundles()
+    needed: dict[str, float] = {}
+    for bundle in bundles:
+        for name, amount in bundle.items():
+            needed[name] = needed.get(name, 0.0) + amount
+
+    def fits(have: dict[str, float], want: dict[str, float]) -> bool:
+        return all(have.get(name, 0.0) >= amount for name, amount in want.items())
+
+    if placement.strategy == "STRICT_PACK":
+        if any(fits(node, needed) for node in nodes):
+            return None
+        where = "one node"
+    else:  # PACK: every bundle fits some node and the cluster holds them all
+        total: dict[str, float] = {}
+        for node in nodes:
+            for name, amount in node.items():
+                total[name] = total.get(name, 0.0) + amount
+        if all(any(fits(node, b) for node in nodes) for b in bundles) and fits(total, needed):
+            return None
+        where = "the cluster"
+    largest = {name: max((node.get(name, 0.0) for node in nodes), default=0.0)
+               for name in needed}
+    layout = (f"{placement.world_size} rank(s) (tp={placement.tp}, pp={placement.pp}) on "
+              f"{'GPUs' if placement.use_gpu else 'CPUs'}")
+    return (f"cannot be placed: a replica needs {_amounts(needed)} on {where} for "
+            f"{layout}, but the largest of the Ray cluster's {len(nodes)} node(s) has "
+            f"{_amounts(largest)}" + (" (no GPU: run with --device cpu, or on a GPU node)"
+                                      if placement.use_gpu and not largest.get("GPU") else ""))
+
+
+def _amounts(resources: dict[str, float]) -> str:
+    return ", ".join(f"{amount:g} {name}" for name, amount in sorted(resources.items()))

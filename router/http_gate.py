@@ -1,5 +1,8 @@
-"""ASGI middleware in front of the HTTP API: API-key check, request-body limit and
-body read timeout.
+"""ASGI middleware in front of the HTTP API: header size limit, API-key check,
+request-body limit and body read timeout.
+
+Request line + headers over `MAX_HEADER_BYTES` get 431 (the HTTP protocol bounds the time
+they may take: router/http_protocol.py).
 
 Runs before FastAPI parses anything, so a request without the key gets 401 whatever its
 body, and an oversized body gets 413 without being buffered: a declared Content-Length
@@ -27,6 +30,8 @@ from lmfleet.router.openai_api import error_body
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024
 PROTECTED_PREFIX = "/v1/"
 DEFAULT_BODY_TIMEOUT_S = 30.0
+# Request line + headers; larger ones get 431 (nginx's default buffers hold 8-32 KiB).
+MAX_HEADER_BYTES = 16 * 1024
 
 
 class HttpGate:
@@ -48,8 +53,16 @@ class HttpGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers", ())}
+        raw_headers = scope.get("headers", ())
+        header_bytes = len(scope.get("raw_path", b"")) + sum(
+            len(k) + len(v) + 4 for k, v in raw_headers)  # 4: ": " and CRLF
+        if header_bytes > MAX_HEADER_BYTES:
+            self._refused(431)
+            await _send_error(send, 431, "BadRequestError",
+                              f"request headers larger than {MAX_HEADER_BYTES} bytes",
+                              {"connection": "close"})
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
         if scope["path"].startswith(PROTECTED_PREFIX) and not self.auth.authorized(
                 headers.get("authorization")):
             self._refused(401)

@@ -43,7 +43,8 @@ from lmfleet.router.auth import ApiKeyAuth
 from lmfleet.router.drain import Drain
 from lmfleet.router.generation import DEFAULT_MAX_ATTEMPTS, DEFAULT_REPLICA_WAIT_S, Generation
 from lmfleet.router.grpc_api import ServingServicer, add_grpc_services
-from lmfleet.router.http_gate import DEFAULT_BODY_TIMEOUT_S
+from lmfleet.router.http_gate import DEFAULT_BODY_TIMEOUT_S, MAX_HEADER_BYTES
+from lmfleet.router.http_protocol import DEFAULT_HEADER_TIMEOUT_S, protocol_with_header_timeout
 from lmfleet.router.metrics import RouterMetrics
 from lmfleet.router.policies import DEFAULT_POLICY, make_policy
 from lmfleet.router.replicas import ReplicaRegistry, TokenizerLoader
@@ -73,6 +74,7 @@ class RouterConfig:
     max_body_bytes: larger HTTP bodies get 413.
     request_timeout: seconds every HTTP request may take (gRPC uses the client deadline).
     body_timeout_s: seconds an HTTP request body may stall between reads (then 408).
+    header_timeout_s: seconds an HTTP request's line and headers may take (then 408).
     drain_timeout: on stop, seconds running requests may take to finish (router/drain.py).
     max_attempts: replicas tried per completion before UNAVAILABLE / 503.
     replica_wait_s: while no replica of the model can take a request (its replacement is
@@ -94,6 +96,7 @@ class RouterConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     request_timeout: Optional[float] = None
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     drain_timeout: float = 30.0
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     replica_wait_s: float = DEFAULT_REPLICA_WAIT_S
@@ -139,6 +142,8 @@ class RouterConfig:
             raise ValueError(f"request_timeout must be positive, got {self.request_timeout}")
         if not self.body_timeout_s > 0:
             raise ValueError(f"body_timeout_s must be positive, got {self.body_timeout_s}")
+        if not self.header_timeout_s > 0:
+            raise ValueError(f"header_timeout_s must be positive, got {self.header_timeout_s}")
         if not self.drain_timeout >= 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if self.max_attempts < 1:
@@ -229,7 +234,15 @@ class Router:
     async def _start_grpc(self) -> None:
         # gRPC sets SO_REUSEPORT by default: a second server on a taken port would bind
         # without error and share (steal) the other's connections.
-        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 0),
+            # The HTTP door's limits: a request message as large as a body may be
+            # (larger: RESOURCE_EXHAUSTED before any handler runs), metadata as headers.
+            ("grpc.max_receive_message_length", self.config.max_body_bytes),
+            ("grpc.max_metadata_size", MAX_HEADER_BYTES),
+            # Ping idle clients so connections of vanished ones are closed, not kept.
+            ("grpc.keepalive_time_ms", 60_000), ("grpc.keepalive_timeout_ms", 20_000),
+        ])
         await add_grpc_services(self._grpc, ServingServicer(self.registry, self.generation,
                                                             self.auth))
         host, port = self.config.host, self.config.grpc_port
@@ -255,6 +268,8 @@ class Router:
         self.http_port = sock.getsockname()[1]
         self._http = _EmbeddedUvicorn(uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="off",
+            http=protocol_with_header_timeout(self.config.header_timeout_s),
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES,
             # Past the drain deadline every request ends by itself (drain.py); this is only
             # the backstop for a response that would not.
             timeout_graceful_shutdown=self.config.drain_timeout + 5))

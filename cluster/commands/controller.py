@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
             if args.metrics_port is not None:
                 port = _serve_metrics(controller, args.metrics_port, args.metrics_host)
                 progress(f"metrics on http://{args.metrics_host}:{port}/metrics")
-            print(f"lmfleet controller ready models={','.join(m.name for m in fleet.models)}",
-                  flush=True)
+            served = [m.name for m in fleet.models if m.name not in controller.start_failures]
+            print(f"lmfleet controller ready models={','.join(served)}", flush=True)
             while not stop.wait(0.5):
                 pass
             progress("shutting down")

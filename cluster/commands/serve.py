@@ -11,7 +11,11 @@ connections, exactly one line goes to stdout (flushed):
 
 SIGINT/SIGTERM (also during start-up): stop the router, drain the replicas (up to
 --drain-timeout), stop them and the local Ray cluster; exit 0. A replica that fails during
-start-up: `error: model 'NAME': ...` with the worker's own error, exit 1.
+start-up: `error: model 'NAME': ...` with the worker's own error, exit 1. With several
+models, one that fails (or that no node of the local Ray cluster can hold, e.g. `device:
+cuda` on a machine without a GPU: said at once) is reported the same way on stderr and
+the others are served (the ready line names those); the controller keeps retrying one
+that failed to start, and the router serves it once it is ready.
 
 The fleet comes from `--config fleet.yaml` (cluster/fleet_config.py: several models, each
 with its size, autoscaling and engine options) or from the flags: each `--model` (named by
@@ -243,8 +247,9 @@ def run(args: argparse.Namespace) -> int:
             pending: list[int] = []
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, lambda signum, frame: pending.append(signum))
+            served = [m.name for m in fleet.models if m.name not in controller.start_failures]
             asyncio.run(_serve_router(config, store, ControllerCollector(controller),
-                                      [m.name for m in fleet.models], pending))
+                                      served, pending))
         return 0
     except _Stop:
         _progress("interrupted while loading; replicas stopped")

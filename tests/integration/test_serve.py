@@ -190,3 +190,24 @@ def test_flags_become_a_fleet_forwarding_only_changed_engine_flags(tmp_path):
     named = serve_command.fleet_config(_parse("--model", "default", "--model-name", "chat"))
     assert named.models[0].name == "chat"
     assert serve_command.model_name("/models/llama.Q4_0.gguf") == "llama.Q4_0"
+
+
+@server_test
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without "
+                    "a GPU, where a CUDA model cannot be placed")
+def test_a_model_no_node_can_hold_is_reported_at_once_and_the_others_are_served(tmp_path):
+    config = tmp_path / "fleet.yaml"
+    config.write_text("models:\n"
+                      "  - {name: small, path: default, engine: {num_kv_blocks: 64}}\n"
+                      "  - {name: big, path: default, engine: {device: cuda}}\n")
+    # Without the check serve would wait for 'big' until --start-timeout (600 s).
+    with start_serve(["--config", str(config)]) as serve:
+        assert serve.models == ["small"]
+        errors = [i for i, line in enumerate(serve.stderr_lines)
+                  if "error: model 'big': cannot be placed" in line]
+        assert errors and "0 GPU" in serve.stderr_lines[errors[0]]
+        answer = httpx.post(f"{serve.base_url}/v1/completions", timeout=120, json={
+            "model": "small", "prompt": "The sky is", "max_tokens": 4})
+        assert answer.status_code == 200, answer.text
+        assert httpx.post(f"{serve.base_url}/v1/completions", timeout=30, json={
+            "model": "big", "prompt": "x", "max_tokens": 1}).status_code == 404

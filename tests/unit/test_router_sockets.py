@@ -161,3 +161,95 @@ def test_a_body_shorter_than_its_content_length_gets_408_instead_of_holding_on()
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408")
     assert b'"error"' in body and b"not received within 0.5 s" in body
+
+
+async def _trickle_headers(router: Router, first: bytes = b"") -> bytes:
+    """Send `first`, then a request line and headers a byte every 0.1 s (never ending
+    them); returns all the router sent back before it closed the connection."""
+    host, port = router.http_address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    received = bytearray()
+
+    async def read_all() -> None:
+        while chunk := await reader.read(65536):
+            received.extend(chunk)
+
+    reading = asyncio.create_task(read_all())
+    try:
+        writer.write(first)
+        for byte in b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
+            if reading.done():
+                break
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        await asyncio.wait_for(reading, SCENARIO_TIMEOUT_S)
+    finally:
+        writer.close()
+    return bytes(received)
+
+
+def test_headers_that_trickle_in_get_408_and_the_connection_is_closed():
+    async def scenario() -> bytes:
+        config = RouterConfig(store_url="memory://", http_port=0, grpc_port=0,
+                              discovery_timeout=0, header_timeout_s=1.0)
+        async with Router(config) as router:
+            return await _trickle_headers(router)
+
+    head, _, body = _run(scenario()).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert b'"error"' in body and b"headers did not arrive in time" in body
+
+
+def test_on_a_kept_alive_connection_the_next_requests_headers_are_bounded_too():
+    async def scenario() -> bytes:
+        config = RouterConfig(store_url="memory://", http_port=0, grpc_port=0,
+                              discovery_timeout=0, header_timeout_s=1.0)
+        async with Router(config) as router:
+            return await _trickle_headers(router, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+
+    first, _, rest = _run(scenario()).partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 ")  # /health answered (no replica yet: 503)
+    assert b"HTTP/1.1 408" in rest and b"headers did not arrive in time" in rest
+
+
+def test_prompt_requests_on_one_connection_are_not_cut_and_huge_headers_get_431():
+    async def scenario() -> tuple[list[int], int]:
+        config = RouterConfig(store_url="memory://", http_port=0, grpc_port=0,
+                              discovery_timeout=0, header_timeout_s=0.5)
+        async with Router(config) as router:
+            async with httpx.AsyncClient(base_url=f"http://{router.http_address}") as client:
+                codes = []
+                for _ in range(3):  # one connection, idle less than the timeout between
+                    codes.append((await client.get("/v1/models")).status_code)
+                    await asyncio.sleep(0.3)
+                huge = await client.get("/v1/models", headers={"x-big": "a" * 20000})
+            return codes, huge.status_code
+
+    codes, huge = _run(scenario())
+    assert codes == [200, 200, 200]
+    assert huge == 431
+
+
+def test_grpc_messages_over_the_body_limit_are_refused_before_any_handler():
+    import grpc
+
+    from lmfleet.proto.v1 import serving_pb2 as pb
+    from lmfleet.proto.v1 import serving_pb2_grpc
+
+    async def scenario() -> tuple[grpc.StatusCode, grpc.StatusCode]:
+        config = RouterConfig(store_url="memory://", http_port=0, grpc_port=0,
+                              discovery_timeout=0, max_body_bytes=1000)
+        async with Router(config) as router:
+            async with grpc.aio.insecure_channel(router.grpc_address) as channel:
+                stub = serving_pb2_grpc.ServingStub(channel)
+                codes = []
+                for text in ("a" * 5000, "a"):  # over the limit; within (no model: 404)
+                    call = stub.Generate(pb.ServingGenerateRequest(text=text), timeout=30)
+                    with pytest.raises(grpc.aio.AioRpcError) as error:
+                        async for _ in call:
+                            pass
+                    codes.append(error.value.code())
+                return tuple(codes)
+
+    assert _run(scenario()) == (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND)
