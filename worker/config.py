@@ -195,6 +195,12 @@ class SchedulerConfig:
     # queues without it do better.
     mlfq_deadline_s: Optional[float] = None
     mlfq_deadline_slack: float = 1.0
+    # While a job of a higher queue runs, lower queues' prefill chunks may add at most the
+    # time of the higher queues' work in the step (by the cost model), so the step takes
+    # at most about twice as long. Without this a short job that joins a step carrying a
+    # long prompt's full chunk pays that chunk's time on every one of its steps, and
+    # skip-join buys it little (benchmarks/scheduling_long_prefill.py).
+    mlfq_bounded_prefill: bool = True
     # Free device blocks kept for arrivals and growth by proactive swap-out (None: 1/16
     # of the device blocks). Only used when a host tier exists.
     kv_headroom_blocks: Optional[int] = None

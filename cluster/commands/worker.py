@@ -76,6 +76,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mlfq-deadline-slack", type=float, default=None, metavar="X",
                    help="MLFQ: learnt deadline = X times the p99 JCT FCFS would have given "
                    "the finished jobs (default 1.0; 0 turns the deadline lane off)")
+    p.add_argument("--mlfq-bounded-prefill", default="auto", choices=("auto", "on", "off"),
+                   help="MLFQ: while a higher queue's job runs, cut a lower queue's prefill "
+                   "chunk to what fits in that job's quantum (auto: on)")
     p.add_argument("--dense-decode-cache", default="auto", choices=("auto", "on", "off"),
                    help="also keep decoding requests' KV contiguous, read in place by "
                    "decode attention (auto: on for CPU, off for CUDA)")
@@ -152,7 +155,8 @@ def engine_options(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None:
             options[name] = value
-    for name in ("dense_decode_cache", "cpu_kernels", "overlap_steps"):  # auto: the engine
+    for name in ("dense_decode_cache", "cpu_kernels", "overlap_steps",
+                 "mlfq_bounded_prefill"):  # auto: the engine's default
         if getattr(args, name) != "auto":
             options[name] = getattr(args, name) == "on"
     if args.host_kv_memory is not None:

@@ -32,6 +32,7 @@ def make_scheduler(num_blocks: int = 16, num_host_blocks: int = 0, max_num_seqs:
                    queue_order: str = SchedulerConfig.mlfq_queue_order,
                    deadline_s: float | None = None, num_queues: int = 4,
                    deadline_slack: float = SchedulerConfig.mlfq_deadline_slack,
+                   bounded_prefill: bool = SchedulerConfig.mlfq_bounded_prefill,
                    scheduler_class: type[MLFQScheduler] = MLFQScheduler,
                    **class_kwargs) -> tuple[MLFQScheduler, list[float]]:
     """A scheduler (MLFQ or a subclass, given `class_kwargs`) on a fake clock; set
@@ -41,7 +42,8 @@ def make_scheduler(num_blocks: int = 16, num_host_blocks: int = 0, max_num_seqs:
                              mlfq_num_queues=num_queues, mlfq_base_quantum_s=base_quantum_s,
                              mlfq_starvation_s=starvation_s, kv_headroom_blocks=headroom,
                              mlfq_last_queue=last_queue, mlfq_queue_order=queue_order,
-                             mlfq_deadline_s=deadline_s, mlfq_deadline_slack=deadline_slack)
+                             mlfq_deadline_s=deadline_s, mlfq_deadline_slack=deadline_slack,
+                             mlfq_bounded_prefill=bounded_prefill)
     now = [0.0]
     kv = KVCacheManager(num_blocks, BLOCK_SIZE, num_host_blocks=num_host_blocks)
     return scheduler_class(config, kv, cost_model, clock=lambda: now[0], **class_kwargs), now

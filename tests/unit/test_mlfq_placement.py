@@ -39,6 +39,36 @@ def test_schedule_shares_the_token_budget_in_priority_order_and_chunks_the_rest(
     assert plan(run_step(scheduler, now, 1.0)) == [("a", 1), ("b", 1)]
 
 
+@pytest.mark.parametrize("bounded", [True, False])
+def test_a_lower_queue_prefill_may_add_at_most_the_higher_queues_step_time(bounded):
+    # Cost model: a step of n sequences and t tokens takes 0.5 + 0.25 n + (t - n) s.
+    # s joins Q0, the long prompt L is in Q3.
+    scheduler, now = make_scheduler(max_num_batched_tokens=8, bounded_prefill=bounded)
+    scheduler.add(make_request("L", 30))
+    assert plan(run_step(scheduler, now, 1.0)) == [("L", 8)]  # alone: a full chunk
+    scheduler.add(make_request("s", 2))
+    # s's prefill step takes 1.75 s: L may add 1 token (1 s); s's decode takes 0.75 s,
+    # less than one of L's tokens: L waits. Without the bound L takes the rest of the
+    # token budget, and every step of s takes 7-8 s more.
+    expected = [[("s", 2), ("L", 1)], [("s", 1)]] if bounded else \
+        [[("s", 2), ("L", 6)], [("s", 1), ("L", 7)]]
+    assert [plan(run_step(scheduler, now, 1.0)) for _ in range(2)] == expected
+    if bounded:
+        assert scheduler.jobs["L"].status is RequestStatus.WAITING
+
+
+def test_lower_queue_decodes_are_not_bounded_and_count_as_higher_work():
+    scheduler, now = make_scheduler()
+    scheduler.add(make_request("D", 20))  # Q3
+    assert plan(run_step(scheduler, now, 1.0)) == [("D", 20)]  # now decoding
+    scheduler.add(make_request("L", 30))  # Q3, behind D
+    scheduler.add(make_request("s", 4))  # Q0
+    # s (4 tokens) and D (1): 2 sequences, 5 tokens, 4 s; L may add 4 tokens. Then s and
+    # D decode: 1 s, 1 token of L.
+    assert plan(run_step(scheduler, now, 1.0)) == [("s", 4), ("D", 1), ("L", 4)]
+    assert plan(run_step(scheduler, now, 1.0)) == [("s", 1), ("D", 1), ("L", 1)]
+
+
 def test_a_job_that_cannot_fit_blocks_the_jobs_below_it():
     # A huge quantum puts every job in Q0, in arrival order.
     scheduler, now = make_scheduler(num_blocks=4, base_quantum_s=1000.0)

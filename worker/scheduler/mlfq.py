@@ -14,6 +14,10 @@ order they got there) or goes to the back ("round_robin"). A job that has not ru
 `mlfq_starvation_s` is boosted: it goes to Q0 ahead of every job not boosted (boosted jobs
 in the order they were boosted) for one Q0 quantum, then back to the queue, place and
 service it had, so a boost guarantees progress without reordering the long jobs.
+While a job of a higher queue is in a step, the prefill chunks of lower queues' jobs may
+add at most as much time as the higher queues' work in the step takes by the cost model
+(`mlfq_bounded_prefill`): a short job's steps then take at most about twice their own time
+instead of each carrying a long prompt's full chunk, and the long prompt keeps advancing.
 The deadline lane (deadline_lane.py; on by default, its deadline FCFS's p99 JCT replayed
 on the finished jobs) moves jobs older than a quarter of the deadline ahead of the deep
 queues, oldest first, until their deadline passes: it holds MLFQ's p99 JCT near FCFS's.
@@ -229,20 +233,36 @@ class MLFQScheduler(Scheduler):
         order = self.priority_order()
         budget = self.config.max_num_batched_tokens
         chosen: set[str] = set()
+        top_level: Optional[int] = None  # the queue of the first job chosen
+        num_seqs = num_tokens = 0  # chosen so far
+        low_room_s: Optional[float] = None  # left for lower queues' prefill chunks
         for request in order:
             if budget == 0 or len(chosen) >= self.config.max_num_seqs:
                 break
             if request.output_is_complete:
                 continue  # its last token is in flight; it finishes when that arrives
+            wanted = min(request.num_uncomputed_tokens, budget)
+            level = self.entries[request.request_id].level
+            top_level = level if top_level is None else top_level
+            bounded = (self.config.mlfq_bounded_prefill and level > top_level and wanted > 1
+                       and self.cost_model.prefill_per_token_s > 0)
+            if bounded:
+                if low_room_s is None:  # the higher queues' work, chosen before
+                    low_room_s = self._step_time(num_seqs, num_tokens)
+                wanted = min(wanted, int(low_room_s / self.cost_model.prefill_per_token_s))
+                if wanted < 1:
+                    continue  # waits for the higher queues (or its starvation boost)
             # _place returns the tokens actually scheduled: fewer than asked after a
             # prefix hit (num_computed_tokens moved past the cached blocks).
-            num_new_tokens = self._place(request, min(request.num_uncomputed_tokens, budget),
-                                         order, chosen, output)
+            num_new_tokens = self._place(request, wanted, order, chosen, output)
             if num_new_tokens is None:
                 break  # strict priority: nothing below may overtake a job that cannot fit
             chosen.add(request.request_id)
             output.scheduled.append(ScheduledRequest(request, num_new_tokens))
             budget -= num_new_tokens
+            num_seqs, num_tokens = num_seqs + 1, num_tokens + num_new_tokens
+            if bounded:
+                low_room_s -= num_new_tokens * self.cost_model.prefill_per_token_s
         for request in order:
             request.status = (RequestStatus.RUNNING if request.request_id in chosen
                               else RequestStatus.WAITING)
@@ -251,6 +271,13 @@ class MLFQScheduler(Scheduler):
             self._prefetch(order, chosen, output)
         self._last_scheduled = [s.request for s in output.scheduled]
         return output
+
+    def _step_time(self, num_seqs: int, num_tokens: int) -> float:
+        """The cost model's time of a step of `num_seqs` sequences and `num_tokens` tokens:
+        one decode step, plus the tokens beyond one per sequence at the prefill rate."""
+        cost = self.cost_model
+        return (cost.decode_step_time(num_seqs, 0)
+                + cost.prefill_per_token_s * max(num_tokens - num_seqs, 0))
 
     # ---- KV placement --------------------------------------------------------------------
     def _blocks_needed(self, request: Request, num_new_tokens: int) -> int:
