@@ -76,3 +76,45 @@ def test_protobuf_range_is_what_the_stubs_require():
         other_major = Version(f"{gencode.major + 1}")
         assert not declared.specifier.contains(other_major), \
             f"{declared} allows protobuf {other_major}; {name} needs major {gencode.major}"
+
+
+@pytest.mark.integration
+def test_the_stubs_work_with_exactly_the_declared_floors(tmp_path):
+    """Install the floors of grpcio, its health/reflection packages and protobuf (pip,
+    from the same index as the rest) ahead of the environment's, then import every stub
+    and make a real call with them: the floors are not only declared but work."""
+    import os
+    import subprocess
+    import sys
+
+    pins = [f"{name}=={floor(requirements()[name])}" for name in
+            ("grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf")]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--disable-pip-version-check", "--target", str(tmp_path), *pins],
+                   check=True, timeout=600)
+    check = """
+import asyncio, grpc, google.protobuf
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from lmfleet.proto.v1 import serving_pb2, serving_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+async def main():
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    reflection.enable_server_reflection(["grpc.health.v1.Health"], server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=30)
+    await server.stop(None)
+    print(grpc.__version__, google.protobuf.__version__, reply.status)
+
+asyncio.run(main())
+"""
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    grpc_version, protobuf_version, status = out.stdout.split()
+    assert (grpc_version, protobuf_version) == (pins[0].split("==")[1], pins[3].split("==")[1])
+    assert status == "1"  # SERVING
