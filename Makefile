@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # Tests that are not marked gpu run everywhere; gpu tests skip themselves without CUDA.
 PYTEST_ARGS ?=
 
-.PHONY: serve test bench lint proto redis-server clean-venv
+.PHONY: serve test test-fast bench lint proto redis-server chromium clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,9 +31,22 @@ redis-server:
 		(apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || \
 		echo "warning: could not install redis-server"; }
 
-test: $(STAMP) redis-server
+# Debian's chromium: the browser the web chat page's test drives (through playwright,
+# which is told where it is; `playwright install` would download a browser build).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing chromium"; \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium \
+			>/dev/null) || echo "warning: could not install chromium"; }
+
+test: $(STAMP) redis-server chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The edit loop: unit and model tests, no servers, Ray, Redis or browser (CI runs `test`).
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/offline_throughput.py

@@ -23,7 +23,7 @@ from typing import Any, Optional, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -89,6 +89,15 @@ class HttpContext:
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     # Shared with the Router, which starts the drain when it stops.
     drain: Drain = field(default_factory=Drain)
+    # Serve the chat page (router/webui/index.html) at /.
+    webui: bool = True
+
+
+def webui_page() -> str:
+    """The built-in chat page (one self-contained HTML file)."""
+    from importlib.resources import files
+
+    return (files("lmfleet.router.webui") / "index.html").read_text(encoding="utf-8")
 
 
 class _ClientGone(Exception):
@@ -123,6 +132,13 @@ def create_app(ctx: HttpContext) -> FastAPI:
             ModelCard(id=m.name, created=created, root=m.name,
                       max_model_len=m.max_model_len, num_replicas=m.num_healthy)
             for m in ctx.registry.models.values()])
+
+    if ctx.webui:
+        page = webui_page()
+
+        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+        async def chat_page() -> HTMLResponse:
+            return HTMLResponse(page)
 
     @app.get("/health", responses={503: {"description": "No healthy replica."}})
     async def health() -> Response:

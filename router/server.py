@@ -75,6 +75,7 @@ class RouterConfig:
     request_timeout: seconds every HTTP request may take (gRPC uses the client deadline).
     body_timeout_s: seconds an HTTP request body may stall between reads (then 408).
     header_timeout_s: seconds an HTTP request's line and headers may take (then 408).
+    webui: serve the built-in chat page at / (router/webui/index.html).
     drain_timeout: on stop, seconds running requests may take to finish (router/drain.py).
     max_attempts: replicas tried per completion before UNAVAILABLE / 503.
     replica_wait_s: while no replica of the model can take a request (its replacement is
@@ -97,6 +98,7 @@ class RouterConfig:
     request_timeout: Optional[float] = None
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    webui: bool = True
     drain_timeout: float = 30.0
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     replica_wait_s: float = DEFAULT_REPLICA_WAIT_S
@@ -262,7 +264,8 @@ class Router:
             registry=self.registry, generation=self.generation, metrics=self.metrics,
             auth=self.auth, max_body_bytes=self.config.max_body_bytes,
             request_timeout=self.config.request_timeout,
-            body_timeout_s=self.config.body_timeout_s, drain=self.drain))
+            body_timeout_s=self.config.body_timeout_s, drain=self.drain,
+            webui=self.config.webui))
         # IPPROTO_TCP, so that asyncio sets TCP_NODELAY on every accepted connection.
         sock = tcp_listener(self.config.host, self.config.http_port, "HTTP port")
         self.http_port = sock.getsockname()[1]

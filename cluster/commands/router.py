@@ -65,6 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "up to this long, then end the rest with an error (streams: an error "
                    "event and [DONE]; others: a JSON 503)")
     add_replica_wait_flag(p)
+    add_webui_flag(p)
     p.add_argument("--discovery-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long start-up waits for workers to report their model")
     p.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS",
@@ -80,6 +81,12 @@ def add_replica_wait_flag(p: argparse.ArgumentParser) -> None:
                    help="while no replica of a model can take a request (a replacement is "
                    "starting, all are unhealthy), how long requests wait for one before a "
                    "503 (default 15; 0: at once)")
+
+
+def add_webui_flag(p: argparse.ArgumentParser) -> None:
+    """--no-webui, shared with `lmfleet serve`."""
+    p.add_argument("--no-webui", action="store_true",
+                   help="do not serve the built-in chat page at /")
 
 
 def replica_wait(args: argparse.Namespace) -> dict:
@@ -123,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight, max_queued=args.max_queued, policy=policy,
         model_policies=model_policies, max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout, discovery_timeout=args.discovery_timeout,
-        drain_timeout=args.drain_timeout, **replica_wait(args),
+        drain_timeout=args.drain_timeout, **replica_wait(args), webui=not args.no_webui,
         poll_interval=args.poll_interval)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

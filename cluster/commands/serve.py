@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 
 from lmfleet.cluster.commands import router as router_command
 from lmfleet.cluster.commands import worker as worker_command
@@ -78,6 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="how long a replica being removed may finish its requests")
     router_command.add_replica_wait_flag(p)
+    router_command.add_webui_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address the router listens on")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free port)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: a free port)")
@@ -100,16 +100,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for action in worker_command.engine_actions():
         engine._add_action(copy.copy(action))
     p.set_defaults(func=run)
-
-
-def model_name(model: str) -> str:
-    """The default client-facing name of a --model value."""
-    from lmfleet.worker.model.default_model import DEFAULT_MODEL_ALIASES
-
-    if model in DEFAULT_MODEL_ALIASES:
-        return "default"
-    path = Path(model.rstrip("/\\"))
-    return path.stem if path.suffix.lower() == ".gguf" else path.name
 
 
 def engine_flags(args: argparse.Namespace) -> dict[str, str | None]:
@@ -161,7 +151,9 @@ def fleet_config(args: argparse.Namespace):
     except ValueError as error:
         raise ValueError(f"invalid --min-replicas/--max-replicas: {error}") from None
     models = [model_path(m) for m in models]
-    names = names or [model_name(m) for m in models]
+    from lmfleet.worker.model.default_model import served_model_name
+
+    names = names or [served_model_name(m) for m in models]
     scheduler = flags.pop("--scheduler", None) or "fcfs"
     controller = ControllerConfig(drain_timeout_s=max(args.drain_timeout, 0.1),
                                   start_timeout_s=args.start_timeout)
@@ -226,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port, api_key=api_key_from_env(args.api_key),
         max_in_flight=args.max_in_flight, max_queued=args.max_queued, policy=args.policy,
         discovery_timeout=0.0, drain_timeout=max(args.drain_timeout, 0.0),
-        **router_command.replica_wait(args))
+        **router_command.replica_wait(args), webui=not args.no_webui)
     # Ports are checked before Ray and the replicas start (tens of seconds), so a taken
     # one is reported at once, by number (ListenError: `error: cannot listen on ...`).
     check_port_free(config.host, config.http_port, "HTTP port, --port")

@@ -40,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "LMFLEET_WORKER_TOKEN, or anyone who reaches the port can drain the worker)")
     p.add_argument("--port", type=int, required=True, help="port to listen on (0: a free one)")
     p.add_argument("--model-name", default=None,
-                   help="name reported by GetModelInfo (default: the model directory's name)")
+                   help="name clients use (default: 'default' for the embedded model, else the "
+                   "model directory's name or the .gguf file's stem)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--max-num-seqs", type=int, default=None,
@@ -137,9 +138,11 @@ def build_engine(args: argparse.Namespace):
     (engine, model_name)."""
     from lmfleet.worker.config import EngineConfig
     from lmfleet.worker.engine import LLMEngine
+    from lmfleet.worker.model.default_model import served_model_name
 
     engine = LLMEngine(EngineConfig.from_options(args.model, **engine_options(args)))
-    return engine, args.model_name or engine.model_dir.name
+    # The same name `lmfleet serve` gives it ("default" for the embedded model).
+    return engine, args.model_name or served_model_name(args.model)
 
 
 def engine_options(args: argparse.Namespace) -> dict:

@@ -189,7 +189,11 @@ def test_flags_become_a_fleet_forwarding_only_changed_engine_flags(tmp_path):
             scaled.models[0].autoscaling.max_replicas) == (1, 3)
     named = serve_command.fleet_config(_parse("--model", "default", "--model-name", "chat"))
     assert named.models[0].name == "chat"
-    assert serve_command.model_name("/models/llama.Q4_0.gguf") == "llama.Q4_0"
+    from lmfleet.worker.model.default_model import served_model_name
+
+    assert served_model_name("/models/llama.Q4_0.gguf") == "llama.Q4_0"
+    assert served_model_name("/models/Llama-3-8B/") == "Llama-3-8B"
+    assert served_model_name("SmolLM2-135M-Instruct") == served_model_name("default") == "default"
 
 
 @server_test

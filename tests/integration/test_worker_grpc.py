@@ -302,6 +302,18 @@ def test_drain_finishes_in_flight_and_refuses_new_work(default_model_dir):
         assert drained["reply"].num_unfinished == 0
 
 
+def test_the_embedded_model_is_served_as_default_as_under_serve(default_model_dir):
+    # Under either of its names, so README examples (model "default") work through a
+    # router in front of `lmfleet worker --model default` as they do under `serve`.
+    for alias in ("default", "SmolLM2-135M-Instruct"):
+        with worker_process(alias, ["--max-model-len", "256"]) as worker, \
+                grpc.insecure_channel(worker.address) as channel:
+            assert worker.model_name == "default"
+            info = worker_pb2_grpc.WorkerStub(channel).GetModelInfo(pb.GetModelInfoRequest(),
+                                                                     timeout=RPC_TIMEOUT)
+            assert info.model_name == "default"
+
+
 def test_sigterm_lets_the_in_flight_stream_finish_then_exits_0(default_model_dir):
     with worker_process(default_model_dir, ["--drain-timeout", "120"]) as worker, \
             grpc.insecure_channel(worker.address) as channel:

@@ -44,6 +44,16 @@ _ACCEPTED = (
 )
 
 
+def served_model_name(model: str) -> str:
+    """The name clients use for a `--model` value unless told another: "default" for the
+    embedded model (under either of its names), a .gguf file's stem, a directory's name.
+    Never a path."""
+    if model in DEFAULT_MODEL_ALIASES:
+        return DEFAULT_MODEL_NAME
+    path = Path(model.rstrip("/\\"))
+    return path.stem if path.suffix.lower() == ".gguf" else path.name
+
+
 def cache_dir() -> Path:
     """The lmfleet cache root: `$LMFLEET_CACHE` if set and non-empty, else ~/.cache/lmfleet.
 
