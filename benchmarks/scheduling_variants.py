@@ -41,6 +41,7 @@ VARIANT_RUNS: tuple[tuple[str, str, dict], ...] = (
     ("FCFS", "fcfs", {}),
     ("MLFQ as shipped (least attained, 3 s boost, deadline: FCFS's p99 JCT replayed)", "mlfq",
      {}),
+    ("the same, prefill chunks not bounded", "mlfq", {"mlfq_bounded_prefill": False}),
     ("the same, deadline 0.8x FCFS's p99", "mlfq", {"mlfq_deadline_slack": 0.8}),
     ("the same, deadline 0.9x FCFS's p99", "mlfq", {"mlfq_deadline_slack": 0.9}),
     ("the same, deadline 1.2x FCFS's p99", "mlfq", {"mlfq_deadline_slack": 1.2}),

@@ -52,6 +52,7 @@ class SimConfig:
     mlfq_last_queue: str = "fcfs"
     mlfq_deadline_s: float | None = SchedulerConfig.mlfq_deadline_s
     mlfq_deadline_slack: float = SchedulerConfig.mlfq_deadline_slack
+    mlfq_bounded_prefill: bool = SchedulerConfig.mlfq_bounded_prefill
     variant_param: float = 0.0  # the one knob of a VARIANTS policy
 
 
@@ -63,7 +64,8 @@ def _make_scheduler(config: SimConfig, cost: CostModel, clock):
         mlfq_num_queues=config.mlfq_num_queues, mlfq_base_quantum_s=config.mlfq_base_quantum_s,
         mlfq_starvation_s=config.mlfq_starvation_s, mlfq_queue_order=config.mlfq_queue_order,
         mlfq_last_queue=config.mlfq_last_queue, mlfq_deadline_s=config.mlfq_deadline_s,
-        mlfq_deadline_slack=config.mlfq_deadline_slack)
+        mlfq_deadline_slack=config.mlfq_deadline_slack,
+        mlfq_bounded_prefill=config.mlfq_bounded_prefill)
     kv = KVCacheManager(config.num_kv_blocks, config.block_size, enable_prefix_caching=False,
                         num_host_blocks=config.num_host_blocks)
     if config.policy == "fcfs":
