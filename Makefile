@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # Tests that are not marked gpu run everywhere; gpu tests skip themselves without CUDA.
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast bench lint proto redis-server chromium clean-venv
+.PHONY: serve test test-fast test-model bench lint proto redis-server chromium clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,10 +43,15 @@ test: $(STAMP) redis-server chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The edit loop: unit and model tests, no servers, Ray, Redis or browser (CI runs `test`).
+# The edit loop (~1 minute): tests that load no model and start no server, Ray, Redis or
+# browser. test-model adds the exactness tests against Hugging Face (~4 minutes). CI runs
+# `test`, which is all of them.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -m "not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not integration and not model" $(PYTEST_ARGS)
+
+test-model: $(STAMP)
+	$(PY) -m pytest -q -m "model and not integration" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/offline_throughput.py
