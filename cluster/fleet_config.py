@@ -97,8 +97,8 @@ def check_served_name(name: object) -> None:
 
 @dataclass(frozen=True)
 class ModelDeployment:
-    """One model of the fleet. `engine` holds worker flags ("--max-num-seqs": "8"; None
-    for a switch), already validated against `lmfleet worker`'s parser."""
+    """One model of the fleet. `engine` holds engine options by key ({"max_num_seqs": 8},
+    worker/options.py), already checked."""
 
     name: str
     path: str = "default"
@@ -106,7 +106,7 @@ class ModelDeployment:
     pp: int = 1
     cpus_per_rank: float = 1.0
     scheduler: str = "fcfs"
-    engine: Mapping[str, Optional[str]] = field(default_factory=dict)
+    engine: Mapping[str, Any] = field(default_factory=dict)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
 
     def __post_init__(self) -> None:
@@ -122,16 +122,13 @@ class ModelDeployment:
 
     @property
     def placement(self) -> ReplicaPlacement:
-        device = self.engine.get("--device") or "cpu"
+        device = self.engine.get("device") or "cpu"
         return ReplicaPlacement(self.tp, self.pp, use_gpu=device.startswith("cuda"),
                                 cpus_per_rank=self.cpus_per_rank)
 
-    def worker_argv(self) -> list[str]:
-        """The replica's `lmfleet worker` arguments (without --host / --port)."""
-        argv = ["--model", self.path, "--model-name", self.name, "--scheduler", self.scheduler]
-        for flag, value in self.engine.items():
-            argv += [flag] if value is None else [flag, value]
-        return argv
+    def engine_options(self) -> dict[str, Any]:
+        """The options a replica's engine is built with (worker/serving.py)."""
+        return {**self.engine, "scheduler": self.scheduler}
 
 
 @dataclass(frozen=True)
@@ -220,7 +217,7 @@ def _model(entry: Any, where: str) -> ModelDeployment:
         path = model_path(str(entry.get("path", "default")))
     except ValueError as error:
         raise ValueError(f"{where}.path: {error}") from None
-    engine = engine_flags(entry.get("engine") or {}, f"{where}.engine")
+    engine = engine_options(entry.get("engine") or {}, f"{where}.engine")
     try:
         return ModelDeployment(
             name=entry["name"], path=path, tp=entry.get("tp", 1),
@@ -241,41 +238,18 @@ def model_path(path: str) -> str:
     return expanded
 
 
-def engine_flags(options: Any, where: str) -> dict[str, Optional[str]]:
-    """Engine options by name (`max_num_seqs: 8`, `max-num-seqs: 8`) as worker flags,
-    each value checked the way `lmfleet worker` would check it."""
-    from lmfleet.cluster.commands.worker import engine_actions
+def engine_options(options: Any, where: str) -> dict[str, Any]:
+    """A model's `engine:` mapping checked as the engine would (worker/options.py, then the
+    config dataclasses' own checks); `scheduler` is a key of the model entry instead."""
+    from lmfleet.worker.config import EngineConfig
+    from lmfleet.worker.options import check_options
 
-    actions = {a.dest: a for a in engine_actions() if a.option_strings}
-    actions.pop("scheduler", None)  # a field of its own in the model entry
-    options = _check_mapping(options, where, tuple(sorted(actions)), normalise=True)
-    flags: dict[str, Optional[str]] = {}
-    for key, value in options.items():
-        action = actions[key.replace("-", "_")]
-        flag = max(action.option_strings, key=len)
-        if action.nargs == 0:  # a switch: true turns it on
-            if value is not True and value is not False:
-                raise ValueError(f"{where}.{key}: expected true or false, got {value!r}")
-            if value:
-                flags[flag] = None
-            continue
-        text = str(value)
-        try:
-            parsed = action.type(text) if action.type is not None else text
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}.{key}: invalid value {value!r}") from None
-        if action.choices is not None and parsed not in action.choices:
-            raise ValueError(f"{where}.{key}: {value!r} is not one of "
-                             f"{', '.join(map(str, action.choices))}")
-        flags[flag] = text
-    if "host_kv_memory" in {k.replace("-", "_") for k in options}:
-        from lmfleet.worker.config import parse_size
-
-        try:
-            parse_size(flags["--host-kv-memory"])
-        except ValueError as error:
-            raise ValueError(f"{where}.host_kv_memory: {error}") from None
-    return flags
+    checked = check_options(options, where, exclude=("scheduler",))
+    try:
+        EngineConfig.from_options("default", **checked)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
+    return checked
 
 
 def _check_mapping(value: Any, where: str, allowed: tuple[str, ...],

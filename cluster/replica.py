@@ -30,15 +30,16 @@ ACTOR_MAX_CONCURRENCY = 4
 class ReplicaActor:
     """One replica's worker inside a Ray actor. Construct through `replica_actor_class()`.
 
-    worker_argv: `lmfleet worker` arguments (no --host/--port: the actor picks them), e.g.
-        ["--model", "default", "--model-name", "chat", "--max-num-seqs", "8"]; parsed on
-        construction, so bad arguments fail the actor's creation with a ValueError.
+    model, model_name: what to load and the name clients use for it; options: engine
+        options by key (worker/options.py), checked on construction, so bad ones fail the
+        actor's creation with a ValueError.
     """
 
-    def __init__(self, worker_argv: list[str]) -> None:
-        from lmfleet.cluster.commands.worker import parse_worker_argv
+    def __init__(self, model: str, model_name: str, options: dict) -> None:
+        from lmfleet.worker.config import EngineConfig
 
-        self._args = parse_worker_argv([*worker_argv, "--port", "0"])
+        EngineConfig.from_options(model, **options)  # raises before anything loads
+        self._model, self._model_name, self._options = model, model_name, dict(options)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server = None
         self._stopped = threading.Event()
@@ -55,14 +56,14 @@ class ReplicaActor:
         of this process; none: open)."""
         import ray
 
-        from lmfleet.cluster.commands.worker import build_engine
         from lmfleet.worker.async_engine import AsyncEngine
         from lmfleet.worker.server import WorkerServer
+        from lmfleet.worker.serving import build_engine
 
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         host = host or ray.util.get_node_ip_address()
-        engine, model_name = build_engine(self._args)
+        engine, model_name = build_engine(self._model, self._options, self._model_name)
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, name="replica-loop", daemon=True).start()
 

@@ -117,7 +117,8 @@ class ReplicaHandle:
         self._actor = replica_actor_class().options(
             num_cpus=placement.cpus_per_rank, num_gpus=1 if placement.use_gpu else 0,
             scheduling_strategy=strategy, max_restarts=0,
-        ).remote(self.deployment.worker_argv())
+        ).remote(self.deployment.path, self.deployment.name,
+                 self.deployment.engine_options())
         self._start_ref = self._actor.start.remote(replica_host, self._token)
         self._watch_ref = self._actor.wait_until_stopped.remote()
 

@@ -1,7 +1,23 @@
-"""lmfleet's replica side: the inference engine and its offline Python API."""
+"""lmfleet's replica side: the inference engine and its offline Python API.
 
-from lmfleet.worker.llm import LLM
-from lmfleet.worker.request import CompletionOutput, RequestOutput, TokenLogprobs
-from lmfleet.worker.sampling_params import SamplingParams
+The names below load on first use, so light modules of the package (worker/options.py,
+which the command line reads to build its flags) import without torch.
+"""
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "TokenLogprobs"]
+import importlib
+
+_EXPORTS = {
+    "LLM": "lmfleet.worker.llm",
+    "SamplingParams": "lmfleet.worker.sampling_params",
+    "RequestOutput": "lmfleet.worker.request",
+    "CompletionOutput": "lmfleet.worker.request",
+    "TokenLogprobs": "lmfleet.worker.request",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lmfleet.worker' has no attribute {name!r}")

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+from lmfleet.worker.options import config_fields, option
 
+if TYPE_CHECKING:
+    import torch
+
+# dtype names -> torch attribute names (torch is imported when a dtype is parsed, so the
+# command line can read the options without it).
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
 }
 
 
@@ -46,13 +51,15 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    import torch
+
     if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
         return dtype
     if dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+    return getattr(torch, _DTYPES[dtype])
 
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
@@ -63,24 +70,31 @@ class ModelConfig:
     # A Hugging Face Llama-family directory, or "default" for the embedded SmolLM2.
     model: str = "default"
     # "auto": float32 on CPU (exactness, and CPUs lack fast bf16 matmuls), bfloat16 on CUDA.
-    dtype: str = "auto"
-    device: str = "cpu"
+    dtype: str = option("auto", "auto, float32, bfloat16 or float16")
+    device: str = option("cpu", "cpu or cuda")
     # None: the model's max_position_embeddings (capped by a sliding window if any).
-    max_model_len: Optional[int] = None
+    max_model_len: Optional[int] = option(None, "context length (None: the model's)")
     # C kernels for CPU float32, built on first use with the system C compiler: decode
     # attention reading the paged cache in place (attention/paged_decode.c) and the fused
     # residual-add + RMSNorm, rotary + KV-store and SiLU-times-up steps (cpu_ops.c).
     # None: on where they build (CPU float32), else the torch ops. True where they cannot
     # run is an error.
-    cpu_kernels: Optional[bool] = None
+    cpu_kernels: Optional[bool] = option(
+        None, "C kernels for CPU float32 (decode attention over the paged KV cache, fused "
+        "norm, rotary and SiLU steps), built on first use with the system C compiler")
     # Which attention backend runs the paged KV cache (attention/registry.py). "auto":
     # Triton on CUDA, the torch/C path on CPU.
-    attention_backend: str = "auto"
+    attention_backend: str = option(
+        "auto", "paged attention kernels: triton (CUDA) or torch (gather + SDPA; the C decode "
+        "kernel on CPU); auto: triton on CUDA, torch on CPU", choices=ATTENTION_BACKENDS)
     # True: no CUDA graphs (every decode step launches its kernels from Python).
-    enforce_eager: bool = False
+    enforce_eager: bool = option(
+        False, "CUDA: launch every step's kernels from Python (no CUDA graphs)")
     # Schedule and launch step N while step N-1 runs on the device (engine.py). None: on
     # for CUDA, off for CPU (where the CPU is the device, so nothing would overlap).
-    overlap_steps: Optional[bool] = None
+    overlap_steps: Optional[bool] = option(
+        None, "launch each step before reading the previous one's tokens back, so the CPU "
+        "prepares a step while the GPU runs the last")
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ATTENTION_BACKENDS:
@@ -95,36 +109,42 @@ class ModelConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.float32 if self.device == "cpu" else torch.bfloat16
-        return parse_dtype(self.dtype)
+        return parse_dtype(("float32" if self.device == "cpu" else "bfloat16")
+                           if self.dtype == "auto" else self.dtype)
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     # Tokens per KV block; None: the attention backend's choice (16 for torch, 64 for
     # Triton, whose kernels read a block's tokens as one tile).
-    block_size: Optional[int] = None
+    block_size: Optional[int] = option(None, "tokens per KV block (None: the backend's)")
     # Capacity: an explicit block count wins; else an explicit byte budget; else a fraction
     # of memory (on CUDA: of the device's total, minus what is already in use, as vLLM's
     # gpu_memory_utilization; on CPU: of the memory available to the process).
-    num_kv_blocks: Optional[int] = None
+    num_kv_blocks: Optional[int] = option(
+        None, "KV cache blocks (None: from the memory budget)")
     kv_cache_memory_bytes: Optional[int] = None
-    kv_cache_memory_fraction: Optional[float] = None
-    enable_prefix_caching: bool = True
+    kv_cache_memory_fraction: Optional[float] = option(
+        None, "share of memory for the KV cache (None: 0.9 of a GPU, 0.2 of free RAM)")
+    enable_prefix_caching: bool = option(
+        True, "reuse the KV blocks of prompt prefixes seen before")
     # Host-memory tier for swapped-out KV (0: none; preemption then recomputes).
-    host_kv_memory_bytes: int = 0
+    host_kv_memory_bytes: int = option(
+        0, "host-memory KV tier for swapped-out requests and idle chat sessions, e.g. 4GiB "
+        "(0: none; preemption then recomputes)", key="host_kv_memory", size=True)
     # On CUDA, run swap copies on a side stream overlapping the forward pass.
     swap_overlap: bool = True
     # Chat sessions: KV kept after a turn ends for this long, and at most this many
     # sessions (least recently used dropped first).
-    session_ttl_s: float = 600.0
+    session_ttl_s: float = option(600.0, "keep an idle chat session's KV this long")
     max_sessions: int = 256
     # Keep decoding requests' KV also contiguous (attention/dense_decode.py), at most as
     # much memory again as the paged cache. None: on for CPU when the decode kernel is not
     # in use (gathering the context every layer is a large share of a CPU decode step);
     # off for CUDA.
-    dense_decode_cache: Optional[bool] = None
+    dense_decode_cache: Optional[bool] = option(
+        None, "also keep decoding requests' KV contiguous, read in place by decode attention "
+        "(auto: on for CPU, off for CUDA)")
 
     def __post_init__(self) -> None:
         if self.block_size is not None and (
@@ -152,13 +172,15 @@ MLFQ_QUEUE_ORDERS = ("least_attained", "arrival")
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    policy: str = "fcfs"
-    max_num_seqs: int = 256
+    policy: str = option("fcfs", "fcfs, or mlfq (skip-join MLFQ, FastServe)",
+                         choices=SCHEDULER_POLICIES, key="scheduler")
+    max_num_seqs: int = option(256, "requests batched in one step at most")
     # Token budget of one step: decodes count one token each, prefill chunks their length.
     # None: 2048 on CPU; 8192 on CUDA, where a prefill chunk that size still runs at the
     # GPU's matmul rate and fewer chunks mean fewer passes over the weights (LMDeploy's
     # max_prefill_token_num and vLLM's offline default are 8192 too).
-    max_num_batched_tokens: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = option(
+        None, "token budget of one step (None: 2048 on CPU, 8192 on CUDA)")
     # Skip-join MLFQ (FastServe). Quantum of queue i is base * 2**i; None: the cost model's
     # time of one decode step of a half-full batch, measured at start-up. 12 queues: a job
     # reaches the last queue after ~4095 base quanta (about that many decode steps), so
@@ -167,10 +189,12 @@ class SchedulerConfig:
     # heavy-tailed lengths put short-ish long jobs behind giant ones. When long outputs are
     # all of one size, 8 is better: levels then only make alike jobs take turns
     # (benchmarks/scheduling.py and README measure both).
-    mlfq_num_queues: int = 12
-    mlfq_base_quantum_s: Optional[float] = None
+    mlfq_num_queues: int = option(12, "MLFQ: number of queues; quanta double per level")
+    mlfq_base_quantum_s: Optional[float] = option(
+        None, "MLFQ: quantum of the top queue, seconds (None: from the cost model)")
     # A job that has not run for this long is promoted to the top queue (FastServe: 3 s).
-    mlfq_starvation_s: float = 3.0
+    mlfq_starvation_s: float = option(
+        3.0, "MLFQ: promote a job that has not run for this many seconds")
     # Order within a queue. "least_attained": the job with the least service so far runs
     # first (ties: the one that got to the queue first), so in the deep queues, whose
     # quanta last tens of seconds, a job that just arrived there does not wait out another
@@ -178,12 +202,16 @@ class SchedulerConfig:
     # improves its p99 (benchmarks/scheduling_variants.py). "arrival": in the order jobs
     # got to the queue; better when long outputs are all of one size, where taking turns
     # only makes alike jobs all finish late (README, bimodal workload).
-    mlfq_queue_order: str = "least_attained"
+    mlfq_queue_order: str = option(
+        "least_attained", "MLFQ: order within a queue: least service so far first, or "
+        "arrival", choices=MLFQ_QUEUE_ORDERS)
     # With mlfq_queue_order="arrival", the order within the last queue, where the long jobs
     # end up. "fcfs": a job keeps its place when it spends a quantum there, so long jobs
     # finish in the order they got there. "round_robin": it goes to the back, so long jobs
     # share the slots (processor sharing), which stretches every long job.
-    mlfq_last_queue: str = "fcfs"
+    mlfq_last_queue: str = option(
+        "fcfs", "MLFQ with mlfq_queue_order arrival: order of the last queue's (long) jobs",
+        choices=MLFQ_LAST_QUEUE_ORDERS)
     # The deadline lane (worker/scheduler/deadline_lane.py): a job older than a quarter of
     # the deadline runs ahead of the deep queues, oldest first, until its deadline. The
     # deadline is mlfq_deadline_s when set (a JCT objective, seconds), else learnt:
@@ -193,14 +221,20 @@ class SchedulerConfig:
     # lists (0.64-0.91x to 0.86-1.36x on a slower machine's calibration) for 7-20% of the
     # mean (benchmarks/, README). With long outputs all of one size, arrival order and 8
     # queues without it do better.
-    mlfq_deadline_s: Optional[float] = None
-    mlfq_deadline_slack: float = 1.0
+    mlfq_deadline_s: Optional[float] = option(
+        None, "MLFQ deadline lane: a job older than S/4 seconds runs ahead of the deep queues "
+        "until it is S seconds old (None: learnt, see mlfq_deadline_slack)")
+    mlfq_deadline_slack: float = option(
+        1.0, "MLFQ: learnt deadline = X times the p99 JCT FCFS would have given the "
+        "finished jobs (0 turns the deadline lane off)")
     # While a job of a higher queue runs, lower queues' prefill chunks may add at most the
     # time of the higher queues' work in the step (by the cost model), so the step takes
     # at most about twice as long. Without this a short job that joins a step carrying a
     # long prompt's full chunk pays that chunk's time on every one of its steps, and
     # skip-join buys it little (benchmarks/scheduling_long_prefill.py).
-    mlfq_bounded_prefill: bool = True
+    mlfq_bounded_prefill: bool = option(
+        True, "MLFQ: while a higher queue's job runs, lower queues' prefill chunks add at "
+        "most that work's time to a step")
     # Free device blocks kept for arrivals and growth by proactive swap-out (None: 1/16
     # of the device blocks). Only used when a host tier exists.
     kv_headroom_blocks: Optional[int] = None
@@ -281,9 +315,9 @@ class EngineConfig:
             for f in dataclasses.fields(klass)
         }
         seed = options.pop("seed", 0)
-        if "scheduler" in options:  # the CLI's and the issue's name for the policy
-            options["policy"] = options.pop("scheduler")
-        for name, value in options.items():
+        # Options users know by another name (scheduler, host_kv_memory="4GiB"; see
+        # worker/options.py) become their fields.
+        for name, value in config_fields(options).items():
             if name not in owners:
                 raise ValueError(f"unknown engine option {name!r}; known: {sorted(owners)}")
             groups[owners[name]][name] = value

@@ -21,8 +21,8 @@ The fleet comes from `--config fleet.yaml` (cluster/fleet_config.py: several mod
 with its size, autoscaling and engine options) or from the flags: each `--model` (named by
 the matching `--model-name`, else 'default' or its directory name) with `--replicas N`, or
 autoscaled between `--min-replicas` and `--max-replicas`. The engine flags (--device,
---dtype, --max-num-seqs, --scheduler, ...) are the worker's own, copied from `lmfleet
-worker`'s parser, so both always accept the same ones.
+--dtype, --max-num-seqs, --scheduler, ...) are the worker's own: both come from the
+engine options' one definition (worker/options.py).
 
 The replicas' gRPC ports are for this fleet only: with a local Ray cluster they listen on
 127.0.0.1 (`--replica-host` or the config's `controller.replica_host` says otherwise;
@@ -34,11 +34,9 @@ makes up when it is not set (worker/auth.py), so no one else can drain or use th
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 
 from lmfleet.cluster.commands import router as router_command
-from lmfleet.cluster.commands import worker as worker_command
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -96,22 +94,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    choices=["debug", "info", "warning", "error"],
                    help="log level; info also shows the controller's decisions and the "
                    "replicas' logs")
-    engine = p.add_argument_group("engine options (passed to every replica)")
-    for action in worker_command.engine_actions():
-        engine._add_action(copy.copy(action))
+    from lmfleet.worker.options import add_engine_flags
+
+    add_engine_flags(p.add_argument_group("engine options (passed to every replica)"))
     p.set_defaults(func=run)
-
-
-def engine_flags(args: argparse.Namespace) -> dict[str, str | None]:
-    """The engine flags given on the command line that differ from the worker's defaults."""
-    flags: dict[str, str | None] = {}
-    for action in worker_command.engine_actions():
-        value = getattr(args, action.dest, None)
-        if value is None or value == action.default or not action.option_strings:
-            continue
-        flag = max(action.option_strings, key=len)
-        flags[flag] = None if action.nargs == 0 else str(value)
-    return flags
 
 
 def fleet_config(args: argparse.Namespace):
@@ -125,13 +111,14 @@ def fleet_config(args: argparse.Namespace):
         load_fleet_config,
         model_path,
     )
+    from lmfleet.worker.options import from_namespace
 
-    flags = engine_flags(args)
+    flags = from_namespace(args)
     if args.config is not None:
         given = [name for name, value in (("--model", args.model), ("--model-name",
                  args.model_name), ("--replicas", args.replicas), ("--min-replicas",
                  args.min_replicas), ("--max-replicas", args.max_replicas)) if value]
-        given += list(flags)
+        given += [f"--{key.replace('_', '-')}" for key in flags]
         if given:
             raise ValueError(f"--config describes the models; drop {', '.join(given)}")
         return load_fleet_config(args.config)
@@ -154,7 +141,7 @@ def fleet_config(args: argparse.Namespace):
     from lmfleet.worker.model.default_model import served_model_name
 
     names = names or [served_model_name(m) for m in models]
-    scheduler = flags.pop("--scheduler", None) or "fcfs"
+    scheduler = flags.pop("scheduler", None) or "fcfs"
     controller = ControllerConfig(drain_timeout_s=max(args.drain_timeout, 0.1),
                                   start_timeout_s=args.start_timeout)
     return FleetConfig(tuple(

@@ -42,131 +42,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", default=None,
                    help="name clients use (default: 'default' for the embedded model, else the "
                    "model directory's name or the .gguf file's stem)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--max-num-seqs", type=int, default=None,
-                   help="requests batched in one step at most")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="token budget of one step")
-    p.add_argument("--num-kv-blocks", type=int, default=None,
-                   help="KV cache blocks (default: from the memory budget)")
-    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="context length (default: the model's)")
-    p.add_argument("--scheduler", default="fcfs", choices=("fcfs", "mlfq"),
-                   help="fcfs, or mlfq (skip-join MLFQ, FastServe)")
-    p.add_argument("--host-kv-memory", default=None, metavar="SIZE",
-                   help="host-memory KV tier for swapped-out requests and idle chat sessions, "
-                   "e.g. 4GiB (default: none; preemption then recomputes)")
-    p.add_argument("--mlfq-starvation-s", type=float, default=None, metavar="S",
-                   help="MLFQ: promote a job that has not run for S seconds (default 3)")
-    p.add_argument("--mlfq-base-quantum-s", type=float, default=None, metavar="S",
-                   help="MLFQ: quantum of the top queue (default: from the cost model)")
-    p.add_argument("--mlfq-num-queues", type=int, default=None, metavar="K",
-                   help="MLFQ: number of queues; quanta double per level (default 12)")
-    p.add_argument("--mlfq-queue-order", default=None, choices=("least_attained", "arrival"),
-                   help="MLFQ: order within a queue: least service so far first, or arrival "
-                   "(default least_attained; arrival suits long outputs all of one size)")
-    p.add_argument("--mlfq-last-queue", default=None, choices=("fcfs", "round_robin"),
-                   help="MLFQ with --mlfq-queue-order arrival: order of the last queue's "
-                   "(long) jobs (default fcfs)")
-    p.add_argument("--mlfq-deadline-s", type=float, default=None, metavar="S",
-                   help="MLFQ deadline lane: a job older than S/4 seconds runs ahead of the "
-                   "deep queues until it is S seconds old (default: S learnt from finished "
-                   "jobs, see --mlfq-deadline-slack)")
-    p.add_argument("--mlfq-deadline-slack", type=float, default=None, metavar="X",
-                   help="MLFQ: learnt deadline = X times the p99 JCT FCFS would have given "
-                   "the finished jobs (default 1.0; 0 turns the deadline lane off)")
-    p.add_argument("--mlfq-bounded-prefill", default="auto", choices=("auto", "on", "off"),
-                   help="MLFQ: while a higher queue's job runs, cut a lower queue's prefill "
-                   "chunk to what fits in that job's quantum (auto: on)")
-    p.add_argument("--dense-decode-cache", default="auto", choices=("auto", "on", "off"),
-                   help="also keep decoding requests' KV contiguous, read in place by "
-                   "decode attention (auto: on for CPU, off for CUDA)")
-    p.add_argument("--cpu-kernels", default="auto", choices=("auto", "on", "off"),
-                   help="C kernels for CPU float32 (decode attention over the paged KV "
-                   "cache, fused norm, rotary and SiLU steps), built on first use with the "
-                   "system C compiler (auto: on where they build)")
-    p.add_argument("--attention-backend", default="auto", choices=("auto", "triton", "torch"),
-                   help="paged attention kernels: triton (CUDA) or torch (gather + SDPA; the "
-                   "C decode kernel on CPU) (auto: triton on CUDA, torch on CPU)")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="CUDA: launch every step's kernels from Python (no CUDA graphs)")
-    p.add_argument("--overlap-steps", default="auto", choices=("auto", "on", "off"),
-                   help="launch each step before reading the previous one's tokens back, "
-                   "so the CPU prepares a step while the GPU runs the last (auto: on for CUDA)")
-    p.add_argument("--session-ttl-s", type=float, default=None, metavar="S",
-                   help="keep an idle chat session's KV this long (default 600)")
+    from lmfleet.worker.options import add_engine_flags
+
+    add_engine_flags(p.add_argument_group("engine options (worker/options.py)"))
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM/SIGINT, seconds to let in-flight requests finish")
     p.set_defaults(func=run)
 
 
-# Worker flags that are not engine options: who serves, where, and how it stops.
-_NOT_ENGINE_FLAGS = {"help", "model", "model_name", "host", "port", "drain_timeout"}
-
-
 class _RaisingParser(argparse.ArgumentParser):
-    """A worker parser for argv built by code (fleet configs): errors raise ValueError
-    instead of exiting the process."""
+    """A worker parser for argv built by code: errors raise ValueError instead of exiting
+    the process."""
 
     def error(self, message: str):
         raise ValueError(message)
 
 
-def _worker_parser(parser_class: type[argparse.ArgumentParser]) -> argparse.ArgumentParser:
-    root = parser_class(prog="lmfleet")
-    add_parser(root.add_subparsers(parser_class=parser_class))
-    return root._subparsers._group_actions[0].choices["worker"]
-
-
-def engine_actions() -> list[argparse.Action]:
-    """The worker's engine options (--device, --dtype, --max-num-seqs, ...) as argparse
-    actions, for commands that pass them on (`lmfleet serve`, fleet configs)."""
-    parser = _worker_parser(argparse.ArgumentParser)
-    return [a for a in parser._actions if a.dest not in _NOT_ENGINE_FLAGS]
-
-
 def parse_worker_argv(argv: list[str]) -> argparse.Namespace:
     """`lmfleet worker` arguments parsed from `argv` (without the 'worker' word); bad
     ones raise ValueError with argparse's message."""
-    return _worker_parser(_RaisingParser).parse_args(argv)
+    root = _RaisingParser(prog="lmfleet")
+    add_parser(root.add_subparsers(parser_class=_RaisingParser))
+    return root._subparsers._group_actions[0].choices["worker"].parse_args(argv)
 
 
 def build_engine(args: argparse.Namespace):
     """Load the model and build the LLMEngine the arguments describe; returns
     (engine, model_name)."""
-    from lmfleet.worker.config import EngineConfig
-    from lmfleet.worker.engine import LLMEngine
-    from lmfleet.worker.model.default_model import served_model_name
+    from lmfleet.worker.options import from_namespace
+    from lmfleet.worker.serving import build_engine as build
 
-    engine = LLMEngine(EngineConfig.from_options(args.model, **engine_options(args)))
-    # The same name `lmfleet serve` gives it ("default" for the embedded model).
-    return engine, args.model_name or served_model_name(args.model)
-
-
-def engine_options(args: argparse.Namespace) -> dict:
-    """Engine options from the command line; unset ones are left to the engine."""
-    options = {"device": args.device, "dtype": args.dtype, "policy": args.scheduler,
-               "attention_backend": args.attention_backend}
-    if args.enforce_eager:
-        options["enforce_eager"] = True
-    for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size",
-                 "max_model_len", "mlfq_starvation_s", "mlfq_base_quantum_s", "mlfq_num_queues",
-                 "mlfq_queue_order", "mlfq_last_queue", "mlfq_deadline_s", "mlfq_deadline_slack",
-                 "session_ttl_s"):
-        value = getattr(args, name)
-        if value is not None:
-            options[name] = value
-    for name in ("dense_decode_cache", "cpu_kernels", "overlap_steps",
-                 "mlfq_bounded_prefill"):  # auto: the engine's default
-        if getattr(args, name) != "auto":
-            options[name] = getattr(args, name) == "on"
-    if args.host_kv_memory is not None:
-        from lmfleet.worker.config import parse_size
-
-        options["host_kv_memory_bytes"] = parse_size(args.host_kv_memory)
-    return options
+    return build(args.model, from_namespace(args), args.model_name)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,8 +18,8 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from lmfleet.cluster.autoscaler import AutoscalingConfig
-from lmfleet.cluster.commands.worker import engine_actions
 from lmfleet.cluster.fleet_config import ControllerConfig
+from lmfleet.worker.options import engine_options
 from tests.deploy import helm_render
 from tests.deploy.chart_fixtures import EXAMPLES, example_objects, rendered_example
 
@@ -109,21 +109,23 @@ def test_the_strict_crd_check_catches_a_misspelt_field():
 
 
 def test_the_schema_knows_exactly_the_options_lmfleet_accepts():
-    """values.schema.json restates the worker's engine flags, the autoscaler's and the
-    controller's fields (so `helm install` refuses what the controller would); it must
-    follow the code."""
+    """values.schema.json restates the engine options (worker/options.py), the autoscaler's
+    and the controller's fields (so `helm install` refuses what the controller would); it
+    must follow the code."""
     schema = helm_render.chart().schema
     model = schema["properties"]["models"]["items"]["properties"]
     engine = model["engine"]["properties"]
-    actions = {a.dest: a for a in engine_actions() if a.option_strings and a.dest != "scheduler"}
-    assert set(engine) == set(actions)
-    for name, action in actions.items():
-        if action.choices is not None:
-            assert engine[name]["enum"] == list(action.choices), name
-        if action.nargs == 0:
-            assert engine[name] == {"type": "boolean"}, name
-        elif action.type is int:
-            assert engine[name]["type"] == "integer", name
+    options = {o.key: o for o in engine_options() if o.key != "scheduler"}
+    assert set(engine) == set(options)
+    for name, option in options.items():
+        if option.choices is not None:
+            assert engine[name]["enum"] == list(option.choices), name
+        expected = {"bool": "boolean", "int": "integer", "float": "number", "str": "string",
+                    "toggle": "string"}.get(option.kind)
+        if expected is not None:
+            assert engine[name]["type"] == expected, name
+        if option.kind == "toggle":
+            assert engine[name]["enum"] == ["auto", "on", "off"], name
     scaling = {f.name for f in dataclasses.fields(AutoscalingConfig)} - {"min_replicas",
                                                                          "max_replicas"}
     assert set(model["autoscaling"]["properties"]) == scaling

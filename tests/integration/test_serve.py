@@ -171,7 +171,7 @@ def test_bad_model_arguments_are_value_errors(argv, message):
         serve_command.fleet_config(_parse(*argv))
 
 
-def test_flags_become_a_fleet_forwarding_only_changed_engine_flags(tmp_path):
+def test_flags_become_a_fleet_forwarding_the_engine_flags_given(tmp_path):
     model_dir = tmp_path / "my-model"
     model_dir.mkdir()
     fleet = serve_command.fleet_config(_parse(
@@ -181,7 +181,7 @@ def test_flags_become_a_fleet_forwarding_only_changed_engine_flags(tmp_path):
     assert [(m.name, m.path, m.autoscaling.min_replicas, m.autoscaling.max_replicas)
             for m in fleet.models] == [("default", "default", 3, 3),
                                        ("my-model", str(model_dir), 3, 3)]
-    assert dict(fleet.models[0].engine) == {"--max-num-seqs": "4"}
+    assert dict(fleet.models[0].engine) == {"max_num_seqs": 4, "device": "cpu"}
     assert fleet.models[0].scheduler == "mlfq"
     assert fleet.controller.drain_timeout_s == 7.0
     scaled = serve_command.fleet_config(_parse("--min-replicas", "1", "--max-replicas", "3"))

@@ -102,60 +102,61 @@ def test_parser_registers_each_subcommand():
     assert parser.parse_args(["models"]).func is cli._cmd_models
 
 
+def worker_options(*flags: str) -> dict:
+    """The engine options `lmfleet worker` would build its engine with."""
+    from lmfleet.cluster.commands.worker import parse_worker_argv
+    from lmfleet.worker.options import from_namespace
+
+    return from_namespace(parse_worker_argv(["--port", "0", *flags]))
+
+
 @pytest.mark.parametrize("option", ["dense_decode_cache", "cpu_kernels", "overlap_steps"])
 def test_worker_auto_on_off_flags_map_to_engine_options(option):
-    from lmfleet.cluster.commands.worker import engine_options, parse_worker_argv
-
     flag = "--" + option.replace("_", "-")
-
-    def options(*flags: str) -> dict:
-        return engine_options(parse_worker_argv(["--port", "0", *flags]))
-
-    assert option not in options()
-    assert options(flag, "on")[option] is True
-    assert options(flag, "off")[option] is False
+    assert option not in worker_options()
+    assert option not in worker_options(flag, "auto")
+    assert worker_options(flag, "on")[option] is True
+    assert worker_options(flag, "off")[option] is False
     with pytest.raises(ValueError, match=flag[2:]):
-        options(flag, "sometimes")
+        worker_options(flag, "sometimes")
 
 
 def test_worker_gpu_engine_flags_map_to_engine_options_the_engine_accepts():
-    from lmfleet.cluster.commands.worker import engine_options, parse_worker_argv
+    from lmfleet.cluster.commands.worker import parse_worker_argv
     from lmfleet.worker.config import EngineConfig
 
-    options = engine_options(parse_worker_argv(
-        ["--port", "0", "--attention-backend", "triton", "--enforce-eager"]))
+    options = worker_options("--attention-backend", "triton", "--enforce-eager")
     assert options["attention_backend"] == "triton" and options["enforce_eager"] is True
     config = EngineConfig.from_options("default", **options)
     assert config.model.attention_backend == "triton" and config.model.enforce_eager
-    assert "enforce_eager" not in engine_options(parse_worker_argv(["--port", "0"]))
+    assert "enforce_eager" not in worker_options()
+    assert worker_options("--no-enable-prefix-caching")["enable_prefix_caching"] is False
     with pytest.raises(ValueError, match="attention-backend"):
         parse_worker_argv(["--port", "0", "--attention-backend", "flash"])
 
 
 def test_worker_mlfq_order_flags_map_to_engine_options_the_engine_accepts():
-    from lmfleet.cluster.commands.worker import engine_options, parse_worker_argv
     from lmfleet.worker.config import EngineConfig
 
-    def options(*flags: str) -> dict:
-        return engine_options(parse_worker_argv(["--port", "0", *flags]))
-
-    assert "mlfq_queue_order" not in options()
-    chosen = options("--scheduler", "mlfq", "--mlfq-queue-order", "arrival",
-                     "--mlfq-last-queue", "round_robin")
+    assert "mlfq_queue_order" not in worker_options()
+    chosen = worker_options("--scheduler", "mlfq", "--mlfq-queue-order", "arrival",
+                            "--mlfq-last-queue", "round_robin", "--host-kv-memory", "1GiB")
     assert (chosen["mlfq_queue_order"], chosen["mlfq_last_queue"]) == ("arrival", "round_robin")
-    scheduler = EngineConfig.from_options("default", **chosen).scheduler
-    assert (scheduler.mlfq_queue_order, scheduler.mlfq_last_queue) == ("arrival", "round_robin")
+    config = EngineConfig.from_options("default", **chosen)
+    assert config.scheduler.policy == "mlfq" and config.cache.host_kv_memory_bytes == 1 << 30
+    assert (config.scheduler.mlfq_queue_order,
+            config.scheduler.mlfq_last_queue) == ("arrival", "round_robin")
     with pytest.raises(ValueError, match="mlfq-queue-order"):
-        options("--mlfq-queue-order", "fifo")
+        worker_options("--mlfq-queue-order", "fifo")
+    with pytest.raises(ValueError, match="host-kv-memory"):
+        worker_options("--host-kv-memory", "lots")
 
 
 def test_worker_deadline_lane_flags_map_to_the_scheduler_config():
-    from lmfleet.cluster.commands.worker import engine_options, parse_worker_argv
     from lmfleet.worker.config import EngineConfig
 
     def scheduler(*flags: str):
-        options = engine_options(parse_worker_argv(["--port", "0", "--scheduler", "mlfq",
-                                                    *flags]))
+        options = worker_options("--scheduler", "mlfq", *flags)
         return EngineConfig.from_options("default", **options).scheduler
 
     default = scheduler()
@@ -164,13 +165,3 @@ def test_worker_deadline_lane_flags_map_to_the_scheduler_config():
     assert (chosen.mlfq_deadline_s, chosen.mlfq_deadline_slack) == (90.0, 0.0)
     with pytest.raises(ValueError, match="mlfq_deadline_slack"):
         scheduler("--mlfq-deadline-slack", "-0.5")
-
-
-def test_worker_mlfq_order_choices_are_the_configs():
-    # The CLI spells the choices out (it does not import torch to parse flags).
-    from lmfleet.cluster.commands.worker import engine_actions
-    from lmfleet.worker.config import MLFQ_LAST_QUEUE_ORDERS, MLFQ_QUEUE_ORDERS
-
-    choices = {action.dest: tuple(action.choices or ()) for action in engine_actions()}
-    assert choices["mlfq_queue_order"] == MLFQ_QUEUE_ORDERS
-    assert choices["mlfq_last_queue"] == MLFQ_LAST_QUEUE_ORDERS

@@ -9,7 +9,7 @@ import pytest
 
 from lmfleet.cluster.fleet_config import (
     ControllerConfig,
-    engine_flags,
+    engine_options,
     fleet_config_from_dict,
     load_fleet_config,
 )
@@ -39,7 +39,7 @@ models:
 """
 
 
-def test_a_fleet_yaml_becomes_deployments_with_worker_argv(tmp_path):
+def test_a_fleet_yaml_becomes_deployments_with_engine_options(tmp_path):
     path = tmp_path / "fleet.yaml"
     path.write_text(FLEET_YAML)
     fleet = load_fleet_config(path)
@@ -50,9 +50,10 @@ def test_a_fleet_yaml_becomes_deployments_with_worker_argv(tmp_path):
     assert chat.autoscaling.target_load_per_replica == 2.0
     assert chat.autoscaling.upscale_delay_s == 0.5
     assert chat.autoscaling.downscale_delay_s == 30.0  # the default
-    assert chat.worker_argv() == [
-        "--model", "default", "--model-name", "chat", "--scheduler", "mlfq",
-        "--max-num-seqs", "8", "--host-kv-memory", "1GiB"]
+    assert chat.engine_options() == {"max_num_seqs": 8, "host_kv_memory": 1 << 30,
+                                     "scheduler": "mlfq"}
+    assert batch.engine_options() == {"device": "cuda", "dtype": "bfloat16",
+                                      "scheduler": "fcfs"}
     assert chat.placement == ReplicaPlacement(1, 1, use_gpu=False, cpus_per_rank=1.0)
     assert (batch.autoscaling.min_replicas, batch.autoscaling.max_replicas) == (2, 2)
     assert batch.placement.bundles() == [{"CPU": 2.0, "GPU": 1.0}]
@@ -75,7 +76,9 @@ def test_a_fleet_yaml_becomes_deployments_with_worker_argv(tmp_path):
     ({"models": [{"name": "a", "engine": {"max_num_seq": 8}}]},
      r"models\[0\]\.engine: unknown key 'max_num_seq'"),
     ({"models": [{"name": "a", "engine": {"max_num_seqs": "many"}}]},
-     r"engine\.max_num_seqs: invalid value 'many'"),
+     r"engine\.max_num_seqs: expected an int, got 'many'"),
+    ({"models": [{"name": "a", "engine": {"block_size": 24}}]},
+     r"models\[0\]\.engine: invalid block_size=24: must be a power of two"),
     ({"models": [{"name": "a", "engine": {"scheduler": "mlfq"}}]}, "unknown key 'scheduler'"),
     ({"models": [{"name": "a", "autoscaling": {"upscale_delay_s": -1}}]}, "upscale_delay_s"),
     ({"models": [{"name": "a", "autoscaling": {"min_replicas": 2}}]}, "unknown key"),
@@ -103,12 +106,12 @@ def test_unreadable_or_invalid_yaml_names_the_file(tmp_path):
 
 
 def test_engine_options_are_checked_like_the_worker_checks_them():
-    assert engine_flags({"dtype": "float32", "max-model-len": 512}, "e") == {
-        "--dtype": "float32", "--max-model-len": "512"}
+    assert engine_options({"dtype": "float32", "max-model-len": 512}, "e") == {
+        "dtype": "float32", "max_model_len": 512}
     with pytest.raises(ValueError, match="e.host_kv_memory"):
-        engine_flags({"host_kv_memory": "4 gigs"}, "e")
+        engine_options({"host_kv_memory": "4 gigs"}, "e")
     with pytest.raises(ValueError, match="unknown key 'port'"):
-        engine_flags({"port": 1}, "e")
+        engine_options({"port": 1}, "e")
 
 
 def test_placement_lays_out_tp_by_pp_bundles_stage_major():
