@@ -101,7 +101,7 @@ def drive(engine, requests, concurrency: int, tag: str) -> tuple[list[RequestRes
 
 def run_offline(args: argparse.Namespace) -> int:
     gpu_throughput.ensure_lmfleet_importable()
-    from lmfleet.cluster.commands.worker import build_engine, parse_worker_argv
+    from lmfleet.cli.commands.worker import build_engine, parse_worker_argv
 
     started = time.perf_counter()
     engine, _ = build_engine(parse_worker_argv(["--model", args.model_dir, "--port", "0",

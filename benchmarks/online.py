@@ -395,6 +395,6 @@ async def benchmark(targets: list[TargetSpec], workload: Workload,
 
 
 if __name__ == "__main__":  # the same as `lmfleet bench ...`
-    from lmfleet.cluster.cli import main
+    from lmfleet.cli.main import main
 
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
+from lmfleet.cli.main import build_parser
 from lmfleet.cluster import fleet_config
-from lmfleet.cluster.cli import build_parser
 from lmfleet.worker.options import check_options
 from tests.deploy import helm_render
 from tests.deploy.chart_fixtures import EXAMPLES, example_objects, find, find_all

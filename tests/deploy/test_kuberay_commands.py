@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lmfleet.cluster.cli import build_parser
+from lmfleet.cli.main import build_parser
 from tests.deploy.chart_fixtures import example_objects, find
 
 STUB = """#!/bin/sh

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import prometheus_client
 import pytest
 
-from lmfleet.cluster.cli import build_parser
-from lmfleet.cluster.commands import controller as controller_command
+from lmfleet.cli.commands import controller as controller_command
+from lmfleet.cli.main import build_parser
 from lmfleet.cluster.state.redis_store import PASSWORD_ENV, RedisStore
 
 

@@ -101,7 +101,7 @@ def start_controller(args: Sequence[str]) -> Iterator[ServeProcess]:
 @contextlib.contextmanager
 def _start(command: str, args: Sequence[str], ready: re.Pattern,
            env: Optional[dict[str, str]] = None):
-    process = subprocess.Popen([sys.executable, "-m", "lmfleet.cluster.cli", command, *args],
+    process = subprocess.Popen([sys.executable, "-m", "lmfleet.cli", command, *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                stdin=subprocess.DEVNULL, text=True,
                                env={**os.environ, **(env or {})})

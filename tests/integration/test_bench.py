@@ -26,7 +26,7 @@ def serve():
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
     # The token of serve's replicas, for runs that call a worker directly (--grpc).
-    return subprocess.run([sys.executable, "-m", "lmfleet.cluster.cli", "bench", *args],
+    return subprocess.run([sys.executable, "-m", "lmfleet.cli", "bench", *args],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "LMFLEET_WORKER_TOKEN": WORKER_TOKEN})
 

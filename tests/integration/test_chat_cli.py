@@ -27,7 +27,7 @@ def serve():
 
 
 def _spawn(url: str, *extra: str) -> pexpect.spawn:
-    child = pexpect.spawn(sys.executable, ["-m", "lmfleet.cluster.cli", "chat", "--url", url,
+    child = pexpect.spawn(sys.executable, ["-m", "lmfleet.cli", "chat", "--url", url,
                                            "--temperature", "0", "--show-usage", *extra],
                           encoding="utf-8", timeout=TIMEOUT, dimensions=(50, 400))
     child.expect("chatting with default")
@@ -113,7 +113,7 @@ def test_unreachable_server_is_one_line_error():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     result = subprocess.run(
-        [sys.executable, "-m", "lmfleet.cluster.cli", "chat", "--url", f"http://127.0.0.1:{port}"],
+        [sys.executable, "-m", "lmfleet.cli", "chat", "--url", f"http://127.0.0.1:{port}"],
         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot reach the server at http://127.0.0.1:")

@@ -43,7 +43,7 @@ class RouterProcess:
 def start_router(workers: Sequence[str], extra_args: Sequence[str] = (),
                  env: Optional[dict[str, str]] = None) -> Iterator[RouterProcess]:
     """Run `lmfleet router` on free ports; yield once it printed its ready line."""
-    command = [sys.executable, "-m", "lmfleet.cluster.cli", "router", "--port", "0",
+    command = [sys.executable, "-m", "lmfleet.cli", "router", "--port", "0",
                "--grpc-port", "0", *extra_args]
     for address in workers:
         command += ["--worker", address]

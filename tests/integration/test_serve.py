@@ -15,7 +15,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lmfleet.cluster.commands import serve as serve_command
+from lmfleet.cli.commands import serve as serve_command
 from lmfleet.proto.v1 import worker_pb2, worker_pb2_grpc
 from tests.integration.serve_process import WORKER_TOKEN, start_serve
 from tests.integration.test_router_helpers import worker_load
@@ -149,7 +149,7 @@ def test_a_worker_failing_at_start_up_is_reported_with_its_stderr(tmp_path):
     empty = tmp_path / "not-a-model"
     empty.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "lmfleet.cluster.cli", "serve", "--model", str(empty),
+        [sys.executable, "-m", "lmfleet.cli", "serve", "--model", str(empty),
          "--port", "0", "--grpc-port", "0"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "error: model 'not-a-model'" in result.stderr

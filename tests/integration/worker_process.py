@@ -6,7 +6,7 @@
         channel = grpc.insecure_channel(address)   # address is "127.0.0.1:PORT"
         ...
 
-`start_worker` starts `python -m lmfleet.cluster.cli worker --model DIR --port 0 ...`,
+`start_worker` starts `python -m lmfleet.cli worker --model DIR --port 0 ...`,
 reads the port from its stdout ready line, waits (bounded) until grpc health reports
 SERVING, yields the address, and on exit stops the process: SIGTERM, then SIGKILL if it
 has not exited within `stop_timeout` seconds. The worker's logs (stderr) go to the test's
@@ -58,7 +58,7 @@ def worker_process(
 ) -> Iterator[WorkerProcess]:
     """Start a worker on a free port; yield its handle once health is SERVING. `env`
     adds to (or overrides) this process's environment."""
-    command = [sys.executable, "-m", "lmfleet.cluster.cli", "worker", "--model",
+    command = [sys.executable, "-m", "lmfleet.cli", "worker", "--model",
                str(model_dir), "--host", "127.0.0.1", "--port", "0", *extra_args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
                                env={**os.environ, **(env or {})})

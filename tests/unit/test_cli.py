@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from lmfleet.cluster import cli
+from lmfleet.cli import main as cli
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lmfleet.cluster.cli", *args],
+        [sys.executable, "-m", "lmfleet.cli", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -104,7 +104,7 @@ def test_parser_registers_each_subcommand():
 
 def worker_options(*flags: str) -> dict:
     """The engine options `lmfleet worker` would build its engine with."""
-    from lmfleet.cluster.commands.worker import parse_worker_argv
+    from lmfleet.cli.commands.worker import parse_worker_argv
     from lmfleet.worker.options import from_namespace
 
     return from_namespace(parse_worker_argv(["--port", "0", *flags]))
@@ -122,7 +122,7 @@ def test_worker_auto_on_off_flags_map_to_engine_options(option):
 
 
 def test_worker_gpu_engine_flags_map_to_engine_options_the_engine_accepts():
-    from lmfleet.cluster.commands.worker import parse_worker_argv
+    from lmfleet.cli.commands.worker import parse_worker_argv
     from lmfleet.worker.config import EngineConfig
 
     options = worker_options("--attention-backend", "triton", "--enforce-eager")

@@ -69,7 +69,7 @@ def test_flags_are_made_for_every_option_and_round_trip():
 
 
 def test_serve_takes_the_same_engine_flags_as_worker():
-    from lmfleet.cluster import cli
+    from lmfleet.cli import main as cli
 
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
@@ -79,7 +79,7 @@ def test_serve_takes_the_same_engine_flags_as_worker():
 
 
 def test_the_command_line_reads_the_options_without_importing_torch():
-    code = ("import sys; from lmfleet.cluster import cli; cli.build_parser(); "
+    code = ("import sys; from lmfleet.cli import main as cli; cli.build_parser(); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60)

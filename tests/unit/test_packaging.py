@@ -44,3 +44,12 @@ def test_c_sources_are_package_data():
     for path in c_files:
         patterns = data.get(package_of(path.parent), [])
         assert any(fnmatch.fnmatch(path.name, p) for p in patterns), f"{path} is not shipped"
+
+
+def test_only_the_command_line_imports_the_command_line():
+    """The engine, router and fleet are libraries: `lmfleet.cli` builds on them, never the
+    other way round (a replica builds its engine from options, not from parsed argv)."""
+    importers = [path.relative_to(ROOT) for source in ("worker", "router", "cluster", "proto")
+                 for path in (ROOT / source).rglob("*.py")
+                 if "lmfleet.cli" in path.read_text()]
+    assert importers == []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lmfleet.cluster.cli import main
-from lmfleet.cluster.commands.router import _policies
+from lmfleet.cli.commands.router import _policies
+from lmfleet.cli.main import main
 from lmfleet.router.server import RouterConfig
 
 

@@ -129,7 +129,7 @@ def test_serve_reports_a_taken_port_before_starting_anything(flag):
     other = "--grpc-port" if flag == "--port" else "--port"
     with _taken_port() as port:
         result = subprocess.run(
-            [sys.executable, "-m", "lmfleet.cluster.cli", "serve", flag, str(port), other,
+            [sys.executable, "-m", "lmfleet.cli", "serve", flag, str(port), other,
              "0"], capture_output=True, text=True, timeout=120,
             env={**os.environ, "RAY_ADDRESS": ""})
     assert result.returncode == 1, result.stderr

@@ -227,7 +227,7 @@ def test_router_config_takes_a_store_instead_of_workers():
 
 
 def test_router_command_takes_workers_or_redis_not_both(capsys):
-    from lmfleet.cluster.cli import main
+    from lmfleet.cli.main import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["router", "--worker", "h:1", "--redis", "redis://127.0.0.1:1"])

@@ -12,7 +12,7 @@ import os
 import grpc
 import pytest
 
-from lmfleet.cluster.commands import serve as serve_command
+from lmfleet.cli.commands import serve as serve_command
 from lmfleet.worker import auth
 
 TOKEN = "tok-123"

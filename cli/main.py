@@ -1,4 +1,4 @@
-"""The `lmfleet` command (console script `lmfleet = lmfleet.cluster.cli:main`).
+"""The `lmfleet` command (console script `lmfleet = lmfleet.cli.main:main`).
 
 One small `_cmd_<name>(args) -> int` function per subcommand, all registered in
 `build_parser()`. Heavy modules (torch, transformers) are imported inside the commands so
@@ -112,7 +112,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 # ---- the other subcommands ------------------------------------------------------------
-# Each lives in its own module under lmfleet.cluster.commands, exposing
+# Each lives in its own module under lmfleet.cli.commands, exposing
 # `add_parser(sub)` that registers it (with `set_defaults(func=...)`). Modules must not
 # import torch or other heavy packages at the top, so `lmfleet --help` stays instant.
 COMMAND_MODULES = ("generate", "worker", "router", "controller", "serve", "chat", "bench")
@@ -121,7 +121,7 @@ COMMAND_MODULES = ("generate", "worker", "router", "controller", "serve", "chat"
 def _command_adders():
     import importlib
 
-    return [importlib.import_module(f"lmfleet.cluster.commands.{name}").add_parser
+    return [importlib.import_module(f"lmfleet.cli.commands.{name}").add_parser
             for name in COMMAND_MODULES]
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmfleet.cluster.commands import router as router_command
+from lmfleet.cli.commands import router as router_command
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
