@@ -184,11 +184,10 @@ class SchedulerConfig:
     # Skip-join MLFQ (FastServe). Quantum of queue i is base * 2**i; None: the cost model's
     # time of one decode step of a half-full batch, measured at start-up. 12 queues: a job
     # reaches the last queue after ~4095 base quanta (about that many decode steps), so
-    # output lengths up to a few thousand tokens keep being told apart (least attained
-    # service first); with 8, everything past ~255 steps shared one FCFS queue, which on
-    # heavy-tailed lengths put short-ish long jobs behind giant ones. When long outputs are
-    # all of one size, 8 is better: levels then only make alike jobs take turns
-    # (benchmarks/scheduling.py and README measure both).
+    # output lengths up to a few thousand tokens keep being told apart; with 8, everything
+    # past ~255 steps would share one FCFS queue, putting short-ish long jobs behind giant
+    # ones. When long outputs are all of one size, 8 is better: levels then only make
+    # alike jobs take turns (docs/scheduling.md).
     mlfq_num_queues: int = option(12, "MLFQ: number of queues; quanta double per level")
     mlfq_base_quantum_s: Optional[float] = option(
         None, "MLFQ: quantum of the top queue, seconds (None: from the cost model)")
@@ -198,10 +197,9 @@ class SchedulerConfig:
     # Order within a queue. "least_attained": the job with the least service so far runs
     # first (ties: the one that got to the queue first), so in the deep queues, whose
     # quanta last tens of seconds, a job that just arrived there does not wait out another
-    # one's whole quantum. On heavy-tailed output lengths this keeps MLFQ's mean and
-    # improves its p99 (benchmarks/scheduling_variants.py). "arrival": in the order jobs
-    # got to the queue; better when long outputs are all of one size, where taking turns
-    # only makes alike jobs all finish late (README, bimodal workload).
+    # one's whole quantum, which helps the p99 on heavy-tailed output lengths. "arrival":
+    # in the order jobs got to the queue; better when long outputs are all of one size,
+    # where taking turns only makes alike jobs all finish late (docs/scheduling.md).
     mlfq_queue_order: str = option(
         "least_attained", "MLFQ: order within a queue: least service so far first, or "
         "arrival", choices=MLFQ_QUEUE_ORDERS)
@@ -216,11 +214,9 @@ class SchedulerConfig:
     # the deadline runs ahead of the deep queues, oldest first, until its deadline. The
     # deadline is mlfq_deadline_s when set (a JCT objective, seconds), else learnt:
     # mlfq_deadline_slack x the p99 JCT that FCFS would have given the finished jobs,
-    # replayed in hindsight (0: no lane). On heavy-tailed output lengths, at load 0.95,
-    # it raised the FCFS/MLFQ p99 JCT ratio from 0.93-1.42x to 1.16-2.36x on eight job
-    # lists (0.64-0.91x to 0.86-1.36x on a slower machine's calibration) for 7-20% of the
-    # mean (benchmarks/, README). With long outputs all of one size, arrival order and 8
-    # queues without it do better.
+    # replayed in hindsight (0: no lane). It holds MLFQ's p99 JCT near FCFS's on
+    # heavy-tailed output lengths at some cost to the mean; with long outputs all of one
+    # size, arrival order and 8 queues without it do better (docs/scheduling.md).
     mlfq_deadline_s: Optional[float] = option(
         None, "MLFQ deadline lane: a job older than S/4 seconds runs ahead of the deep queues "
         "until it is S seconds old (None: learnt, see mlfq_deadline_slack)")
@@ -231,7 +227,7 @@ class SchedulerConfig:
     # time of the higher queues' work in the step (by the cost model), so the step takes
     # at most about twice as long. Without this a short job that joins a step carrying a
     # long prompt's full chunk pays that chunk's time on every one of its steps, and
-    # skip-join buys it little (benchmarks/scheduling_long_prefill.py).
+    # skip-join buys it little (docs/scheduling.md).
     mlfq_bounded_prefill: bool = option(
         True, "MLFQ: while a higher queue's job runs, lower queues' prefill chunks add at "
         "most that work's time to a step")

@@ -37,15 +37,13 @@ from typing import Optional
 from lmfleet.worker.request import Request
 from lmfleet.worker.scheduler.fcfs_replay import FCFSReplay
 
-# A job becomes urgent at this fraction of the deadline. 0.1 and 0.4 gave p99s within a
-# few percent of a quarter's in simulation (README; measured with the previous, service-
-# based deadline); a quarter leaves three quarters of the deadline for the job to finish
-# once it is urgent.
+# A job becomes urgent at this fraction of the deadline: a quarter leaves three quarters
+# of the deadline for the job to finish once it is urgent (other fractions near it did
+# about as well: docs/scheduling.md).
 URGENT_FRACTION = 0.25
 # Replayed FCFS JCTs the learnt deadline is taken from, and how many there must be before
 # it is used (a 99th percentile of fewer is little more than the maximum). The window is
-# long because FCFS's p99 is set by rare long bursts, which a short window forgets: 1000
-# jobs (20-25 minutes at the benchmark's rates) gave a worse p99 in simulation (README).
+# long because FCFS's p99 is set by rare long bursts, which a short window forgets.
 HISTORY = 10_000
 MIN_HISTORY = 100
 QUANTILE = 0.99
