@@ -8,11 +8,11 @@
         path: default             # model directory, .gguf file or "default"
         min_replicas: 1           # or `replicas: N` for a fixed size
         max_replicas: 3
-        tp: 1                     # tensor-parallel ranks per replica
-        pp: 1                     # pipeline stages per replica
-        cpus_per_rank: 1          # CPUs in each rank's placement bundle
+        tp: 1                     # tensor-parallel ranks per replica (one node)
+        pp: 1                     # pipeline stages per replica (1 until PP lands)
+        cpus_per_rank: 1          # CPUs per rank in the replica's placement bundle
         scheduler: mlfq           # fcfs | mlfq
-        engine:                   # `lmfleet worker` engine options, by flag name
+        engine:                   # engine options by key (worker/options.py)
           max_num_seqs: 8
           host_kv_memory: 1GiB
         autoscaling:              # AutoscalingConfig's other fields
@@ -128,7 +128,10 @@ class ModelDeployment:
 
     def engine_options(self) -> dict[str, Any]:
         """The options a replica's engine is built with (worker/serving.py)."""
-        return {**self.engine, "scheduler": self.scheduler}
+        options = {**self.engine, "scheduler": self.scheduler}
+        if self.tp > 1:
+            options["tensor_parallel_size"] = self.tp
+        return options
 
 
 @dataclass(frozen=True)
@@ -238,13 +241,18 @@ def model_path(path: str) -> str:
     return expanded
 
 
+# Engine options a fleet gives per model entry (`scheduler:`, `tp:`), not under `engine:`.
+MODEL_LEVEL_OPTIONS = ("scheduler", "tensor_parallel_size")
+
+
 def engine_options(options: Any, where: str) -> dict[str, Any]:
     """A model's `engine:` mapping checked as the engine would (worker/options.py, then the
-    config dataclasses' own checks); `scheduler` is a key of the model entry instead."""
+    config dataclasses' own checks). The model entry's own keys (`scheduler`, `tp`) are
+    not engine keys."""
     from lmfleet.worker.config import EngineConfig
     from lmfleet.worker.options import check_options
 
-    checked = check_options(options, where, exclude=("scheduler",))
+    checked = check_options(options, where, exclude=MODEL_LEVEL_OPTIONS)
     try:
         EngineConfig.from_options("default", **checked)
     except (TypeError, ValueError) as error:

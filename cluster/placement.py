@@ -1,25 +1,23 @@
 """Where a replica runs: the Ray placement group of one replica's TP x PP ranks.
 
 A replica of a model with tensor-parallel size `tp` and pipeline-parallel size `pp` needs
-tp * pp devices, one bundle per rank, rank r in bundle r (ranks ordered stage-major:
-bundle = stage * tp + tp_rank). On GPU nodes a bundle is one GPU plus one CPU for the
-rank's process; on CPU-only fleets a bundle is `cpus_per_rank` CPUs.
+tp * pp devices (GPUs on GPU nodes, `cpus_per_rank` CPUs each otherwise).
 
-Strategy: a pipeline stage's TP ranks exchange activations every layer, so one stage must
-sit on one node; the stages talk once per micro-batch and may spread. With pp == 1 the
-whole group is STRICT_PACK (one node); with pp > 1 it is PACK (one node when it fits,
-else the fewest nodes Ray finds), which keeps the common single-node case tight.
-
-Until tensor/pipeline parallelism lands in the engine, the controller starts tp = pp = 1
-replicas only (`check_supported`), but this module already lays out any tp x pp.
+With pp == 1 (what the engine runs today) the group is one bundle holding every rank's
+devices (tp GPUs and tp x cpus_per_rank CPUs) on one node, and the rank-0 actor takes all
+of it: it starts the other tp - 1 ranks as its own processes (worker/parallel/ranks.py),
+which so see the GPUs Ray gave it, and a rank that dies takes the replica down as one
+unit for the controller to replace. With pp > 1 there would be one bundle per rank (ranks
+ordered stage-major: bundle = stage * tp + tp_rank), PACK: a stage's TP ranks exchange
+activations every layer, the stages only once per micro-batch; `check_supported` refuses
+pp > 1 until pipeline parallelism lands.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# What the engine can run today; the parallelism issue lifts this.
-SUPPORTED_TP = 1
+# What the engine can run today: tensor parallelism, not yet pipeline stages.
 SUPPORTED_PP = 1
 
 
@@ -51,11 +49,17 @@ class ReplicaPlacement:
         return self.tp * self.pp
 
     def bundles(self) -> list[dict[str, float]]:
-        """One resource bundle per rank, rank order."""
-        bundle: dict[str, float] = {"CPU": float(self.cpus_per_rank)}
+        """The resource bundles: with pp == 1 one holding every rank's devices, else one
+        per rank in rank order."""
+        ranks = self.tp if self.pp == 1 else 1
+        bundle: dict[str, float] = {"CPU": float(self.cpus_per_rank * ranks)}
         if self.use_gpu:
-            bundle["GPU"] = 1.0
-        return [dict(bundle) for _ in range(self.world_size)]
+            bundle["GPU"] = float(ranks)
+        return [dict(bundle) for _ in range(self.world_size // ranks)]
+
+    def rank0_resources(self) -> dict[str, float]:
+        """What the rank-0 actor asks for: its whole bundle."""
+        return self.bundles()[0]
 
     @property
     def strategy(self) -> str:
@@ -66,13 +70,13 @@ class ReplicaPlacement:
         if not (0 <= stage < self.pp and 0 <= tp_rank < self.tp):
             raise ValueError(f"rank (stage {stage}, tp_rank {tp_rank}) is outside "
                              f"pp={self.pp} x tp={self.tp}")
-        return stage * self.tp + tp_rank
+        return 0 if self.pp == 1 else stage * self.tp + tp_rank
 
     def check_supported(self) -> None:
         """ValueError when the engine cannot run this layout yet."""
-        if self.tp != SUPPORTED_TP or self.pp != SUPPORTED_PP:
-            raise ValueError(f"tp={self.tp}, pp={self.pp}: the engine runs tp=1, pp=1 only "
-                             "until tensor/pipeline parallelism lands")
+        if self.pp != SUPPORTED_PP:
+            raise ValueError(f"pp={self.pp}: the engine runs pp=1 only until pipeline "
+                             "parallelism lands (tp may be any size the model's heads allow)")
 
 
 def unplaceable_reason(placement: ReplicaPlacement,

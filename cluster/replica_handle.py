@@ -115,7 +115,8 @@ class ReplicaHandle:
             placement_group=self._pg, placement_group_bundle_index=placement.rank_bundle(0, 0),
             placement_group_capture_child_tasks=True)
         self._actor = replica_actor_class().options(
-            num_cpus=placement.cpus_per_rank, num_gpus=1 if placement.use_gpu else 0,
+            num_cpus=placement.rank0_resources()["CPU"],
+            num_gpus=placement.rank0_resources().get("GPU", 0),
             scheduling_strategy=strategy, max_restarts=0,
         ).remote(self.deployment.path, self.deployment.name,
                  self.deployment.engine_options())

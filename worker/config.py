@@ -275,7 +275,9 @@ class SchedulerConfig:
 class ParallelConfig:
     # Ranks of one replica, each holding 1/tp of every layer's heads and MLP columns and
     # of the KV cache (worker/parallel/). The offline LLM starts them as local processes.
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = option(
+        1, "ranks of one replica, each holding 1/N of every layer's heads and KV (local "
+        "processes: gloo on CPU, NCCL on CUDA)")
     # Group set-up and each collective give up after this long (a rank that died or never
     # started), so nothing hangs.
     parallel_timeout_s: float = 120.0

@@ -18,7 +18,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from lmfleet.cluster.autoscaler import AutoscalingConfig
-from lmfleet.cluster.fleet_config import ControllerConfig
+from lmfleet.cluster.fleet_config import MODEL_LEVEL_OPTIONS, ControllerConfig
 from lmfleet.worker.options import engine_options
 from tests.deploy import helm_render
 from tests.deploy.chart_fixtures import EXAMPLES, example_objects, rendered_example
@@ -115,7 +115,7 @@ def test_the_schema_knows_exactly_the_options_lmfleet_accepts():
     schema = helm_render.chart().schema
     model = schema["properties"]["models"]["items"]["properties"]
     engine = model["engine"]["properties"]
-    options = {o.key: o for o in engine_options() if o.key != "scheduler"}
+    options = {o.key: o for o in engine_options() if o.key not in MODEL_LEVEL_OPTIONS}
     assert set(engine) == set(options)
     for name, option in options.items():
         if option.choices is not None:

@@ -70,7 +70,9 @@ def test_a_fleet_yaml_becomes_deployments_with_engine_options(tmp_path):
     ({"models": [{"name": "a", "min_replicas": 3, "max_replicas": 2}]}, "max_replicas"),
     ({"models": [{"name": "a", "scheduler": "lifo"}]}, "scheduler must be one of"),
     ({"models": [{"name": "a", "tp": 0}]}, "tp must be an integer >= 1"),
-    ({"models": [{"name": "a", "tp": 2}]}, "tp=2, pp=1: the engine runs tp=1, pp=1 only"),
+    ({"models": [{"name": "a", "pp": 2}]}, "pp=2: the engine runs pp=1 only"),
+    ({"models": [{"name": "a", "engine": {"tensor_parallel_size": 2}}]},
+     "unknown key 'tensor_parallel_size'"),
     ({"models": [{"name": "/srv/models/llama"}]}, "a file path; name the model"),
     ({"models": [{"name": "~/llama"}]}, "a file path; name the model"),
     ({"models": [{"name": "a", "engine": {"max_num_seq": 8}}]},
@@ -126,8 +128,14 @@ def test_placement_lays_out_tp_by_pp_bundles_stage_major():
     assert ReplicaPlacement(cpus_per_rank=0.5).bundles() == [{"CPU": 0.5}]
     with pytest.raises(ValueError, match="outside pp=3 x tp=2"):
         placement.rank_bundle(3, 0)
-    with pytest.raises(ValueError, match="tp=1, pp=1 only"):
+    with pytest.raises(ValueError, match="pp=1 only"):
         placement.check_supported()
+    # pp == 1: one bundle with every rank's devices, all of it the rank-0 actor's.
+    tp3 = ReplicaPlacement(tp=3, use_gpu=True, cpus_per_rank=2)
+    tp3.check_supported()
+    assert tp3.bundles() == [{"CPU": 6.0, "GPU": 3.0}] and tp3.strategy == "STRICT_PACK"
+    assert tp3.rank0_resources() == {"CPU": 6.0, "GPU": 3.0}
+    assert [tp3.rank_bundle(0, r) for r in range(3)] == [0, 0, 0]
     ReplicaPlacement().check_supported()
     with pytest.raises(ValueError, match="cpus_per_rank"):
         ReplicaPlacement(cpus_per_rank=0)
