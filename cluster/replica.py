@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 # start(), wait_until_stopped(), shutdown() and pid() may all be in progress at once.
 ACTOR_MAX_CONCURRENCY = 4
+# How often rank 0 of a tensor-parallel replica checks that its other ranks live.
+RANK_WATCH_INTERVAL_S = 0.5
+RANK_DIED_EXIT_CODE = 70
 
 
 class ReplicaActor:
@@ -43,6 +46,7 @@ class ReplicaActor:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server = None
         self._stopped = threading.Event()
+        self._stopping = threading.Event()  # shutdown() began: ranks may end on purpose
         self._lock = threading.Lock()
 
     def start(self, host: Optional[str] = None,
@@ -76,7 +80,21 @@ class ReplicaActor:
             self._loop, self._server = loop, server
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         logger.info("replica of %s serving on %s (pid %d)", model_name, address, os.getpid())
+        if self._options.get("tensor_parallel_size", 1) > 1:
+            threading.Thread(target=self._watch_ranks, args=(engine,), name="rank-watch",
+                             daemon=True).start()
         return address, os.getpid()
+
+    def _watch_ranks(self, engine) -> None:
+        """A replica is its ranks together: when one of them dies, this process (rank 0)
+        exits too, so Ray reports the actor dead and the controller replaces the whole
+        replica at once (rather than a replica whose every step would fail)."""
+        while not self._stopped.wait(RANK_WATCH_INTERVAL_S):
+            dead = engine.dead_ranks()
+            if dead and not self._stopping.is_set():
+                logger.error("replica rank(s) died: %s; stopping the replica",
+                             ", ".join(dead))
+                os._exit(RANK_DIED_EXIT_CODE)
 
     def wait_until_stopped(self) -> bool:
         """Blocks until `shutdown()` ran; the controller's death watch (see module doc)."""
@@ -86,6 +104,7 @@ class ReplicaActor:
     def shutdown(self, drain_timeout: float = 0.0) -> int:
         """Drain for up to `drain_timeout` s, abort what is left, stop serving. Returns
         how many requests were aborted. Idempotent."""
+        self._stopping.set()
         with self._lock:
             loop, server, self._server = self._loop, self._server, None
         aborted = 0

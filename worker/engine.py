@@ -100,6 +100,12 @@ class LLMEngine:
             ranks.close(timeout_s=0)
             raise
 
+    def dead_ranks(self) -> list[str]:
+        """Tensor-parallel ranks whose process has ended (rank 0 is this process); a
+        replica with any cannot serve and must be replaced whole."""
+        runner = self.__dict__.get("runner")
+        return runner.dead_ranks() if isinstance(runner, DriverRunner) else []
+
     def close(self) -> None:
         """Stop the other tensor-parallel ranks, if any (idempotent)."""
         runner = self.__dict__.get("runner")

@@ -242,3 +242,28 @@ def test_a_tensor_parallel_replica_answers_with_the_single_rank_greedy_text(defa
         children = [child for task in Path(f"/proc/{pid}/task").glob("*/children")
                     for child in task.read_text().split()]
         assert len(children) >= 2
+
+
+@server_test
+def test_killing_a_rank_of_a_tensor_parallel_replica_brings_it_back_whole(default_model_dir):
+    body = {"prompt": [504, 3458, 282, 4649, 314], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True}
+    with start_serve(["--tensor-parallel-size", "3", "--max-model-len", "256",
+                      "--num-kv-blocks", "64", "--log-level", "info"]) as serve:
+        before = httpx.post(f"{serve.base_url}/v1/completions", json=body, timeout=300)
+        assert before.status_code == 200, before.text
+        (pid,) = serve.worker_pids
+        children = [int(child) for task in Path(f"/proc/{pid}/task").glob("*/children")
+                    for child in task.read_text().split()]
+        # The rank processes (multiprocessing's spawn), not its resource tracker.
+        ranks = [c for c in children
+                 if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(ranks) == 2, children
+        os.kill(ranks[0], signal.SIGKILL)
+        # Rank 0 exits with it; the controller replaces the replica; a request sent now
+        # waits for the replacement (the router's replica wait) and gets the same text.
+        after = httpx.post(f"{serve.base_url}/v1/completions", json=body, timeout=300)
+        assert after.status_code == 200, after.text
+        assert after.json()["choices"][0]["text"] == before.json()["choices"][0]["text"]
+        assert _gone(pid)
+        assert any("rank(s) died" in line for line in serve.stderr_lines)

@@ -196,6 +196,11 @@ class DriverRunner:
     def __getattr__(self, name: str) -> Any:  # device, arch, num_blocks, ...
         return getattr(self.runner, name)
 
+    def dead_ranks(self) -> list[str]:
+        """The other ranks whose process has ended ("rank 2 (exit code -9)"), if any."""
+        return [f"rank {i + 1} (exit code {p.exitcode})"
+                for i, p in enumerate(self.ranks.processes) if not p.is_alive()]
+
     def swap(self, swap_out, swap_in) -> None:
         # Sent with the next step, before its forward: that is the first time any rank
         # reads or overwrites the swapped blocks.
