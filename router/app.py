@@ -28,9 +28,10 @@ from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmfleet.router.auth import ApiKeyAuth
+from lmfleet.router.choice_stream import Event
 from lmfleet.router.drain import Drain
 from lmfleet.router.errors import OverloadedError, RouterError
-from lmfleet.router.generation import Event, Generation, GenerationJob
+from lmfleet.router.generation import Generation, GenerationJob
 from lmfleet.router.http_gate import DEFAULT_BODY_TIMEOUT_S, HttpGate
 from lmfleet.router.metrics import CONTENT_TYPE, RouterMetrics
 from lmfleet.router.openai_api import (

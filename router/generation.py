@@ -20,8 +20,9 @@ when a seed is given), and per completion:
   all are unhealthy), waits for one up to `replica_wait_s` (and the request's deadline)
   instead of failing at once, so a client's retries are not spent before the replacement
   is up; then NoReplicaError (503);
-- detokenizes incrementally and applies stop strings; on a match it cancels the worker
-  call (which aborts the worker request) and finishes with finish_reason "stop".
+- detokenizes incrementally and applies stop strings (router/choice_stream.py); on a match
+  it cancels the worker call (which aborts the worker request) and finishes with
+  finish_reason "stop".
 
 Closing the stream early (client disconnect, gRPC cancel) cancels every worker call.
 """
@@ -38,6 +39,13 @@ from typing import Any, Optional, Union
 import grpc
 
 from lmfleet.proto.v1 import worker_pb2
+from lmfleet.router.choice_stream import (
+    ChoiceEnd,
+    ChoiceStream,
+    Event,
+    RequestState,
+    Usage,
+)
 from lmfleet.router.errors import (
     DeadlineExceededError,
     InvalidRequestError,
@@ -45,10 +53,10 @@ from lmfleet.router.errors import (
     StreamInterruptedError,
 )
 from lmfleet.router.metrics import RouterMetrics
+from lmfleet.router.model_replicas import ModelReplicas, Replica
 from lmfleet.router.params import GenerationParams
 from lmfleet.router.policies import RouteRequest
-from lmfleet.router.replicas import ModelReplicas, Replica, ReplicaRegistry
-from lmfleet.router.tokenizer import IncrementalDetokenizer, StopStringMatcher
+from lmfleet.router.replicas import ReplicaRegistry
 
 # Replicas tried per completion before giving up with NoReplicaError.
 DEFAULT_MAX_ATTEMPTS = 3
@@ -74,36 +82,6 @@ class GenerationJob:
     session_id: Optional[str] = None
     deadline: Optional[float] = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-
-@dataclass
-class TextChunk:
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[worker_pb2.TokenLogprob]
-
-
-@dataclass
-class ChoiceEnd:
-    index: int
-    finish_reason: str
-    completion_tokens: int
-    cached_tokens: int = 0
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-Event = Union[TextChunk, ChoiceEnd, Usage]
 
 
 class Generation:
@@ -166,7 +144,7 @@ class Generation:
     async def _fan_out(self, job: GenerationJob, arrival: float) -> AsyncIterator[Event]:
         n = job.params.n
         queue: asyncio.Queue[Union[Event, BaseException]] = asyncio.Queue()
-        state = _RequestState(arrival)
+        state = RequestState(arrival)
         tasks = [
             asyncio.create_task(self._run_choice(job, p * n + i, prompt, i, queue, state))
             for p, prompt in enumerate(job.prompts) for i in range(n)
@@ -195,7 +173,7 @@ class Generation:
         yield usage
 
     async def _run_choice(self, job: GenerationJob, index: int, prompt: list[int],
-                          sample: int, queue: asyncio.Queue, state: _RequestState) -> None:
+                          sample: int, queue: asyncio.Queue, state: RequestState) -> None:
         try:
             await self._generate_choice(job, index, prompt, sample, queue.put_nowait, state)
         except asyncio.CancelledError:
@@ -204,7 +182,7 @@ class Generation:
             queue.put_nowait(error)
 
     async def _generate_choice(self, job: GenerationJob, index: int, prompt: list[int],
-                               sample: int, emit, state: _RequestState) -> None:
+                               sample: int, emit, state: RequestState) -> None:
         model = job.model
         params = job.params
         left = model.max_model_len - len(prompt)
@@ -212,7 +190,7 @@ class Generation:
         stop_token_ids = set(params.stop_token_ids)
         route = RouteRequest(model=model.name, session_id=job.session_id)
         # One text state for every attempt: a resumed completion continues it.
-        stream = _ChoiceStream(index, model, prompt, params, stop_token_ids, emit,
+        stream = ChoiceStream(index, model, prompt, params, stop_token_ids, emit,
                                self.metrics, state)
         tried: list[str] = []
         last_error = "no replica is healthy"
@@ -248,7 +226,7 @@ class Generation:
                              f"(tried {len(tried)}; last error: {last_error})")
 
     async def _attempt(self, job: GenerationJob, replica: Replica,
-                       request: worker_pb2.GenerateRequest, stream: _ChoiceStream) -> bool:
+                       request: worker_pb2.GenerateRequest, stream: ChoiceStream) -> bool:
         """One try on one replica. True when the completion finished; raises
         _RetryableError when the replica failed and another one may take over."""
         timeout = self._remaining(job, required=True)
@@ -315,95 +293,3 @@ class Generation:
 
 class _RetryableError(Exception):
     """A replica failed; another replica may be tried (resuming what was produced)."""
-
-
-@dataclass
-class _RequestState:
-    """Shared by the completions of one request (for the TTFT metric)."""
-
-    arrival: float
-    first_token_seen: bool = False
-
-
-class _ChoiceStream:
-    """Text state of one completion on one attempt: detokenizer, stops, counts, ITL."""
-
-    def __init__(self, index: int, model: ModelReplicas, prompt: list[int],
-                 params: GenerationParams, stop_token_ids: set[int], emit,
-                 metrics: RouterMetrics, state: _RequestState) -> None:
-        self.index = index
-        self.model = model
-        self.detokenizer = IncrementalDetokenizer(model.tokenizer, prompt,
-                                                  params.skip_special_tokens)
-        self.stops = StopStringMatcher(params.stop)
-        self.stop_token_ids = stop_token_ids
-        self.emit = emit
-        self.metrics = metrics
-        self.state = state
-        self.prompt_len = len(prompt)
-        self.token_ids: list[int] = []  # produced so far, over every attempt
-        self.num_tokens = 0
-        self.first_token_time: Optional[float] = None
-        self.last_token_time: Optional[float] = None
-
-    @property
-    def started(self) -> bool:
-        return self.num_tokens > 0
-
-    def on_chunk(self, chunk: worker_pb2.GenerateChunk) -> bool:
-        """Handle new tokens; True when a stop string ended the completion."""
-        token_ids = list(chunk.token_ids)
-        if not token_ids:
-            return False
-        self._observe_latency(len(token_ids))
-        self.token_ids.extend(token_ids)
-        self.num_tokens += len(token_ids)
-        # A stop token ends generation; like vLLM, its text is not part of the output.
-        text_ids = token_ids[:-1] if token_ids[-1] in self.stop_token_ids else token_ids
-        text, matched = self.stops.feed(self.detokenizer.add(text_ids))
-        self.emit(TextChunk(self.index, text, token_ids, list(chunk.logprobs)))
-        if matched:
-            self._end("stop", 0)
-        return matched
-
-    def on_complete(self, complete: worker_pb2.GenerateComplete) -> None:
-        text, matched = self.stops.feed(self.detokenizer.finish())
-        text += self.stops.flush()
-        if text:
-            self.emit(TextChunk(self.index, text, [], []))
-        reason = "stop" if matched else (complete.finish_reason or "stop")
-        self._end(reason, complete.cached_tokens)
-
-    def _end(self, reason: str, cached_tokens: int) -> None:
-        self._observe_finished(reason)
-        self.emit(ChoiceEnd(self.index, reason, self.num_tokens, cached_tokens))
-
-    def _observe_finished(self, reason: str) -> None:
-        """Per finished completion, as vLLM per finished (child) request."""
-        metrics, name = self.metrics, self.model.name
-        now = asyncio.get_running_loop().time()
-        metrics.generation_tokens.labels(name).inc(self.num_tokens)
-        metrics.record_success(name, reason)
-        metrics.e2e.labels(name).observe(now - self.state.arrival)
-        metrics.request_prompt_tokens.observe(name, self.model.max_model_len, self.prompt_len)
-        metrics.request_generation_tokens.observe(name, self.model.max_model_len,
-                                                  self.num_tokens)
-        # vLLM: decode time / (generated tokens - 1), 0 for fewer than two tokens.
-        tpot = 0.0
-        if self.num_tokens > 1 and self.first_token_time is not None:
-            tpot = (self.last_token_time - self.first_token_time) / (self.num_tokens - 1)
-        metrics.tpot.labels(name).observe(tpot)
-
-    def _observe_latency(self, num_tokens: int) -> None:
-        now = asyncio.get_running_loop().time()
-        if self.first_token_time is None:
-            self.first_token_time = now
-        if not self.state.first_token_seen:
-            self.state.first_token_seen = True
-            self.metrics.ttft.labels(self.model.name).observe(now - self.state.arrival)
-        if self.last_token_time is not None:
-            per_token = (now - self.last_token_time) / num_tokens
-            for _ in range(min(num_tokens, 64)):
-                self.metrics.itl.labels(self.model.name).observe(per_token)
-        self.last_token_time = now
-

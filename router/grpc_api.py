@@ -28,10 +28,12 @@ from grpc_reflection.v1alpha import reflection
 
 from lmfleet.proto.v1 import serving_pb2, serving_pb2_grpc
 from lmfleet.router.auth import ApiKeyAuth
+from lmfleet.router.choice_stream import ChoiceEnd, TextChunk, Usage
 from lmfleet.router.errors import InvalidRequestError, RouterError
-from lmfleet.router.generation import ChoiceEnd, Generation, GenerationJob, TextChunk, Usage
+from lmfleet.router.generation import Generation, GenerationJob
+from lmfleet.router.model_replicas import ModelReplicas
 from lmfleet.router.params import GenerationParams
-from lmfleet.router.replicas import ModelReplicas, ReplicaRegistry
+from lmfleet.router.replicas import ReplicaRegistry
 from lmfleet.router.tokenizer import chat_messages_for_template
 
 logger = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 from typing import Any, Optional
 
 from lmfleet.proto.v1 import worker_pb2
+from lmfleet.router.choice_stream import ChoiceEnd, Event, TextChunk, Usage
 from lmfleet.router.errors import RouterError
-from lmfleet.router.generation import ChoiceEnd, Event, TextChunk, Usage
 from lmfleet.router.openai_api import (
     ChatChoiceLogprobs,
     ChatCompletionChoice,

@@ -37,7 +37,8 @@ import logging
 from typing import Optional
 
 from lmfleet.cluster.state import ReplicaRecord, StateStore, StateStoreError
-from lmfleet.router.replicas import Replica, ReplicaRegistry
+from lmfleet.router.model_replicas import Replica
+from lmfleet.router.replicas import ReplicaRegistry
 
 logger = logging.getLogger(__name__)
 

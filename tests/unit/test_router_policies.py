@@ -8,6 +8,7 @@ import pytest
 
 from lmfleet.proto.v1 import worker_pb2
 from lmfleet.router.admission import Admission
+from lmfleet.router.model_replicas import ModelReplicas, Replica
 from lmfleet.router.policies import (
     LeastLoadedPolicy,
     RoundRobinPolicy,
@@ -15,7 +16,6 @@ from lmfleet.router.policies import (
     SessionAffinityPolicy,
     make_policy,
 )
-from lmfleet.router.replicas import ModelReplicas, Replica
 
 
 @dataclass

@@ -16,8 +16,9 @@ import pytest
 from lmfleet.cluster.state import MemoryStore, RedisStore, ReplicaRecord
 from lmfleet.proto.v1 import worker_pb2, worker_pb2_grpc
 from lmfleet.router.admission import Admission
+from lmfleet.router.model_replicas import ModelReplicas, Replica
 from lmfleet.router.policies import RoundRobinPolicy, RouteRequest
-from lmfleet.router.replicas import ModelReplicas, Replica, ReplicaRegistry
+from lmfleet.router.replicas import ReplicaRegistry
 from lmfleet.router.server import RouterConfig
 from lmfleet.router.store_sync import StoreSync
 
