@@ -126,14 +126,13 @@ class Controller:
         return self
 
     def wait_ready(self, timeout_s: float,
-                   on_failure: Callable[[str, str], None] = lambda model, why: None
-                   ) -> dict[str, str]:
+                   on_failure: Callable[[str, str], None] = lambda model, why: None) -> None:
         """Block until every model has min_replicas READY replicas or has failed before
         it ever had one (a replica's start failed, or none can be placed); each failure
-        is passed to `on_failure(model, why)` as soon as it is seen. Returns {model: why}
-        for the models not ready, which the caller serves without; raises
-        FleetStartError when no model is ready, and TimeoutError when none is ready
-        after `timeout_s` (models still starting then are returned as not ready)."""
+        is passed to `on_failure(model, why)` as soon as it is seen. The models not ready
+        then are left in `start_failures` ({model: why}, those still starting after
+        `timeout_s` included), for the caller to serve without. Raises FleetStartError
+        when every model failed, and TimeoutError when none is ready after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         failed: dict[str, str] = {}
         while True:
@@ -162,7 +161,7 @@ class Controller:
                 failed.update({name: f"not ready within {timeout_s:.0f} s"
                                for name in waiting})
                 self.start_failures = {n: failed[n] for n in failed if n not in ready}
-                return self.start_failures
+                return
             with self._round_done:
                 self._round_done.wait(0.5)
 

@@ -212,18 +212,3 @@ def from_namespace(args: argparse.Namespace) -> dict[str, Any]:
         if value is not None:
             given[opt.key] = value
     return given
-
-
-def to_flags(options: Mapping[str, Any]) -> list[str]:
-    """{key: value} back to command-line flags (for a worker started as a process)."""
-    names = by_key()
-    argv: list[str] = []
-    for key, value in options.items():
-        opt = names[key]
-        if opt.kind == "bool":
-            argv.append(opt.flag if value else "--no-" + opt.flag[2:])
-        elif opt.kind == "toggle":
-            argv += [opt.flag, "auto" if value is None else "on" if value else "off"]
-        else:
-            argv += [opt.flag, str(value)]
-    return argv

@@ -15,7 +15,6 @@ from lmfleet.worker.options import (
     check_options,
     engine_options,
     from_namespace,
-    to_flags,
 )
 
 
@@ -56,15 +55,18 @@ def test_a_yaml_engine_section_is_parsed_and_checked_per_kind():
         check_options({"scheduler": "mlfq"}, "engine", exclude=("scheduler",))
 
 
-def test_flags_are_made_for_every_option_and_round_trip():
+def test_flags_are_made_for_every_option_and_parse_to_typed_values():
     parser = argparse.ArgumentParser()
     add_engine_flags(parser)
     flags = {a.option_strings[0] for a in parser._actions if a.option_strings}
     assert {o.flag for o in engine_options()} <= flags
-    chosen = {"device": "cuda", "max_num_seqs": 8, "mlfq_deadline_slack": 0.5,
-              "enforce_eager": True, "enable_prefix_caching": False, "overlap_steps": False,
-              "host_kv_memory": 4096, "scheduler": "mlfq"}
-    assert from_namespace(parser.parse_args(to_flags(chosen))) == chosen
+    argv = ["--device", "cuda", "--max-num-seqs", "8", "--mlfq-deadline-slack", "0.5",
+            "--enforce-eager", "--no-enable-prefix-caching", "--overlap-steps", "off",
+            "--host-kv-memory", "4KiB", "--scheduler", "mlfq", "--cpu-kernels", "auto"]
+    assert from_namespace(parser.parse_args(argv)) == {
+        "device": "cuda", "max_num_seqs": 8, "mlfq_deadline_slack": 0.5,
+        "enforce_eager": True, "enable_prefix_caching": False, "overlap_steps": False,
+        "host_kv_memory": 4096, "scheduler": "mlfq"}
     assert from_namespace(parser.parse_args([])) == {}
 
 
