@@ -274,18 +274,27 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     # Ranks of one replica, each holding 1/tp of every layer's heads and MLP columns and
-    # of the KV cache (worker/parallel/). The offline LLM starts them as local processes.
+    # of the KV cache, in each of pp pipeline stages holding 1/pp of the layers
+    # (worker/parallel/). The offline LLM starts them as local processes.
     tensor_parallel_size: int = option(
         1, "ranks of one replica, each holding 1/N of every layer's heads and KV (local "
         "processes: gloo on CPU, NCCL on CUDA)")
+    pipeline_parallel_size: int = option(
+        1, "pipeline stages of one replica, each holding 1/N of the layers and their KV "
+        "(times the tensor-parallel size: one process and device per rank)")
     # Group set-up and each collective give up after this long (a rank that died or never
     # started), so nothing hangs.
     parallel_timeout_s: float = 120.0
 
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
     def __post_init__(self) -> None:
-        tp = self.tensor_parallel_size
-        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-            raise ValueError(f"invalid tensor_parallel_size={tp!r}: must be an integer >= 1")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            size = getattr(self, name)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"invalid {name}={size!r}: must be an integer >= 1")
         if not self.parallel_timeout_s > 0:
             raise ValueError(f"invalid parallel_timeout_s={self.parallel_timeout_s}: "
                              "must be > 0")

@@ -14,12 +14,18 @@ token) has also run in N: that token is discarded and its KV freed, which is saf
 because the device runs N before anything queued after it. Outputs are the same tokens
 as without overlap. Steps whose sampling reads the previous tokens on the host
 (repetition penalties) run without overlap.
+
+Pipeline parallelism (pp stages) keeps up to pp steps in flight, each in another stage.
+They hold disjoint requests: a request whose sampled token has not come back is not
+scheduled again (the scheduler skips it), so no step reads a token that is still in
+another step's pipeline. Steps are read back oldest first.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +33,8 @@ from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.kv.manager import KVCacheManager
 from lmfleet.worker.kv.sessions import SessionCache
 from lmfleet.worker.model.default_model import resolve_model_path
-from lmfleet.worker.parallel.ranks import DriverRunner, RankProcesses
+from lmfleet.worker.parallel.driver import DriverRunner
+from lmfleet.worker.parallel.ranks import RankProcesses
 from lmfleet.worker.request import (
     FinishReason,
     Request,
@@ -45,10 +52,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, model_dir: Optional[Path] = None) -> None:
         self.config = config
         self.model_dir = Path(model_dir) if model_dir else resolve_model_path(config.model.model)
-        if config.model.overlap_steps and config.parallel.tensor_parallel_size > 1:
+        if config.model.overlap_steps and config.parallel.world_size > 1:
             # The other ranks would need rank 0's sampled tokens on their devices
-            # (worker/parallel/ranks.py); checked before any rank starts.
-            raise ValueError("overlap_steps is not supported with tensor_parallel_size > 1 yet")
+            # (worker/parallel/driver.py); checked before any rank starts.
+            raise ValueError("overlap_steps is not supported with tensor or pipeline "
+                             "parallelism yet")
         self.runner = self._make_runner(config)
         try:
             self._setup(config)
@@ -68,6 +76,8 @@ class LLMEngine:
         if config.scheduler.policy == "mlfq":
             self.cost_model = profile_cost_model(self.runner)
         self.scheduler = make_scheduler(config.scheduler, self.kv_manager, self.cost_model)
+        pipeline_size = config.parallel.pipeline_parallel_size
+        self.scheduler.skip_requests_in_flight = pipeline_size > 1
         self.sessions = SessionCache(self.kv_manager, config.cache.session_ttl_s,
                                      config.cache.max_sessions)
         # Copies for sessions parked by the last step, done before the next step's.
@@ -78,16 +88,19 @@ class LLMEngine:
         self._pending_outputs: list[RequestOutput] = []
         self.num_generated_tokens = 0
         overlap = config.model.overlap_steps
-        tensor_parallel = config.parallel.tensor_parallel_size > 1
-        self.overlap_steps = (self.runner.device.type == "cuda" and not tensor_parallel
+        parallel = config.parallel.world_size > 1
+        self.overlap_steps = (self.runner.device.type == "cuda" and not parallel
                               if overlap is None else overlap)
-        # The launched step whose tokens are not read back yet: (plan, step, launch time).
-        self._in_flight: Optional[tuple[SchedulerOutput, InFlightStep, float]] = None
+        # Launched steps whose tokens are not read back yet, oldest first: (plan, step,
+        # launch time); at most this many stay in flight after a step() returns.
+        self._in_flight: deque[tuple[SchedulerOutput, InFlightStep, float]] = deque()
+        self._max_in_flight = (pipeline_size - 1 if pipeline_size > 1
+                               else int(self.overlap_steps))
 
     def _make_runner(self, config: EngineConfig):
-        """One ModelRunner; under tensor parallelism this process is rank 0 and the other
-        ranks are started here (worker/parallel/ranks.py)."""
-        if config.parallel.tensor_parallel_size == 1:
+        """One ModelRunner; under tensor or pipeline parallelism this process is rank 0 and
+        the other ranks are started here (worker/parallel/ranks.py)."""
+        if config.parallel.world_size == 1:
             return ModelRunner(config, self.model_dir)
         ranks = RankProcesses(config, self.model_dir)
         try:
@@ -101,13 +114,13 @@ class LLMEngine:
             raise
 
     def dead_ranks(self) -> list[str]:
-        """Tensor-parallel ranks whose process has ended (rank 0 is this process); a
-        replica with any cannot serve and must be replaced whole."""
+        """Parallel ranks whose process has ended (rank 0 is this process); a replica with
+        any cannot serve and must be replaced whole."""
         runner = self.__dict__.get("runner")
         return runner.dead_ranks() if isinstance(runner, DriverRunner) else []
 
     def close(self) -> None:
-        """Stop the other tensor-parallel ranks, if any (idempotent)."""
+        """Stop the other parallel ranks, if any (idempotent)."""
         runner = self.__dict__.get("runner")
         if isinstance(runner, DriverRunner):
             runner.close()
@@ -144,7 +157,7 @@ class LLMEngine:
         return True
 
     def has_work(self) -> bool:
-        return (bool(self._pending_outputs) or self._in_flight is not None
+        return (bool(self._pending_outputs) or bool(self._in_flight)
                 or self.scheduler.has_work())
 
     # ---- the step ----------------------------------------------------------------------
@@ -156,18 +169,21 @@ class LLMEngine:
         self.sessions.expire()
         plan = self.scheduler.schedule()
         if plan.is_empty and not plan.swap_out_blocks and not plan.swap_in_blocks:
-            outputs.extend(self._read_back())
+            outputs.extend(self._read_back())  # the oldest step: its requests may go on
             return outputs
-        if not self.overlap_steps or any(
+        if self.overlap_steps and any(
                 item.request.sampling_params.uses_penalties for item in plan.scheduled):
             outputs.extend(self._read_back())  # penalties read the previous tokens on host
             # Requests that stopped there are done: the step does not run them.
             plan.scheduled = [s for s in plan.scheduled if not s.request.is_finished]
         start = time.perf_counter()
         self.runner.swap(plan.swap_out_blocks, plan.swap_in_blocks)
-        in_flight = self._in_flight[1] if self._in_flight is not None else None
+        in_flight = self._in_flight[-1][1] if self._in_flight else None
         launched = self.runner.launch(plan.scheduled, self.eos_token_ids, in_flight)
-        outputs.extend(self._read_back())
+        # Older steps first (this one's requests that stopped there are seen as finished
+        # below), keeping at most _max_in_flight with this one.
+        while len(self._in_flight) >= max(self._max_in_flight, 1):
+            outputs.extend(self._read_back())
         for item in plan.scheduled:
             request = item.request
             if request.is_finished:
@@ -176,17 +192,17 @@ class LLMEngine:
             request.num_prefilled_tokens += item.num_new_tokens
             if request.num_computed_tokens == request.num_tokens:
                 request.append_placeholder()  # sampled by this step, still on the device
-        self._in_flight = (plan, launched, start)
-        if not self.overlap_steps:
+        self._in_flight.append((plan, launched, start))
+        while len(self._in_flight) > self._max_in_flight:
             outputs.extend(self._read_back())
         return outputs
 
     def _read_back(self) -> list[RequestOutput]:
-        """Wait for the step in flight, if any: fill its tokens in, apply stop conditions."""
-        if self._in_flight is None:
+        """Wait for the oldest step in flight, if any: fill its tokens in, apply stop
+        conditions."""
+        if not self._in_flight:
             return []
-        plan, launched, start = self._in_flight
-        self._in_flight = None
+        plan, launched, start = self._in_flight.popleft()
         sampled = launched.wait()
         outputs = []
         for item in plan.scheduled:

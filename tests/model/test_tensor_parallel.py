@@ -207,7 +207,7 @@ def test_a_rank_that_dies_is_named_instead_of_hanging(biased_model):
         process.kill()
         process.join(10)
         start = time.monotonic()
-        with pytest.raises(RuntimeError, match=r"tensor-parallel rank 1 \(exit code -9\) died"):
+        with pytest.raises(RuntimeError, match=r"parallel rank 1 \(exit code -9\) died"):
             run_engine(engine, PROMPTS[:2])
         assert time.monotonic() - start < 25
     finally:

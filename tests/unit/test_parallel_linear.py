@@ -178,7 +178,7 @@ def _two_rank_worker(rank: int, port: int, results) -> None:
     from lmfleet.worker.parallel import state
 
     torch.set_num_threads(1)
-    state.init_tp_group(rank, 2, port, timeout_s=30)
+    state.init_groups(rank, 2, 1, port, timeout_s=30)
     try:
         assert os.environ["NCCL_NVLS_ENABLE"] == "0"
         x = rand(4, INTER, seed=1)
@@ -191,7 +191,7 @@ def _two_rank_worker(rank: int, port: int, results) -> None:
         ids = torch.tensor([0, 24, 25, 49])
         results.put((rank, row(shard), embedding(ids), head(rand(3, HIDDEN, seed=5))))
     finally:
-        state.destroy_tp_group()
+        state.destroy_groups()
 
 
 def test_two_ranks_over_gloo_match_the_unsharded_layers():

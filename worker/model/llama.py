@@ -4,6 +4,12 @@ The model sees one flat batch of T tokens from many requests (`input_ids`, `posi
 and leaves everything about requests to the attention backend's metadata. It names the
 parallel layer each projection is (parallel_linear.py) and nothing else about ranks: under
 tensor parallelism each rank builds its heads (num_heads / tp) and its MLP slice.
+
+Under pipeline parallelism a stage builds only its layers (the others are `MissingLayer`
+placeholders, so parameter names stay the checkpoint's). Stage 0 holds the embedding and
+the LM head; the last stage holds the final norm. A stage that is not the last returns
+the residual stream and its last layer's output stacked (2, T, H), for the next stage to
+go on exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from lmfleet.worker.model.parallel_linear import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from lmfleet.worker.parallel.stages import PipelineStage, pipeline_stage
 
 
 class Attention(nn.Module):
@@ -85,35 +92,64 @@ class DecoderLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(x, attn))  # (T, H)
 
 
+class MissingLayer(nn.Module):
+    """A layer another pipeline stage holds: no parameters, never called."""
+
+    def forward(self, *args: Any) -> None:
+        raise RuntimeError("this layer is held by another pipeline stage")
+
+
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ArchConfig, max_positions: int) -> None:
+    def __init__(self, arch: ArchConfig, max_positions: int, stage: PipelineStage) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.embed_tokens = (VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
+                             if stage.is_first else None)
+        self.layers = nn.ModuleList(
+            DecoderLayer(arch) if stage.holds_layer(i) else MissingLayer()
+            for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps) if stage.is_last else None
         self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
                                       arch.rope_scaling)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, arch: ArchConfig, max_positions: int) -> None:
+    def __init__(self, arch: ArchConfig, max_positions: int,
+                 stage: PipelineStage | None = None) -> None:
         super().__init__()
         self.arch = arch
-        self.model = LlamaModel(arch, max_positions)
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size)
-        if arch.tie_word_embeddings:
+        self.stage = stage or pipeline_stage(arch.num_layers)
+        self.model = LlamaModel(arch, max_positions, self.stage)
+        self.lm_head = (ParallelLMHead(arch.vocab_size, arch.hidden_size)
+                        if self.stage.is_first else None)
+        if arch.tie_word_embeddings and self.stage.is_first:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def holds_weight(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` belongs to this pipeline stage."""
+        if name.startswith("model.layers."):
+            return self.stage.holds_layer(int(name.split(".")[2]))
+        if name.startswith(("model.embed_tokens.", "lm_head.")):
+            return self.stage.is_first
+        if name.startswith("model.norm."):
+            return self.stage.is_last
+        return True
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[KVCache], metadata: Any,
-                backend: AttentionBackend) -> torch.Tensor:
-        """input_ids, positions (T,) -> final hidden states (T, H). `metadata` is the
-        backend's own, built by its builder for this step."""
-        x = self.model.embed_tokens(input_ids)  # (T, H)
+                kv_caches: list[KVCache], metadata: Any, backend: AttentionBackend,
+                hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions (T,) -> final hidden states (T, H) on the last stage, else
+        (2, T, H) for the next one. `hidden` (2, T, H) is the previous stage's output
+        (None on stage 0). `metadata` is the backend's own, built for this step."""
+        if hidden is None:
+            x, delta = self.model.embed_tokens(input_ids), None  # (T, H)
+        else:
+            x, delta = hidden[0], hidden[1]  # (T, H) each
         rope = RopeStep(self.model.rotary, positions, x.dtype)
-        delta = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        layers = self.model.layers[self.stage.start:self.stage.end]
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
             delta = layer(x, delta, rope, kv_cache, metadata, backend)
+        if not self.stage.is_last:
+            return torch.stack((x, delta))  # (2, T, H)
         return self.model.norm(x, delta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from lmfleet.worker.model.arch import ArchConfig, UnsupportedModelError
 from lmfleet.worker.model.llama import LlamaForCausalLM
 from lmfleet.worker.model.parallel_linear import MergedColumnParallelLinear, QKVParallelLinear
+from lmfleet.worker.parallel.stages import PipelineStage
 
 # checkpoint suffix -> (fused parameter suffix, shard id)
 _FUSED = {
@@ -39,16 +40,17 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 
 def load_model(model_dir: Path, max_positions: int, dtype: torch.dtype,
-               device: torch.device) -> LlamaForCausalLM:
+               device: torch.device, stage: PipelineStage | None = None) -> LlamaForCausalLM:
+    """The model, or under pipeline parallelism the part of it `stage` holds."""
     arch = ArchConfig.from_model_dir(model_dir)
     with torch.device("meta"):
-        model = LlamaForCausalLM(arch, max_positions)
+        model = LlamaForCausalLM(arch, max_positions, stage)
     model = model.to_empty(device=device).to(dtype)
     # Rotary tables are buffers built at init: rebuild them for real on the device.
     rotary = type(model.model.rotary)(arch.head_dim, max_positions, arch.rope_theta,
                                       arch.rope_scaling)
     model.model.rotary = rotary.to(device)
-    if arch.tie_word_embeddings:
+    if arch.tie_word_embeddings and model.lm_head is not None:
         model.lm_head.weight = model.model.embed_tokens.weight
     params = dict(model.named_parameters())  # a tied lm_head.weight is not listed
     loaded: set[str] = set()
@@ -59,6 +61,8 @@ def load_model(model_dir: Path, max_positions: int, dtype: torch.dtype,
                     continue
                 if name == "lm_head.weight" and arch.tie_word_embeddings:
                     continue
+                if not model.holds_weight(name):
+                    continue  # another pipeline stage's
                 target, shard_id = _target(name)
                 if target not in params:
                     raise UnsupportedModelError(f"unexpected weight {name!r} in {path.name}")

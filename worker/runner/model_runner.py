@@ -4,11 +4,16 @@ decode-only steps on CUDA, eagerly otherwise) and samples.
 
 Logits are computed only for requests whose step reaches the end of their known tokens (a
 finished prefill or a decode); earlier prefill chunks only fill the cache.
+
+Under pipeline parallelism a runner is one stage: it receives the previous stage's hidden
+states, runs its layers and sends them on; the last stage sends the rows that sample
+back to stage 0, whose step resolves them when the engine waits for it (DeferredSample).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,6 +33,8 @@ from lmfleet.worker.model.cpu_ops import attach_fused_ops, load_cpu_ops
 from lmfleet.worker.model.default_model import cache_dir
 from lmfleet.worker.model.loader import load_model
 from lmfleet.worker.parallel import state as parallel_state
+from lmfleet.worker.parallel.pipeline import PipelineLink
+from lmfleet.worker.parallel.stages import pipeline_stage
 from lmfleet.worker.request import Request, TokenLogprobs
 from lmfleet.worker.runner.cuda_graphs import DecodeGraphs
 from lmfleet.worker.runner.sampler import PendingSample, SamplingBatch, sample_async, to_device
@@ -59,14 +66,26 @@ class InFlightStep:
 
     def wait(self) -> dict[str, SampledToken]:
         """Block until the tokens are on the host: request id -> its sampled token."""
-        if self.pending is None:
+        result = None if self.pending is None else self.pending.result()
+        if result is None:  # nothing sampled, or sampled on another rank
             return {}
-        result = self.pending.result()
         return {
             request.request_id: SampledToken(token, logprobs)
             for request, token, logprobs in zip(self.requests, result.token_ids,
                                                 result.logprobs, strict=True)
         }
+
+
+class DeferredSample:
+    """A pipeline step's sample on stage 0: its rows come back from the last stage, and are
+    turned into logits and tokens when the engine waits for the step."""
+
+    def __init__(self, resolve: Callable[[], Optional[PendingSample]]) -> None:
+        self._resolve = resolve
+
+    def result(self):
+        pending = self._resolve()
+        return None if pending is None else pending.result()
 
 
 def available_cpu_memory() -> int:
@@ -92,12 +111,17 @@ class ModelRunner:
         # and the KV of its KV heads; block ids mean the same blocks on every rank.
         self.tp_rank = parallel_state.get_tp_rank()
         self.tp_size = parallel_state.get_tp_size()
+        # Under pipeline parallelism, this stage's layers and their KV only.
+        self.stage = pipeline_stage(self.arch.num_layers, parallel_state.get_pp_size(),
+                                    parallel_state.get_pp_rank())
+        groups = parallel_state.get_groups()
+        self.pipeline = PipelineLink(groups) if self.stage.size > 1 else None
         self.backend_name = resolve_backend_name(config.model.attention_backend, self.device)
         max_len = config.model.max_model_len or self.arch.max_position_embeddings
         if self.arch.sliding_window:
             # Attention here is full-context; past the window the model would differ.
             max_len = min(max_len, self.arch.sliding_window)
-        self.model = load_model(model_dir, max_len, self.dtype, self.device)
+        self.model = load_model(model_dir, max_len, self.dtype, self.device, self.stage)
         if self.device.type == "cpu":
             transpose_linears(self.model)
         decode_kernel, fused_ops = self._load_fused_kernels()
@@ -116,13 +140,13 @@ class ModelRunner:
         if self.max_model_len < max_len:
             logger.warning("max_model_len capped at %d by the KV capacity (%d blocks)",
                            self.max_model_len, self.num_blocks)
-        shape = kv_cache_shape(self.arch.num_layers, self.num_blocks, self.block_size,
+        shape = kv_cache_shape(self.stage.num_layers, self.num_blocks, self.block_size,
                                self.num_kv_heads, self.arch.head_dim)
         # Zero-filled, not empty: attention multiplies masked-out slots by a weight of 0,
         # which is only harmless if they hold finite values.
         self.kv_storage = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = [KVCache(self.kv_storage[layer], layer)
-                          for layer in range(self.arch.num_layers)]
+                          for layer in range(self.stage.num_layers)]
         self.dense_decode = self._dense_decode_cache()
         self.num_host_blocks = config.cache.host_kv_memory_bytes // self.kv_block_bytes
         self.swapper: Optional[KVSwapper] = None
@@ -138,8 +162,10 @@ class ModelRunner:
             scheduler.max_num_seqs, blocks_for_tokens(self.max_model_len, self.block_size),
             self.block_size, self.device)
         self.graphs: Optional[DecodeGraphs] = None
+        # Graphs capture one rank's forward; a stage's also waits on its neighbours'
+        # point-to-point transfers, which are not captured: pipeline stages run eagerly.
         if (self.device.type == "cuda" and not config.model.enforce_eager
-                and self.backend.supports_cuda_graphs):
+                and self.backend.supports_cuda_graphs and self.pipeline is None):
             self.graphs = DecodeGraphs(self._forward, self.backend, self.inputs,
                                        scheduler.max_num_seqs, self.max_model_len)
             self.graphs.capture()
@@ -175,15 +201,15 @@ class ModelRunner:
         if not use_dense:
             return None
         return DenseDecodeCache(
-            self.arch.num_layers, self.num_kv_heads, self.arch.head_dim, self.dtype,
+            self.stage.num_layers, self.num_kv_heads, self.arch.head_dim, self.dtype,
             self.device, max_bytes=self.num_blocks * self.kv_block_bytes,
             max_slots=self.config.scheduler.max_num_seqs)
 
     @property
     def kv_block_bytes(self) -> int:
-        # This rank's share: its KV heads.
-        return (self.block_size * self.arch.kv_bytes_per_token // self.tp_size
-                * self.dtype.itemsize)
+        # This rank's share: its KV heads of its stage's layers.
+        return (self.block_size * 2 * self.stage.num_layers * self.num_kv_heads
+                * self.arch.head_dim * self.dtype.itemsize)
 
     def _num_kv_blocks(self, max_model_len: int) -> int:
         # Every rank holds the same blocks (rank 0's block tables address them all): the
@@ -264,10 +290,29 @@ class ModelRunner:
         if bucket is not None and batch.persistent:
             hidden = self.graphs.replay(bucket)
         else:
-            hidden = self._eager_forward(batch)
+            hidden = self._eager_forward(batch, self._receive_hidden(batch))
+        if not self.stage.is_last:
+            self.pipeline.send_hidden(hidden)  # (2, T, H)
         if not batch.sample_rows:
             return InFlightStep([], None)
-        return self._sample(hidden, batch, eos_token_ids)
+        requests = batch.sample_requests
+        if not self.stage.is_last:  # stage 0: the rows come back from the last stage
+            shape = (len(batch.sample_rows), self.arch.hidden_size)
+            return InFlightStep(requests, DeferredSample(lambda: self._sample(
+                self.pipeline.recv_from_last(shape, self.dtype, self.device), requests,
+                eos_token_ids)))
+        rows = self._sample_rows(hidden, batch)  # (N, H)
+        if not self.stage.is_first:
+            self.pipeline.send_to_first(rows)
+            return InFlightStep([], None)
+        return InFlightStep(requests, self._sample(rows, requests, eos_token_ids))
+
+    def _receive_hidden(self, batch: StepBatch) -> Optional[torch.Tensor]:
+        """The previous stage's (2, T, H) output for this batch (None on stage 0)."""
+        if self.stage.is_first:
+            return None
+        shape = (2, batch.input_ids.shape[0], self.arch.hidden_size)
+        return self.pipeline.recv_hidden(shape, self.dtype, self.device)
 
     def _fill_placeholders(self, batch: StepBatch, in_flight: Optional[InFlightStep]) -> None:
         if in_flight is None or in_flight.pending is None:
@@ -277,30 +322,35 @@ class ModelRunner:
         tokens = in_flight.pending.device_token_ids[to_device(sources, self.device)]  # (P,)
         batch.input_ids.index_copy_(0, to_device(rows, self.device), tokens.to(torch.int32))
 
-    def _eager_forward(self, batch: StepBatch) -> torch.Tensor:
+    def _eager_forward(self, batch: StepBatch,
+                       hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
         metadata = self.backend.build_metadata(batch.common)
         try:
-            return self._forward(batch.input_ids, batch.positions, metadata)
+            return self.model(batch.input_ids, batch.positions, self.kv_caches, metadata,
+                              self.backend, hidden)
         except BaseException:
             # Some layers may have written this step's tokens and others not.
             if self.dense_decode is not None:
                 self.dense_decode.clear()
             raise
 
-    def _sample(self, hidden: torch.Tensor, batch: StepBatch,
-                eos_token_ids: tuple[int, ...]) -> InFlightStep:
+    def _sample_rows(self, hidden: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """hidden (T, H) -> the rows that sample (N, H)."""
         rows = batch.sample_rows
         if rows == list(range(len(rows))):
-            selected = hidden[:len(rows)]  # a decode-only step: no gather
-        else:
-            selected = hidden[to_device(rows, self.device)]
+            return hidden[:len(rows)]  # a decode-only step: no gather
+        return hidden[to_device(rows, self.device)]
+
+    def _sample(self, selected: torch.Tensor, requests: list[Request],
+                eos_token_ids: tuple[int, ...]) -> Optional[PendingSample]:
+        """selected (N, H) final hidden rows -> their sampled tokens, on their way to the
+        host (None on ranks other than 0, which only join the logits' all-gather)."""
         logits = self.model.compute_logits(selected)  # (N, V), gathered from every rank
         if self.tp_rank != 0:
-            return InFlightStep([], None)  # only rank 0 samples
-        requests = batch.sample_requests
+            return None  # only rank 0 samples
         sampling = SamplingBatch(requests, [self._generator(r) for r in requests],
                                  eos_token_ids)
-        return InFlightStep(requests, sample_async(logits, sampling))
+        return sample_async(logits, sampling)
 
     def _dense_decode_step(self, decodes: list[ScheduledRequest]) -> Optional[DenseDecodeStep]:
         if self.dense_decode is None:

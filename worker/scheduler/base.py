@@ -54,10 +54,20 @@ class SchedulerOutput:
 
 
 class Scheduler(abc.ABC):
+    # Set by a pipeline-parallel engine: a request whose sampled token is still in flight
+    # is not scheduled until it is back (its next step needs that token as input).
+    skip_requests_in_flight = False
+
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
         self.config = config
         self.kv_manager = kv_manager
         self.num_preemptions = 0
+
+    def waits_for_token(self, request: Request) -> bool:
+        """Whether the request sits this step out: its last token is in flight (it
+        finishes when that arrives), or any token is and steps may not read it."""
+        return request.output_is_complete or (
+            self.skip_requests_in_flight and request.num_pending_tokens > 0)
 
     @abc.abstractmethod
     def add(self, request: Request) -> None: ...

@@ -81,8 +81,8 @@ class FCFSScheduler(Scheduler):
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            if request.output_is_complete:
-                continue  # its last token is in flight; it finishes when that arrives
+            if self.waits_for_token(request):
+                continue
             num_new_tokens = min(request.num_uncomputed_tokens, budget)
             while not self.kv_manager.allocate(request, num_new_tokens):
                 victim = self._lowest_priority_running()

@@ -239,8 +239,8 @@ class MLFQScheduler(Scheduler):
         for request in order:
             if budget == 0 or len(chosen) >= self.config.max_num_seqs:
                 break
-            if request.output_is_complete:
-                continue  # its last token is in flight; it finishes when that arrives
+            if self.waits_for_token(request):
+                continue
             wanted = min(request.num_uncomputed_tokens, budget)
             level = self.entries[request.request_id].level
             top_level = level if top_level is None else top_level
