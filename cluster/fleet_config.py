@@ -9,7 +9,7 @@
         min_replicas: 1           # or `replicas: N` for a fixed size
         max_replicas: 3
         tp: 1                     # tensor-parallel ranks per replica (one node)
-        pp: 1                     # pipeline stages per replica (1 until PP lands)
+        pp: 1                     # pipeline stages per replica (same node)
         cpus_per_rank: 1          # CPUs per rank in the replica's placement bundle
         scheduler: mlfq           # fcfs | mlfq
         engine:                   # engine options by key (worker/options.py)
@@ -117,7 +117,7 @@ class ModelDeployment:
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got "
                              f"{self.scheduler!r}")
-        self.placement.check_supported()  # also validates tp, pp and cpus_per_rank
+        ReplicaPlacement(self.tp, self.pp, cpus_per_rank=self.cpus_per_rank)  # checks them
         object.__setattr__(self, "engine", MappingProxyType(dict(self.engine)))
 
     @property
@@ -131,6 +131,8 @@ class ModelDeployment:
         options = {**self.engine, "scheduler": self.scheduler}
         if self.tp > 1:
             options["tensor_parallel_size"] = self.tp
+        if self.pp > 1:
+            options["pipeline_parallel_size"] = self.pp
         return options
 
 
@@ -241,8 +243,9 @@ def model_path(path: str) -> str:
     return expanded
 
 
-# Engine options a fleet gives per model entry (`scheduler:`, `tp:`), not under `engine:`.
-MODEL_LEVEL_OPTIONS = ("scheduler", "tensor_parallel_size")
+# Engine options a fleet gives per model entry (`scheduler:`, `tp:`, `pp:`), not under
+# `engine:`.
+MODEL_LEVEL_OPTIONS = ("scheduler", "tensor_parallel_size", "pipeline_parallel_size")
 
 
 def engine_options(options: Any, where: str) -> dict[str, Any]:

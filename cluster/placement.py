@@ -1,24 +1,17 @@
 """Where a replica runs: the Ray placement group of one replica's TP x PP ranks.
 
 A replica of a model with tensor-parallel size `tp` and pipeline-parallel size `pp` needs
-tp * pp devices (GPUs on GPU nodes, `cpus_per_rank` CPUs each otherwise).
-
-With pp == 1 (what the engine runs today) the group is one bundle holding every rank's
-devices (tp GPUs and tp x cpus_per_rank CPUs) on one node, and the rank-0 actor takes all
-of it: it starts the other tp - 1 ranks as its own processes (worker/parallel/ranks.py),
+tp * pp devices (GPUs on GPU nodes, `cpus_per_rank` CPUs each otherwise). The group is
+one bundle holding every rank's devices on one node (STRICT_PACK), and the rank-0 actor
+takes all of it: it starts the other ranks as its own processes (worker/parallel/ranks.py),
 which so see the GPUs Ray gave it, and a rank that dies takes the replica down as one
-unit for the controller to replace. With pp > 1 there would be one bundle per rank (ranks
-ordered stage-major: bundle = stage * tp + tp_rank), PACK: a stage's TP ranks exchange
-activations every layer, the stages only once per micro-batch; `check_supported` refuses
-pp > 1 until pipeline parallelism lands.
+unit for the controller to replace. A replica therefore never spans nodes; its stages
+talk over the node's own links (NVLink, shared memory).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-# What the engine can run today: tensor parallelism, not yet pipeline stages.
-SUPPORTED_PP = 1
 
 
 @dataclass(frozen=True)
@@ -27,7 +20,7 @@ class ReplicaPlacement:
 
     tp, pp: tensor- and pipeline-parallel sizes (>= 1).
     use_gpu: one GPU per rank (engine --device cuda); else CPU bundles.
-    cpus_per_rank: CPUs per rank's bundle (the rank's process and its threads).
+    cpus_per_rank: CPUs per rank (the rank's process and its threads).
     """
 
     tp: int = 1
@@ -49,13 +42,11 @@ class ReplicaPlacement:
         return self.tp * self.pp
 
     def bundles(self) -> list[dict[str, float]]:
-        """The resource bundles: with pp == 1 one holding every rank's devices, else one
-        per rank in rank order."""
-        ranks = self.tp if self.pp == 1 else 1
-        bundle: dict[str, float] = {"CPU": float(self.cpus_per_rank * ranks)}
+        """The resource bundles: one, holding every rank's devices."""
+        bundle: dict[str, float] = {"CPU": float(self.cpus_per_rank * self.world_size)}
         if self.use_gpu:
-            bundle["GPU"] = float(ranks)
-        return [dict(bundle) for _ in range(self.world_size // ranks)]
+            bundle["GPU"] = float(self.world_size)
+        return [bundle]
 
     def rank0_resources(self) -> dict[str, float]:
         """What the rank-0 actor asks for: its whole bundle."""
@@ -63,20 +54,7 @@ class ReplicaPlacement:
 
     @property
     def strategy(self) -> str:
-        return "STRICT_PACK" if self.pp == 1 else "PACK"
-
-    def rank_bundle(self, stage: int, tp_rank: int) -> int:
-        """The bundle index of the rank at pipeline `stage` and tensor-parallel `tp_rank`."""
-        if not (0 <= stage < self.pp and 0 <= tp_rank < self.tp):
-            raise ValueError(f"rank (stage {stage}, tp_rank {tp_rank}) is outside "
-                             f"pp={self.pp} x tp={self.tp}")
-        return 0 if self.pp == 1 else stage * self.tp + tp_rank
-
-    def check_supported(self) -> None:
-        """ValueError when the engine cannot run this layout yet."""
-        if self.pp != SUPPORTED_PP:
-            raise ValueError(f"pp={self.pp}: the engine runs pp=1 only until pipeline "
-                             "parallelism lands (tp may be any size the model's heads allow)")
+        return "STRICT_PACK"
 
 
 def unplaceable_reason(placement: ReplicaPlacement,
@@ -93,23 +71,13 @@ def unplaceable_reason(placement: ReplicaPlacement,
     def fits(have: dict[str, float], want: dict[str, float]) -> bool:
         return all(have.get(name, 0.0) >= amount for name, amount in want.items())
 
-    if placement.strategy == "STRICT_PACK":
-        if any(fits(node, needed) for node in nodes):
-            return None
-        where = "one node"
-    else:  # PACK: every bundle fits some node and the cluster holds them all
-        total: dict[str, float] = {}
-        for node in nodes:
-            for name, amount in node.items():
-                total[name] = total.get(name, 0.0) + amount
-        if all(any(fits(node, b) for node in nodes) for b in bundles) and fits(total, needed):
-            return None
-        where = "the cluster"
+    if any(fits(node, needed) for node in nodes):
+        return None
     largest = {name: max((node.get(name, 0.0) for node in nodes), default=0.0)
                for name in needed}
     layout = (f"{placement.world_size} rank(s) (tp={placement.tp}, pp={placement.pp}) on "
               f"{'GPUs' if placement.use_gpu else 'CPUs'}")
-    return (f"cannot be placed: a replica needs {_amounts(needed)} on {where} for "
+    return (f"cannot be placed: a replica needs {_amounts(needed)} on one node for "
             f"{layout}, but the largest of the Ray cluster's {len(nodes)} node(s) has "
             f"{_amounts(largest)}" + (" (no GPU: run with --device cpu, or on a GPU node)"
                                       if placement.use_gpu and not largest.get("GPU") else ""))

@@ -80,7 +80,8 @@ class ReplicaActor:
             self._loop, self._server = loop, server
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         logger.info("replica of %s serving on %s (pid %d)", model_name, address, os.getpid())
-        if self._options.get("tensor_parallel_size", 1) > 1:
+        if (self._options.get("tensor_parallel_size", 1)
+                * self._options.get("pipeline_parallel_size", 1) > 1):
             threading.Thread(target=self._watch_ranks, args=(engine,), name="rank-watch",
                              daemon=True).start()
         return address, os.getpid()

@@ -112,7 +112,7 @@ class ReplicaHandle:
         self._pg = placement_group(placement.bundles(), strategy=placement.strategy,
                                    name=f"lmfleet-{self.replica_id}")
         strategy = PlacementGroupSchedulingStrategy(
-            placement_group=self._pg, placement_group_bundle_index=placement.rank_bundle(0, 0),
+            placement_group=self._pg, placement_group_bundle_index=0,
             placement_group_capture_child_tasks=True)
         self._actor = replica_actor_class().options(
             num_cpus=placement.rank0_resources()["CPU"],

@@ -143,10 +143,11 @@ def fleet_config(args: argparse.Namespace):
     names = names or [served_model_name(m) for m in models]
     scheduler = flags.pop("scheduler", None) or "fcfs"
     tp = flags.pop("tensor_parallel_size", 1)
+    pp = flags.pop("pipeline_parallel_size", 1)
     controller = ControllerConfig(drain_timeout_s=max(args.drain_timeout, 0.1),
                                   start_timeout_s=args.start_timeout)
     return FleetConfig(tuple(
-        ModelDeployment(name=n, path=m, tp=tp, scheduler=scheduler, engine=flags,
+        ModelDeployment(name=n, path=m, tp=tp, pp=pp, scheduler=scheduler, engine=flags,
                         autoscaling=scaling)
         for n, m in zip(names, models, strict=True)), controller)
 

@@ -309,12 +309,6 @@ def test_the_fleet_configmap_loads_with_the_controllers_own_loader(name, monkeyp
     objects = example_objects(name)
     configmap = find(objects, "ConfigMap", "-fleet")
     text = configmap["data"]["fleet.yaml"]
-    if any(m.get("pp", 1) > 1 for m in v["models"]):
-        # Today's engine refuses pp > 1 (cluster/placement.py), with this message; the rest
-        # of the file must still be right for the day it lands.
-        with pytest.raises(ValueError, match="the engine runs pp=1 only"):
-            _load_fleet(text, monkeypatch, v["modelStorage"]["mountPath"])
-        monkeypatch.setattr(fleet_config.ReplicaPlacement, "check_supported", lambda self: None)
     fleet = _load_fleet(text, monkeypatch, v["modelStorage"]["mountPath"])
     assert fleet.cluster == v["cluster"]
     assert [m.name for m in fleet.models] == [m["name"] for m in v["models"]]

@@ -190,6 +190,12 @@ def test_flags_become_a_fleet_forwarding_the_engine_flags_given(tmp_path):
             scaled.models[0].autoscaling.max_replicas) == (1, 3)
     named = serve_command.fleet_config(_parse("--model", "default", "--model-name", "chat"))
     assert named.models[0].name == "chat"
+    parallel = serve_command.fleet_config(_parse("--tensor-parallel-size", "3",
+                                                 "--pipeline-parallel-size", "2"))
+    assert (parallel.models[0].tp, parallel.models[0].pp) == (3, 2)
+    assert parallel.models[0].placement.bundles() == [{"CPU": 6.0}]
+    options = parallel.models[0].engine_options()
+    assert (options["tensor_parallel_size"], options["pipeline_parallel_size"]) == (3, 2)
     from lmfleet.worker.model.default_model import served_model_name
 
     assert served_model_name("/models/llama.Q4_0.gguf") == "llama.Q4_0"
@@ -219,29 +225,31 @@ def test_a_model_no_node_can_hold_is_reported_at_once_and_the_others_are_served(
 
 
 @server_test
-def test_a_tensor_parallel_replica_answers_with_the_single_rank_greedy_text(default_model_dir):
-    # --tensor-parallel-size 3 (the default model's 9 heads and 3 KV heads divide by 3):
-    # one Ray replica whose rank-0 actor holds a 3-CPU bundle and starts ranks 1 and 2 as
-    # its own processes, over gloo.
+@pytest.mark.parametrize("flags", [["--tensor-parallel-size", "3"],
+                                   ["--pipeline-parallel-size", "2"]], ids=["tp3", "pp2"])
+def test_a_parallel_replica_answers_with_the_single_rank_greedy_text(default_model_dir,
+                                                                      flags):
+    # --tensor-parallel-size 3 (the default model's 9 heads and 3 KV heads divide by 3), or
+    # two pipeline stages of 15 layers: one Ray replica whose rank-0 actor holds a bundle
+    # of every rank's CPUs and starts the other ranks as its own processes, over gloo.
     from lmfleet.worker import LLM, SamplingParams
 
     prompts = [[504, 3458, 282, 4649, 314], [1645, 1848, 314, 253, 1345, 28, 1205, 359]]
     with LLM(str(default_model_dir), max_model_len=256) as llm:
         expected = [o.text for o in llm.generate(prompts, SamplingParams(
             max_tokens=10, temperature=0, ignore_eos=True), use_tqdm=False)]
-    with start_serve(["--tensor-parallel-size", "3", "--max-model-len", "256",
-                      "--num-kv-blocks", "64"]) as serve:
+    with start_serve([*flags, "--max-model-len", "256", "--num-kv-blocks", "64"]) as serve:
         response = httpx.post(f"{serve.base_url}/v1/completions", timeout=300, json={
             "prompt": prompts, "max_tokens": 10, "temperature": 0, "ignore_eos": True})
         assert response.status_code == 200, response.text
         choices = sorted(response.json()["choices"], key=lambda c: c["index"])
         assert [c["text"] for c in choices] == expected
-        # Ranks 1 and 2 are processes of the replica's (rank 0's) own (started from one of
-        # its threads: each thread lists the children it started).
+        # The other ranks are processes of the replica's (rank 0's) own (started from one
+        # of its threads: each thread lists the children it started).
         (pid,) = serve.worker_pids
         children = [child for task in Path(f"/proc/{pid}/task").glob("*/children")
                     for child in task.read_text().split()]
-        assert len(children) >= 2
+        assert len(children) >= int(flags[1]) - 1
 
 
 @server_test

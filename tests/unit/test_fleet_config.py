@@ -70,9 +70,11 @@ def test_a_fleet_yaml_becomes_deployments_with_engine_options(tmp_path):
     ({"models": [{"name": "a", "min_replicas": 3, "max_replicas": 2}]}, "max_replicas"),
     ({"models": [{"name": "a", "scheduler": "lifo"}]}, "scheduler must be one of"),
     ({"models": [{"name": "a", "tp": 0}]}, "tp must be an integer >= 1"),
-    ({"models": [{"name": "a", "pp": 2}]}, "pp=2: the engine runs pp=1 only"),
+    ({"models": [{"name": "a", "pp": 0}]}, "pp must be an integer >= 1"),
     ({"models": [{"name": "a", "engine": {"tensor_parallel_size": 2}}]},
      "unknown key 'tensor_parallel_size'"),
+    ({"models": [{"name": "a", "engine": {"pipeline_parallel_size": 2}}]},
+     "unknown key 'pipeline_parallel_size'"),
     ({"models": [{"name": "/srv/models/llama"}]}, "a file path; name the model"),
     ({"models": [{"name": "~/llama"}]}, "a file path; name the model"),
     ({"models": [{"name": "a", "engine": {"max_num_seq": 8}}]},
@@ -116,26 +118,26 @@ def test_engine_options_are_checked_like_the_worker_checks_them():
         engine_options({"port": 1}, "e")
 
 
-def test_placement_lays_out_tp_by_pp_bundles_stage_major():
+def test_tp_and_pp_keys_become_the_replicas_parallel_engine_options():
+    fleet = fleet_config_from_dict({"models": [{"name": "a", "tp": 3, "pp": 2},
+                                               {"name": "b"}]})
+    options = [m.engine_options() for m in fleet.models]
+    assert (options[0]["tensor_parallel_size"], options[0]["pipeline_parallel_size"]) == (3, 2)
+    assert "pipeline_parallel_size" not in options[1]
+
+
+def test_placement_is_one_bundle_with_every_ranks_devices_for_rank0():
+    # The rank-0 actor takes it all and starts the other tp x pp - 1 ranks itself.
     placement = ReplicaPlacement(tp=2, pp=3, use_gpu=True)
     assert placement.world_size == 6
-    assert placement.bundles() == [{"CPU": 1.0, "GPU": 1.0}] * 6
-    assert placement.strategy == "PACK"
-    assert [placement.rank_bundle(s, r) for s in range(3) for r in range(2)] == [0, 1, 2, 3,
-                                                                                  4, 5]
-    assert placement.rank_bundle(2, 0) == 4
-    assert ReplicaPlacement(tp=4).strategy == "STRICT_PACK"
-    assert ReplicaPlacement(cpus_per_rank=0.5).bundles() == [{"CPU": 0.5}]
-    with pytest.raises(ValueError, match="outside pp=3 x tp=2"):
-        placement.rank_bundle(3, 0)
-    with pytest.raises(ValueError, match="pp=1 only"):
-        placement.check_supported()
-    # pp == 1: one bundle with every rank's devices, all of it the rank-0 actor's.
+    assert placement.bundles() == [{"CPU": 6.0, "GPU": 6.0}]
+    assert placement.strategy == "STRICT_PACK"
     tp3 = ReplicaPlacement(tp=3, use_gpu=True, cpus_per_rank=2)
-    tp3.check_supported()
-    assert tp3.bundles() == [{"CPU": 6.0, "GPU": 3.0}] and tp3.strategy == "STRICT_PACK"
+    assert tp3.bundles() == [{"CPU": 6.0, "GPU": 3.0}]
     assert tp3.rank0_resources() == {"CPU": 6.0, "GPU": 3.0}
-    assert [tp3.rank_bundle(0, r) for r in range(3)] == [0, 0, 0]
-    ReplicaPlacement().check_supported()
+    assert ReplicaPlacement(cpus_per_rank=0.5).bundles() == [{"CPU": 0.5}]
+    assert ReplicaPlacement(pp=2).bundles() == [{"CPU": 2.0}]
+    with pytest.raises(ValueError, match="pp must be an integer >= 1"):
+        ReplicaPlacement(pp=0)
     with pytest.raises(ValueError, match="cpus_per_rank"):
         ReplicaPlacement(cpus_per_rank=0)
