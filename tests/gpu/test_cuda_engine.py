@@ -57,10 +57,13 @@ def run_engine(model_dir, prompts, max_tokens: int, prepare=None, **options
     for index, ids in enumerate(prompts):
         engine.add_request(Request(str(index), ids, params))
     results: dict[str, list[int]] = {}
-    while engine.has_work():
-        for output in engine.step():
-            if output.finished:
-                results[output.request_id] = output.output_token_ids
+    try:
+        while engine.has_work():
+            for output in engine.step():
+                if output.finished:
+                    results[output.request_id] = output.output_token_ids
+    finally:
+        engine.close()  # the other parallel ranks, if any
     if options.get("host_kv_memory_bytes"):
         # The run must really have swapped, or the test proves nothing.
         assert engine.kv_manager.swap_stats.num_swap_in_blocks > 0
