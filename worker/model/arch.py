@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from lmfleet.worker.quant.config import WeightQuantization
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -44,6 +46,8 @@ class ArchConfig:
     sliding_window: Optional[int]
     eos_token_ids: tuple[int, ...]
     bos_token_id: Optional[int]
+    # The decoder layers' projections' quantization (None: plain weights).
+    quantization: Optional[WeightQuantization] = None
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -86,6 +90,10 @@ class ArchConfig:
             sliding_window = None
         eos = _token_ids(generation.get("eos_token_id") if generation else None)
         eos = eos or _token_ids(config.get("eos_token_id"))
+        try:
+            quantization = WeightQuantization.from_config(config)
+        except ValueError as error:
+            raise UnsupportedModelError(str(error)) from None
         return cls(
             architecture=architecture,
             vocab_size=config["vocab_size"],
@@ -107,6 +115,7 @@ class ArchConfig:
             sliding_window=sliding_window,
             eos_token_ids=eos,
             bos_token_id=config.get("bos_token_id"),
+            quantization=quantization,
         )
 
 

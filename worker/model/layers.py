@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmfleet.worker.model.parallel_linear import MergedColumnParallelLinear, RowParallelLinear
+from lmfleet.worker.quant.config import WeightQuantization
 
 
 class RMSNorm(nn.Module):
@@ -127,14 +128,15 @@ class GatedMLP(nn.Module):
     parallelism each rank holds intermediate_size / tp of gate and of up (column-parallel)
     and the matching input slice of down_proj (row-parallel, all-reduced)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool) -> None:
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool,
+                 quant: Optional[WeightQuantization] = None) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
             hidden_size, [intermediate_size, intermediate_size], bias=bias,
-            what="intermediate_size")
+            what="intermediate_size", quant=quant)
         self.intermediate_size = self.gate_up_proj.local_sizes[0]  # this rank's
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias,
-                                           what="intermediate_size")
+                                           what="intermediate_size", quant=quant)
         self.fused_ops = None  # the device's fused kernels, set by attach_fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, H)

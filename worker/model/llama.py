@@ -43,7 +43,8 @@ class Attention(nn.Module):
         # q, k and v fused into one matmul, split by heads across ranks; its loader fills
         # the three slices.
         self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim, arch.num_heads,
-                                          arch.num_kv_heads, bias=arch.qkv_bias)
+                                          arch.num_kv_heads, bias=arch.qkv_bias,
+                                          quant=arch.quantization)
         self.num_heads = self.qkv_proj.num_heads  # this rank's
         self.num_kv_heads = self.qkv_proj.num_kv_heads  # this rank's
         self.head_dim = arch.head_dim
@@ -51,7 +52,8 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * arch.head_dim
         self.scale = arch.head_dim**-0.5
         self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size,
-                                        bias=arch.o_bias, what="num_attention_heads * head_dim")
+                                        bias=arch.o_bias, what="num_attention_heads * head_dim",
+                                        quant=arch.quantization)
         self.fused_ops = None  # the device's fused kernels, set by attach_fused_ops
 
     def forward(self, x: torch.Tensor, rope: RopeStep, kv_cache: KVCache, metadata: Any,
@@ -81,7 +83,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.self_attn = Attention(arch)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.mlp_bias)
+        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, arch.mlp_bias,
+                            arch.quantization)
 
     def forward(self, x, delta, rope, kv_cache, metadata, backend) -> torch.Tensor:
         """x (T, H) is the residual stream, this model's own tensor, updated in place; delta

@@ -14,6 +14,12 @@ At tp = 1 every layer runs exactly the op of the nn.Linear / nn.Embedding it rep
 (F.linear with its bias, or `x @ W_t + b` after the CPU transpose pass), so single-rank
 outputs are bit-identical to before. The rank and size come from worker.parallel.state
 unless given (tests build every rank's shard in one process).
+
+A linear layer built with a `WeightQuantization` holds the quantized format's tensors
+instead of `weight` (worker/quant/awq_linear.py: AWQ's packed codes, zeros and scales,
+stored (in, out)); each parameter's `ParamLayout` says which of its axes are the output
+and input features and how many of them one stored element covers, so the same loaders
+shard plain and packed weights.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmfleet.worker.parallel import state
+from lmfleet.worker.quant import awq_linear
+from lmfleet.worker.quant.awq_linear import ParamLayout
+from lmfleet.worker.quant.config import WeightQuantization
 
 ShardId = Union[None, int, str]
 
@@ -55,27 +64,43 @@ def load_shard(destination: torch.Tensor, loaded: torch.Tensor, dim: int, rank: 
 
 
 class LinearBase(nn.Module):
-    """weight (out_local, in_local) as nn.Linear stores it, bias (out_local,) or None."""
+    """weight (out_local, in_local) as nn.Linear stores it, bias (out_local,) or None; or,
+    quantized, the format's tensors (awq_linear.py)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 tp_rank: Optional[int], tp_size: Optional[int]) -> None:
+                 tp_rank: Optional[int], tp_size: Optional[int],
+                 quant: Optional[WeightQuantization] = None) -> None:
         super().__init__()
         self.tp_rank = state.get_tp_rank() if tp_rank is None else tp_rank
         self.tp_size = state.get_tp_size() if tp_size is None else tp_size
         self.in_features = in_features  # this rank's
         self.out_features = out_features  # this rank's
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.quant = quant
+        self.layouts: dict[str, ParamLayout] = {}
+        if quant is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features),
+                                       requires_grad=False)
+            self.layouts["weight"] = ParamLayout(out_dim=0, in_dim=1)
+        else:
+            awq_linear.create_parameters(self, in_features, out_features, quant)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.layouts["bias"] = ParamLayout(out_dim=0, in_dim=None)
         else:
             self.register_parameter("bias", None)
         self.weight_t: Optional[nn.Parameter] = None  # (in, out), set by transpose_weight
         self._bind_loaders()
 
+    def layout(self, param: nn.Parameter) -> ParamLayout:
+        for name, own in self._parameters.items():
+            if own is param:
+                return self.layouts[name]
+        raise ValueError("not a parameter of this layer")
+
     def _bind_loaders(self) -> None:
         # Module.to / to_empty may replace Parameter objects (meta -> real), dropping
         # attributes set on them, so the loaders are bound again after every _apply.
-        for param in (self._parameters.get("weight"), self.bias):
+        for param in self._parameters.values():
             if param is not None:
                 param.weight_loader = self.weight_loader
 
@@ -87,11 +112,15 @@ class LinearBase(nn.Module):
     def transpose_weight(self) -> None:
         """The CPU pass (cpu_linear.py): multiply by a contiguous (in, out) copy instead;
         the (out, in) weight is dropped (a tied one stays with the embedding)."""
+        if self.quant is not None:
+            return  # already stored (in, out)
         weight_t = self.weight.detach().t().contiguous()  # (in, out)
         del self._parameters["weight"]
         self.weight_t = nn.Parameter(weight_t, requires_grad=False)
 
     def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.quant is not None:
+            return awq_linear.apply(self, x, bias)  # (T, out)
         if self.weight_t is not None:  # the same ops as cpu_linear.TransposedLinear
             out = torch.matmul(x, self.weight_t)  # (T, out)
             return out if bias is None else out + bias
@@ -120,13 +149,15 @@ class ColumnParallelLinear(LinearBase):
     """Output features split: rank r holds rows [r * out/tp, (r+1) * out/tp)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 tp_rank: Optional[int] = None, tp_size: Optional[int] = None) -> None:
+                 tp_rank: Optional[int] = None, tp_size: Optional[int] = None,
+                 quant: Optional[WeightQuantization] = None) -> None:
         tp = state.get_tp_size() if tp_size is None else tp_size
         super().__init__(in_features, divide(out_features, tp, "out_features"), bias,
-                         tp_rank, tp)
+                         tp_rank, tp, quant)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        load_shard(param.data, loaded, 0, self.tp_rank, param.shape[0] * self.tp_size)
+        dim = self.layout(param).out_dim
+        load_shard(param.data, loaded, dim, self.tp_rank, param.shape[dim] * self.tp_size)
 
 
 class MergedColumnParallelLinear(LinearBase):
@@ -135,23 +166,27 @@ class MergedColumnParallelLinear(LinearBase):
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False,
                  tp_rank: Optional[int] = None, tp_size: Optional[int] = None,
-                 what: str = "output size") -> None:
+                 what: str = "output size", quant: Optional[WeightQuantization] = None) -> None:
         tp = state.get_tp_size() if tp_size is None else tp_size
         self.local_sizes = [divide(size, tp, what) for size in output_sizes]
-        super().__init__(in_features, sum(self.local_sizes), bias, tp_rank, tp)
+        if quant is not None:  # each part must start on a packed element
+            awq_linear.check_output_parts(self.local_sizes)
+        super().__init__(in_features, sum(self.local_sizes), bias, tp_rank, tp, quant)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
+        layout = self.layout(param)
+        dim, pack = layout.out_dim, layout.out_pack
+        local = [size // pack for size in self.local_sizes]  # stored elements per part
         if shard_id is None:  # an already fused checkpoint tensor: split it into parts
-            full = [size * self.tp_size for size in self.local_sizes]
-            if loaded.shape[0] != sum(full):
-                raise ValueError(f"has shape {tuple(loaded.shape)}, expected "
-                                 f"({sum(full)}, ...)")
-            for index, part in enumerate(loaded.split(full, dim=0)):
+            full = [size * self.tp_size for size in local]
+            if loaded.shape[dim] != sum(full):
+                raise ValueError(f"has shape {tuple(loaded.shape)}, expected {sum(full)} "
+                                 f"along dim {dim}")
+            for index, part in enumerate(loaded.split(full, dim=dim)):
                 self.weight_loader(param, part, index)
             return
-        offset = sum(self.local_sizes[:shard_id])
-        size = self.local_sizes[shard_id]
-        load_shard(param.data.narrow(0, offset, size), loaded, 0, self.tp_rank,
+        offset, size = sum(local[:shard_id]), local[shard_id]
+        load_shard(param.data.narrow(dim, offset, size), loaded, dim, self.tp_rank,
                    size * self.tp_size)
 
 
@@ -161,12 +196,14 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False, tp_rank: Optional[int] = None,
-                 tp_size: Optional[int] = None) -> None:
+                 tp_size: Optional[int] = None,
+                 quant: Optional[WeightQuantization] = None) -> None:
         tp = state.get_tp_size() if tp_size is None else tp_size
         self.num_heads = divide(num_heads, tp, "num_attention_heads")  # this rank's
         self.num_kv_heads = divide(num_kv_heads, tp, "num_key_value_heads")
         super().__init__(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim,
-                                       num_kv_heads * head_dim], bias, tp_rank, tp)
+                                       num_kv_heads * head_dim], bias, tp_rank, tp,
+                         quant=quant)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         index = {"q": 0, "k": 1, "v": 2}.get(shard_id, shard_id)
@@ -180,15 +217,17 @@ class RowParallelLinear(LinearBase):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  tp_rank: Optional[int] = None, tp_size: Optional[int] = None,
-                 what: str = "in_features") -> None:
+                 what: str = "in_features", quant: Optional[WeightQuantization] = None) -> None:
         tp = state.get_tp_size() if tp_size is None else tp_size
-        super().__init__(divide(in_features, tp, what), out_features, bias, tp_rank, tp)
+        super().__init__(divide(in_features, tp, what), out_features, bias, tp_rank, tp,
+                         quant)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        if param.dim() == 1:  # the bias: not split
+        dim = self.layout(param).in_dim
+        if dim is None:  # the bias: not split
             load_shard(param.data, loaded, 0, 0, param.shape[0])
         else:
-            load_shard(param.data, loaded, 1, self.tp_rank, param.shape[1] * self.tp_size)
+            load_shard(param.data, loaded, dim, self.tp_rank, param.shape[dim] * self.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (T, in/tp)
         if self.tp_size == 1:  # the op nn.Linear runs (the bias fused in, as before)

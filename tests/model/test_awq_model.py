@@ -1,0 +1,76 @@
+"""An AWQ checkpoint written by `write_awq_checkpoint` (round-to-nearest, group 32) runs in
+the engine with its packed weights: greedy tokens equal Hugging Face transformers' on the
+same model with the dequantized weights written back as a plain checkpoint, at tp = 1 and
+tp = 2 (each rank holding its shard of the packed tensors)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmfleet.worker.config import EngineConfig
+from lmfleet.worker.engine import LLMEngine
+from lmfleet.worker.quant.awq_format import dequantize
+from lmfleet.worker.quant.awq_writer import write_awq_checkpoint
+from tests.conftest import make_tiny_model
+from tests.model.test_tiny_models import PROMPTS, hf_reference, run_engine
+
+pytestmark = pytest.mark.model
+GROUP = 32
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> tuple[Path, Path]:
+    """(the AWQ directory, a plain directory holding its dequantized weights)."""
+    root = tmp_path_factory.mktemp("awq")
+    plain = make_tiny_model(root / "plain", "llama")
+    awq = write_awq_checkpoint(plain, root / "awq", group_size=GROUP)
+    tensors = load_file(str(awq / "model.safetensors"))
+    dequantized = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".qweight"):
+            base = name[:-len(".qweight")]
+            weight_t = dequantize(tensor, tensors[f"{base}.qzeros"], tensors[f"{base}.scales"],
+                                  GROUP)  # (in, out)
+            dequantized[f"{base}.weight"] = weight_t.t().contiguous()
+        elif not name.endswith((".qzeros", ".scales")):
+            dequantized[name] = tensor
+    reference = root / "dequantized"
+    reference.mkdir()
+    save_file(dequantized, str(reference / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((awq / "config.json").read_text())
+    del config["quantization_config"]
+    (reference / "config.json").write_text(json.dumps(config))
+    return awq, reference
+
+
+def test_awq_checkpoint_holds_packed_projections_and_autoawq_config(models):
+    awq, _ = models
+    tensors = load_file(str(awq / "model.safetensors"))
+    assert tensors["model.layers.0.self_attn.q_proj.qweight"].shape == (64, 64 // 8)
+    assert tensors["model.layers.1.mlp.down_proj.scales"].shape == (128 // GROUP, 64)
+    assert "model.layers.0.mlp.up_proj.weight" not in tensors
+    assert tensors["lm_head.weight"].dtype == torch.float32  # not quantized
+    config = json.loads((awq / "config.json").read_text())["quantization_config"]
+    assert config == {"quant_method": "awq", "bits": 4, "group_size": GROUP,
+                      "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_awq_engine_greedy_equals_hf_on_the_dequantized_weights(models, tp):
+    awq, reference = models
+    expected = hf_reference(reference, PROMPTS)
+    config = EngineConfig.from_options(str(awq), block_size=8, num_kv_blocks=64,
+                                       tensor_parallel_size=tp, max_num_batched_tokens=16)
+    engine = LLMEngine(config, model_dir=awq)
+    try:
+        model = getattr(engine.runner, "runner", engine.runner).model
+        qkv = model.model.layers[0].self_attn.qkv_proj
+        assert qkv.qweight.dtype == torch.int32 and not hasattr(qkv, "weight")
+        assert run_engine(engine, PROMPTS) == expected
+    finally:
+        engine.close()

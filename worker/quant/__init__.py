@@ -1,0 +1,1 @@
+"""Weight quantization formats and the methods the linear layers use to run them."""

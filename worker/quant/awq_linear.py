@@ -1,0 +1,74 @@
+"""AWQ W4A16 as a linear layer's method: the parameters a quantized layer holds, and its
+matmul.
+
+A layer of this rank's `in_features` x `out_features` holds `qweight` int32 (in, out / 8),
+`qzeros` int32 (in / g, out / 8) and `scales` (in / g, out) (awq_format.py). Tensor
+parallelism splits them like the plain weight: column-parallel layers along the output
+axis (axis 1, in packed elements for qweight and qzeros), row-parallel ones along the
+input axis (axis 0, in groups for qzeros and scales); so a rank's slice must hold whole
+packed elements and whole groups.
+
+The matmul dequantizes this rank's weight to the activations' dtype per group and
+multiplies (exactly the checkpoint's W, so outputs match an unquantized model holding the
+dequantized weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lmfleet.worker.quant.awq_format import PACK, dequantize
+from lmfleet.worker.quant.config import WeightQuantization
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Which axes of a stored parameter are the layer's output and input features, and
+    how many features one stored element (or row) along each covers."""
+
+    out_dim: int
+    in_dim: Optional[int]  # None: a bias
+    out_pack: int = 1
+    in_pack: int = 1
+
+
+def check_output_parts(local_sizes: list[int]) -> None:
+    for size in local_sizes:
+        if size % PACK:
+            raise ValueError(f"AWQ: a fused part of {size} output features per rank is not "
+                             f"a multiple of {PACK} (one packed int32)")
+
+
+def create_parameters(layer: nn.Module, in_features: int, out_features: int,
+                      quant: WeightQuantization) -> None:
+    group = quant.group_size
+    if out_features % PACK:
+        raise ValueError(f"AWQ: {out_features} output features per rank is not a multiple "
+                         f"of {PACK} (one packed int32)")
+    if in_features % group:
+        raise ValueError(f"AWQ: {in_features} input features per rank is not a multiple of "
+                         f"the group size {group}")
+
+    def add(name: str, shape: tuple[int, int], dtype: torch.dtype, layout: ParamLayout):
+        layer.register_parameter(name, nn.Parameter(torch.empty(shape, dtype=dtype),
+                                                    requires_grad=False))
+        layer.layouts[name] = layout
+
+    add("qweight", (in_features, out_features // PACK), torch.int32,
+        ParamLayout(out_dim=1, in_dim=0, out_pack=PACK))
+    add("qzeros", (in_features // group, out_features // PACK), torch.int32,
+        ParamLayout(out_dim=1, in_dim=0, out_pack=PACK, in_pack=group))
+    add("scales", (in_features // group, out_features), torch.float32,
+        ParamLayout(out_dim=1, in_dim=0, in_pack=group))
+
+
+def apply(layer: Any, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x (T, in) -> (T, out)."""
+    weight_t = dequantize(layer.qweight, layer.qzeros, layer.scales,
+                          layer.quant.group_size, x.dtype)  # (in, out)
+    out = torch.matmul(x, weight_t)  # (T, out)
+    return out if bias is None else out + bias

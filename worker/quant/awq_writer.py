@@ -1,0 +1,71 @@
+"""Write an AutoAWQ-format (GEMM, 4-bit, zero point) checkpoint from a plain one.
+
+The decoder layers' seven projections (q, k, v, o, gate, up, down) become `qweight`,
+`qzeros` and `scales` (awq_format.py); embeddings, norms, the LM head and biases stay as
+they are; config.json gains AutoAWQ's `quantization_config`. Round-to-nearest per group
+of input features (the plain mode of `lmfleet quantize`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lmfleet.worker.model.loader import safetensors_files
+from lmfleet.worker.quant.awq_format import BITS, quantize_rtn
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Files besides the weights and config.json that a model directory carries along.
+_CARRIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def is_quantized_projection(name: str) -> bool:
+    parts = name.split(".")
+    return (len(parts) >= 3 and parts[-1] == "weight" and parts[-2] in PROJECTIONS
+            and ".layers." in name)
+
+
+def quantization_config(group_size: int) -> dict:
+    return {"quant_method": "awq", "bits": BITS, "group_size": group_size,
+            "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
+
+
+def write_awq_checkpoint(model_dir: Path, out_dir: Path, group_size: int = 128,
+                         on_tensor: Optional[Callable[[str], None]] = None) -> Path:
+    """Quantize `model_dir` into `out_dir` (created); `on_tensor(name)` after each tensor."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise ValueError(f"{model_dir} is already quantized")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for path in safetensors_files(model_dir):
+        with safe_open(str(path), framework="pt") as checkpoint:
+            for name in checkpoint.keys():
+                tensor = checkpoint.get_tensor(name)
+                if is_quantized_projection(name):
+                    base = name[:-len(".weight")]
+                    try:
+                        qweight, qzeros, scales = quantize_rtn(tensor, group_size)
+                    except ValueError as error:
+                        raise ValueError(f"{name}: {error}") from None
+                    tensors.update({f"{base}.qweight": qweight, f"{base}.qzeros": qzeros,
+                                    f"{base}.scales": scales})
+                else:
+                    tensors[name] = tensor.contiguous()
+                if on_tensor is not None:
+                    on_tensor(name)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config["quantization_config"] = quantization_config(group_size)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    for name in _CARRIED:
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, out_dir / name)
+    return out_dir
