@@ -115,7 +115,8 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 # Each lives in its own module under lmfleet.cli.commands, exposing
 # `add_parser(sub)` that registers it (with `set_defaults(func=...)`). Modules must not
 # import torch or other heavy packages at the top, so `lmfleet --help` stays instant.
-COMMAND_MODULES = ("generate", "worker", "router", "controller", "serve", "chat", "bench")
+COMMAND_MODULES = ("generate", "worker", "router", "controller", "serve", "chat", "bench",
+                   "quantize")
 
 
 def _command_adders():

@@ -74,3 +74,26 @@ def test_awq_engine_greedy_equals_hf_on_the_dequantized_weights(models, tp):
         assert run_engine(engine, PROMPTS) == expected
     finally:
         engine.close()
+
+
+def test_quantize_command_writes_a_checkpoint_the_engine_loads(models, tmp_path, capsys):
+    from lmfleet.cli.main import main
+
+    _, reference = models
+    out = tmp_path / "q"
+    assert main(["quantize", str(reference), "--out", str(out), "--group-size", "32",
+                 "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    config = EngineConfig.from_options(str(out), block_size=8, num_kv_blocks=64)
+    engine = LLMEngine(config, model_dir=out)
+    assert engine.runner.arch.quantization.group_size == 32
+    assert len(run_engine(engine, PROMPTS[:2])) == 2
+    # Again into the same directory, and a group size that does not divide 64 inputs.
+    assert main(["quantize", str(reference), "--out", str(out), "--quiet"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["quantize", str(reference), "--out", str(tmp_path / "g"), "--group-size",
+                 "48", "--quiet"]) == 2
+    assert "not a multiple of the group size 48" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists()
+    assert main(["quantize", str(out), "--out", str(tmp_path / "again"), "--quiet"]) == 2
+    assert "already quantized" in capsys.readouterr().err
