@@ -67,7 +67,15 @@ class ReplicaActor:
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         host = host or ray.util.get_node_ip_address()
-        engine, model_name = build_engine(self._model, self._options, self._model_name)
+        parallel = (self._options.get("tensor_parallel_size", 1)
+                    * self._options.get("pipeline_parallel_size", 1) > 1)
+        start_ranks = None
+        if parallel:  # the other ranks: actors in this replica's placement group
+            from lmfleet.cluster.rank_actors import RayRanks
+
+            start_ranks = RayRanks
+        engine, model_name = build_engine(self._model, self._options, self._model_name,
+                                          start_ranks)
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, name="replica-loop", daemon=True).start()
 
@@ -80,8 +88,7 @@ class ReplicaActor:
             self._loop, self._server = loop, server
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         logger.info("replica of %s serving on %s (pid %d)", model_name, address, os.getpid())
-        if (self._options.get("tensor_parallel_size", 1)
-                * self._options.get("pipeline_parallel_size", 1) > 1):
+        if parallel:
             threading.Thread(target=self._watch_ranks, args=(engine,), name="rank-watch",
                              daemon=True).start()
         return address, os.getpid()

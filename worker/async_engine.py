@@ -115,6 +115,9 @@ class AsyncEngine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # still inside a step: its ranks must stay
+        self._engine.close()  # the other parallel ranks, if any
 
     @property
     def is_running(self) -> bool:

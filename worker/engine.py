@@ -26,8 +26,9 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.kv.manager import KVCacheManager
@@ -49,8 +50,13 @@ from lmfleet.worker.scheduler.cost_model import CostModel
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_dir: Optional[Path] = None) -> None:
+    def __init__(self, config: EngineConfig, model_dir: Optional[Path] = None,
+                 start_ranks: Optional[Callable[[EngineConfig, Path], Any]] = None) -> None:
+        """start_ranks(config, model_dir): starts the other parallel ranks and joins their
+        groups as rank 0 (default: local processes, worker/parallel/ranks.py; a Ray
+        replica starts them as actors)."""
         self.config = config
+        self._start_ranks = start_ranks or RankProcesses
         self.model_dir = Path(model_dir) if model_dir else resolve_model_path(config.model.model)
         if config.model.overlap_steps and config.parallel.world_size > 1:
             # The other ranks would need rank 0's sampled tokens on their devices
@@ -102,7 +108,7 @@ class LLMEngine:
         the other ranks are started here (worker/parallel/ranks.py)."""
         if config.parallel.world_size == 1:
             return ModelRunner(config, self.model_dir)
-        ranks = RankProcesses(config, self.model_dir)
+        ranks = self._start_ranks(config, self.model_dir)
         try:
             return DriverRunner(ModelRunner(config, self.model_dir), ranks)
         except RuntimeError as error:  # a collective failed: a rank's own error names it

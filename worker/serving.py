@@ -7,13 +7,14 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 
-def build_engine(model: str, options: Mapping[str, Any], model_name: Optional[str] = None):
+def build_engine(model: str, options: Mapping[str, Any], model_name: Optional[str] = None,
+                 start_ranks=None):
     """Load `model` and build its LLMEngine; returns (engine, served name). The name is
     `model_name`, else what `lmfleet serve` calls the model ("default" for the embedded
-    one, a directory's name, a .gguf file's stem)."""
+    one, a directory's name, a .gguf file's stem). `start_ranks`: see LLMEngine."""
     from lmfleet.worker.config import EngineConfig
     from lmfleet.worker.engine import LLMEngine
     from lmfleet.worker.model.default_model import served_model_name
 
-    engine = LLMEngine(EngineConfig.from_options(model, **options))
+    engine = LLMEngine(EngineConfig.from_options(model, **options), start_ranks=start_ranks)
     return engine, model_name or served_model_name(model)

@@ -193,7 +193,7 @@ def test_flags_become_a_fleet_forwarding_the_engine_flags_given(tmp_path):
     parallel = serve_command.fleet_config(_parse("--tensor-parallel-size", "3",
                                                  "--pipeline-parallel-size", "2"))
     assert (parallel.models[0].tp, parallel.models[0].pp) == (3, 2)
-    assert parallel.models[0].placement.bundles() == [{"CPU": 6.0}]
+    assert parallel.models[0].placement.bundles() == [{"CPU": 1.0}] * 6
     options = parallel.models[0].engine_options()
     assert (options["tensor_parallel_size"], options["pipeline_parallel_size"]) == (3, 2)
     from lmfleet.worker.model.default_model import served_model_name
@@ -230,8 +230,8 @@ def test_a_model_no_node_can_hold_is_reported_at_once_and_the_others_are_served(
 def test_a_parallel_replica_answers_with_the_single_rank_greedy_text(default_model_dir,
                                                                       flags):
     # --tensor-parallel-size 3 (the default model's 9 heads and 3 KV heads divide by 3), or
-    # two pipeline stages of 15 layers: one Ray replica whose rank-0 actor holds a bundle
-    # of every rank's CPUs and starts the other ranks as its own processes, over gloo.
+    # two pipeline stages of 15 layers: one Ray replica whose rank-0 actor starts the other
+    # ranks as Ray actors in the replica's placement group, one bundle each, over gloo.
     from lmfleet.worker import LLM, SamplingParams
 
     prompts = [[504, 3458, 282, 4649, 314], [1645, 1848, 314, 253, 1345, 28, 1205, 359]]
@@ -244,12 +244,19 @@ def test_a_parallel_replica_answers_with_the_single_rank_greedy_text(default_mod
         assert response.status_code == 200, response.text
         choices = sorted(response.json()["choices"], key=lambda c: c["index"])
         assert [c["text"] for c in choices] == expected
-        # The other ranks are processes of the replica's (rank 0's) own (started from one
-        # of its threads: each thread lists the children it started).
-        (pid,) = serve.worker_pids
-        children = [child for task in Path(f"/proc/{pid}/task").glob("*/children")
-                    for child in task.read_text().split()]
-        assert len(children) >= int(flags[1]) - 1
+        assert len(rank_actor_pids()) == int(flags[1]) - 1
+
+
+def rank_actor_pids() -> list[int]:
+    """The processes of the running rank actors (Ray titles them `ray::RankActor.run`)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmdline.read_bytes().startswith(b"ray::RankActor.run"):
+                pids.append(int(cmdline.parent.name))
+        except OSError:
+            continue  # ended meanwhile
+    return pids
 
 
 @server_test
@@ -261,12 +268,8 @@ def test_killing_a_rank_of_a_tensor_parallel_replica_brings_it_back_whole(defaul
         before = httpx.post(f"{serve.base_url}/v1/completions", json=body, timeout=300)
         assert before.status_code == 200, before.text
         (pid,) = serve.worker_pids
-        children = [int(child) for task in Path(f"/proc/{pid}/task").glob("*/children")
-                    for child in task.read_text().split()]
-        # The rank processes (multiprocessing's spawn), not its resource tracker.
-        ranks = [c for c in children
-                 if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
-        assert len(ranks) == 2, children
+        ranks = rank_actor_pids()
+        assert len(ranks) == 2, ranks
         os.kill(ranks[0], signal.SIGKILL)
         # Rank 0 exits with it; the controller replaces the replica; a request sent now
         # waits for the replacement (the router's replica wait) and gets the same text.

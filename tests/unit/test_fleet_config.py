@@ -126,17 +126,19 @@ def test_tp_and_pp_keys_become_the_replicas_parallel_engine_options():
     assert "pipeline_parallel_size" not in options[1]
 
 
-def test_placement_is_one_bundle_with_every_ranks_devices_for_rank0():
-    # The rank-0 actor takes it all and starts the other tp x pp - 1 ranks itself.
+def test_placement_lays_out_one_bundle_per_rank_stage_major():
     placement = ReplicaPlacement(tp=2, pp=3, use_gpu=True)
     assert placement.world_size == 6
-    assert placement.bundles() == [{"CPU": 6.0, "GPU": 6.0}]
-    assert placement.strategy == "STRICT_PACK"
+    assert placement.bundles() == [{"CPU": 1.0, "GPU": 1.0}] * 6
+    assert placement.strategy == "PACK"  # stages may sit on different nodes
+    assert [placement.rank_bundle(s, r) for s in range(3) for r in range(2)] == list(range(6))
+    with pytest.raises(ValueError, match="outside pp=3 x tp=2"):
+        placement.rank_bundle(3, 0)
     tp3 = ReplicaPlacement(tp=3, use_gpu=True, cpus_per_rank=2)
-    assert tp3.bundles() == [{"CPU": 6.0, "GPU": 3.0}]
-    assert tp3.rank0_resources() == {"CPU": 6.0, "GPU": 3.0}
+    assert tp3.strategy == "STRICT_PACK"  # tensor-parallel ranks share one node
+    assert tp3.bundles() == [{"CPU": 2.0, "GPU": 1.0}] * 3
+    assert tp3.rank0_resources() == {"CPU": 2.0, "GPU": 1.0}
     assert ReplicaPlacement(cpus_per_rank=0.5).bundles() == [{"CPU": 0.5}]
-    assert ReplicaPlacement(pp=2).bundles() == [{"CPU": 2.0}]
     with pytest.raises(ValueError, match="pp must be an integer >= 1"):
         ReplicaPlacement(pp=0)
     with pytest.raises(ValueError, match="cpus_per_rank"):

@@ -17,12 +17,14 @@ def test_a_gpu_replica_on_cpu_nodes_names_what_is_missing():
     assert unplaceable_reason(ReplicaPlacement(use_gpu=True), [CPU_NODE, GPU_NODE]) is None
 
 
-def test_a_replicas_ranks_need_one_node_pipeline_stages_included():
-    for tp, pp in ((2, 1), (1, 2)):
-        placement = ReplicaPlacement(tp=tp, pp=pp, use_gpu=True)
-        why = unplaceable_reason(placement, [GPU_NODE, GPU_NODE])  # 2 GPUs, not on one node
-        assert why is not None and "2 GPU on one node" in why and f"tp={tp}, pp={pp}" in why
-        assert unplaceable_reason(placement, [GPU_NODE, TWO_GPU_NODE]) is None
+def test_tensor_parallel_ranks_need_one_node_pipeline_stages_may_spread():
+    tp2 = ReplicaPlacement(tp=2, use_gpu=True)
+    why = unplaceable_reason(tp2, [GPU_NODE, GPU_NODE])  # 2 GPUs, but not on one node
+    assert why is not None and "2 GPU on one node" in why and "tp=2" in why
+    assert unplaceable_reason(tp2, [GPU_NODE, TWO_GPU_NODE]) is None
+    pp2 = ReplicaPlacement(pp=2, use_gpu=True)
+    assert unplaceable_reason(pp2, [GPU_NODE, GPU_NODE]) is None
+    assert "the cluster" in unplaceable_reason(pp2, [GPU_NODE, CPU_NODE])
 
 
 def test_cpu_replicas_count_cpus_per_rank():

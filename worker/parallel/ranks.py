@@ -15,8 +15,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.multiprocessing as mp
@@ -49,32 +50,11 @@ class RankProcesses:
             self.processes.append(process)
         self._closed = False
         try:
-            self._join_group(port, config)
+            join_while_watching(lambda: join_groups(0, config, port), self.dead)
         except BaseException as error:
             failure = self.failure(error)
             self.close(timeout_s=0)
             raise failure from error
-
-    def _join_group(self, port: int, config: EngineConfig) -> None:
-        """Join as rank 0, in a thread, watching the ranks meanwhile: one that dies before
-        joining (an import error, a bad config) fails this at once, not at the timeout."""
-        outcome: list[BaseException | None] = []
-
-        def join() -> None:
-            try:
-                _init_groups(0, port, config)
-                outcome.append(None)
-            except BaseException as error:
-                outcome.append(error)
-
-        thread = threading.Thread(target=join, name="lmfleet-rank-join", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.1)
-            if thread.is_alive() and any(not p.is_alive() for p in self.processes):
-                raise RuntimeError("a rank exited before the group was set up")
-        if outcome[0] is not None:
-            raise outcome[0]
 
     def failure(self, error: BaseException) -> BaseException:
         """The error to raise on rank 0 when a collective failed: a rank's own error if one
@@ -112,10 +92,54 @@ class RankProcesses:
         state.destroy_groups()
 
 
-def _init_groups(rank: int, port: int, config: EngineConfig) -> None:
+def join_groups(rank: int, config: EngineConfig, port: int, host: str = "127.0.0.1",
+                cuda_device: Optional[int] = None) -> None:
     parallel = config.parallel
     state.init_groups(rank, parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
-                      port, config.model.device, parallel.parallel_timeout_s)
+                      port, config.model.device, parallel.parallel_timeout_s, host, cuda_device)
+
+
+def join_while_watching(join: Callable[[], None], dead: Callable[[], list[str]]) -> None:
+    """Run `join` (rank 0 joining the groups) in a thread, watching the other ranks
+    meanwhile: one that ends before joining (an import error, a bad config) fails this at
+    once, not at the group timeout."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            join()
+            outcome.append(None)
+        except BaseException as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, name="lmfleet-rank-join", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+        if thread.is_alive() and dead():
+            raise RuntimeError("a rank exited before the group was set up")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def run_rank(rank: int, config: EngineConfig, model_dir: str, port: int,
+             host: str = "127.0.0.1", cuda_device: Optional[int] = None) -> None:
+    """Everything a rank other than 0 does: join the groups, load its shard, run the steps
+    rank 0 sends until the shutdown message, leave the groups."""
+    from lmfleet.worker.parallel.driver import serve_later_stage, serve_stage0
+    from lmfleet.worker.runner.model_runner import ModelRunner
+
+    try:
+        join_groups(rank, config, port, host, cuda_device)
+        runner = ModelRunner(config, Path(model_dir))
+        if state.get_pp_rank() == 0:
+            serve_stage0(runner)
+        else:
+            serve_later_stage(runner)
+        if runner.pipeline is not None:
+            runner.pipeline.flush()
+    finally:
+        state.destroy_groups()
 
 
 def _exit_with_parent() -> None:
@@ -135,24 +159,12 @@ def _rank_main(rank: int, port: int, config: EngineConfig, model_dir: str, error
     _exit_with_parent()
     os.environ.update(state.rank_environment())
     torch.set_num_threads(num_threads)
-    from lmfleet.worker.parallel.driver import serve_later_stage, serve_stage0
-    from lmfleet.worker.runner.model_runner import ModelRunner
-
     try:
-        _init_groups(rank, port, config)
-        runner = ModelRunner(config, Path(model_dir))
-        if state.get_pp_rank() == 0:
-            serve_stage0(runner)
-        else:
-            serve_later_stage(runner)
-        if runner.pipeline is not None:
-            runner.pipeline.flush()
+        run_rank(rank, config, model_dir, port)
     except BaseException as error:  # reported to rank 0, which names this rank
         errors.put((rank, f"{type(error).__name__}: {error}"))
         logger.error("parallel rank %d failed:\n%s", rank, traceback.format_exc())
-        state.destroy_groups()
         raise SystemExit(1) from None
-    state.destroy_groups()
     # A clean stop leaves at once: once seen, the interpreter's teardown of the collective
     # library's threads aborted ("terminate called without an active exception").
     sys.stdout.flush()

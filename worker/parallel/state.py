@@ -78,9 +78,11 @@ def rank_environment() -> dict[str, str]:
 
 
 def init_groups(rank: int, tp_size: int, pp_size: int, port: int, device: str = "cpu",
-                timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelGroups:
-    """Join the replica's groups on 127.0.0.1:port; blocks until all tp x pp ranks joined
-    (or raises after timeout_s)."""
+                timeout_s: float = DEFAULT_TIMEOUT_S, host: str = "127.0.0.1",
+                cuda_device: Optional[int] = None) -> ParallelGroups:
+    """Join the replica's groups, whose rendezvous rank 0 serves on host:port; blocks until
+    all tp x pp ranks joined (or raises after timeout_s). On CUDA this rank uses device
+    `cuda_device` (default: its rank, for ranks that share one process's devices)."""
     global _groups
     if _groups is not None:
         raise RuntimeError("parallel groups are already set up in this process")
@@ -88,9 +90,10 @@ def init_groups(rank: int, tp_size: int, pp_size: int, port: int, device: str = 
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(rank if cuda_device is None else cuda_device)
     world = tp_size * pp_size
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    address = f"[{host}]" if ":" in host else host
+    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank,
                             world_size=world, timeout=timeout)
 
     def group(ranks: list[int], on: str, wait: datetime.timedelta = timeout) -> Any:
