@@ -1,0 +1,47 @@
+"""The Triton W4A16 matmul (worker/kernels/triton_w4a16.py) against dequantizing the AWQ
+tensors and multiplying (worker/quant/awq_format.py), in float32 and float16.
+
+Without CUDA the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set before
+triton is imported) on CPU tensors; on a GPU machine the same tests run it compiled.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from lmfleet.worker.kernels.triton_w4a16 import w4a16_matmul  # noqa: E402
+from lmfleet.worker.quant.awq_format import dequantize, quantize_rtn  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,n,k,group", [(1, 64, 64, 32), (5, 72, 128, 64), (33, 136, 96, 32)])
+def test_matches_dequantize_then_matmul(dtype, m, n, k, group):
+    generator = torch.Generator().manual_seed(m * 1000 + n)
+    weight = torch.randn(n, k, generator=generator)  # (out, in)
+    qweight, qzeros, scales = quantize_rtn(weight, group)
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    expected = (x.float() @ dequantize(qweight, qzeros, scales, group).to(dtype).float())
+    got = w4a16_matmul(x.to(DEVICE), qweight.to(DEVICE), qzeros.to(DEVICE),
+                       scales.to(dtype).to(DEVICE), group)
+    assert got.dtype == dtype and got.shape == (m, n)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_shapes_that_do_not_fit_are_refused():
+    qweight, qzeros, scales = quantize_rtn(torch.randn(16, 64), 32)
+    with pytest.raises(ValueError, match="do not fit"):
+        w4a16_matmul(torch.randn(2, 32, device=DEVICE), qweight.to(DEVICE), qzeros.to(DEVICE),
+                     scales.float().to(DEVICE), 32)
+    with pytest.raises(ValueError, match="scales must be"):
+        w4a16_matmul(torch.randn(2, 64, device=DEVICE), qweight.to(DEVICE), qzeros.to(DEVICE),
+                     scales.to(DEVICE), 32)
