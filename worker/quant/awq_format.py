@@ -29,7 +29,7 @@ def pack(codes: torch.Tensor) -> torch.Tensor:
     if cols % PACK:
         raise ValueError(f"{cols} columns do not pack into int32s of {PACK} codes")
     grouped = codes.to(torch.int64).view(rows, cols // PACK, PACK)  # (R, C/8, 8)
-    packed = torch.zeros(rows, cols // PACK, dtype=torch.int64)
+    packed = torch.zeros(rows, cols // PACK, dtype=torch.int64, device=codes.device)
     for column in range(PACK):
         packed |= grouped[:, :, column] << (BITS * _NIBBLE_OF_COLUMN[column])
     # int64 -> int32 keeps the low 32 bits (two's complement), as AutoAWQ's int32 holds them.

@@ -28,7 +28,7 @@ from lmfleet.worker.quant.awq_format import PACK, dequantize
 from lmfleet.worker.quant.config import WeightQuantization
 
 # Steps with more tokens than this dequantize and use the dense matmul instead.
-FUSED_MAX_TOKENS = 128
+FUSED_MAX_TOKENS = 256
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,92 @@
+"""W4A16 (AWQ) against bf16 on the GPU: the Llama-3-8B-shaped random model, its AWQ copy
+(round-to-nearest, group 128, written by `write_awq_checkpoint`), and LMDeploy's PyTorch
+engine on the same AWQ directory where it loads it, in one call.
+
+Each engine runs gpu_throughput.py's workload in its own process (`--run-variant
+default`): Test A (256 x 512 -> 256 tokens, throughput) and Test B (batch 1, TPOT).
+Target: W4A16 batch-1 TPOT <= 0.45 x bf16 (4-bit weights are a quarter of the bytes).
+
+  python3 benchmarks/awq_speed.py --out $OUT [--peer-bench .peer/peer_bench.py]
+Writes OUT/awq_speed.json and .png; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BF16_DIR = "/tmp/anchor_llama3_8b_random"
+AWQ_DIR = "/tmp/anchor_llama3_8b_awq"
+
+
+def run(cmd: list[str], limit: float) -> str:
+    print("==", " ".join(cmd), flush=True)
+    try:
+        completed = subprocess.run(cmd, timeout=limit)
+        return "ok" if completed.returncode == 0 else f"rc={completed.returncode}"
+    except subprocess.TimeoutExpired:
+        return f"timeout after {limit:.0f} s"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--peer-bench", default=None)
+    parser.add_argument("--limit-s", type=float, default=150.0, help="per engine run")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"benchmark": "awq_speed", "runs": {}, "status": {}}
+    if not (Path(BF16_DIR) / "config.json").is_file():
+        result["status"]["make-model"] = run(
+            [sys.executable, args.peer_bench, "make-model", "--model-dir", BF16_DIR,
+             "--out", str(out / "peer")], 300)
+    start = time.time()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_throughput import ensure_lmfleet_importable
+
+    ensure_lmfleet_importable()
+    from lmfleet.worker.quant.awq_writer import write_awq_checkpoint
+
+    if not (Path(AWQ_DIR) / "config.json").is_file():
+        write_awq_checkpoint(Path(BF16_DIR), Path(AWQ_DIR), 128, device="cuda")
+    result["quantize_s"] = time.time() - start
+    print(f"quantized in {result['quantize_s']:.1f} s", flush=True)
+    for name, model_dir in (("lmfleet-bf16", BF16_DIR), ("lmfleet-awq", AWQ_DIR)):
+        result_file = out / f"{name}.json"
+        result["status"][name] = run(
+            [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--run-variant",
+             "default", "--model-dir", model_dir, "--device", "cuda", "--result-file",
+             str(result_file)], args.limit_s)
+        if result_file.is_file():
+            result["runs"][name] = json.loads(result_file.read_text())
+    if args.peer_bench:
+        peer_out = out / "peer-awq"
+        result["status"]["lmdeploy-awq"] = run(
+            [sys.executable, args.peer_bench, "lmdeploy", "--model-dir", AWQ_DIR, "--out",
+             str(peer_out)], args.limit_s + 60)
+        results = peer_out / "results.jsonl"
+        if results.is_file():
+            result["runs"]["lmdeploy-awq"] = [json.loads(line) for line in
+                                              results.read_text().splitlines() if line]
+    bf16, awq = result["runs"].get("lmfleet-bf16", {}), result["runs"].get("lmfleet-awq", {})
+    if "test_b_tpot_ms" in bf16 and "test_b_tpot_ms" in awq:
+        result["tpot_ratio_awq_vs_bf16"] = awq["test_b_tpot_ms"] / bf16["test_b_tpot_ms"]
+    (out / "awq_speed.json").write_text(json.dumps(result, indent=1, default=str))
+    print("| engine | Test A out tok/s | Test B TPOT ms | TTFT ms | status |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for name in ("lmfleet-bf16", "lmfleet-awq"):
+        r = result["runs"].get(name, {})
+        print(f"| {name} | {r.get('test_a_out_tok_s', float('nan')):.0f} | "
+              f"{r.get('test_b_tpot_ms', float('nan')):.2f} | "
+              f"{r.get('test_b_ttft_ms', float('nan')):.1f} | {result['status'].get(name)} |")
+    print("tpot ratio awq/bf16:", result.get("tpot_ratio_awq_vs_bf16"))
+
+
+if __name__ == "__main__":
+    main()
