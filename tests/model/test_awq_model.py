@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.engine import LLMEngine
-from lmfleet.worker.quant.awq_format import dequantize
-from lmfleet.worker.quant.awq_writer import write_awq_checkpoint
+from lmfleet.worker.quant.awq_writer import (
+    write_awq_checkpoint,
+    write_dequantized_checkpoint,
+)
 from tests.conftest import make_tiny_model
 from tests.model.test_tiny_models import PROMPTS, hf_reference, run_engine
 
@@ -29,22 +31,7 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("awq")
     plain = make_tiny_model(root / "plain", "llama")
     awq = write_awq_checkpoint(plain, root / "awq", group_size=GROUP)
-    tensors = load_file(str(awq / "model.safetensors"))
-    dequantized = {}
-    for name, tensor in tensors.items():
-        if name.endswith(".qweight"):
-            base = name[:-len(".qweight")]
-            weight_t = dequantize(tensor, tensors[f"{base}.qzeros"], tensors[f"{base}.scales"],
-                                  GROUP)  # (in, out)
-            dequantized[f"{base}.weight"] = weight_t.t().contiguous()
-        elif not name.endswith((".qzeros", ".scales")):
-            dequantized[name] = tensor
-    reference = root / "dequantized"
-    reference.mkdir()
-    save_file(dequantized, str(reference / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((awq / "config.json").read_text())
-    del config["quantization_config"]
-    (reference / "config.json").write_text(json.dumps(config))
+    reference = write_dequantized_checkpoint(awq, root / "dequantized")
     return awq, reference
 
 

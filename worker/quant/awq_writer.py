@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmfleet.worker.model.loader import safetensors_files
-from lmfleet.worker.quant.awq_format import BITS, quantize_rtn
+from lmfleet.worker.quant.awq_format import BITS, dequantize, quantize_rtn
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Files besides the weights and config.json that a model directory carries along.
@@ -71,4 +71,33 @@ def write_awq_checkpoint(model_dir: Path, out_dir: Path, group_size: int = 128,
     for name in _CARRIED:
         if (model_dir / name).is_file():
             shutil.copy(model_dir / name, out_dir / name)
+    return out_dir
+
+
+def write_dequantized_checkpoint(awq_dir: Path, out_dir: Path) -> Path:
+    """The plain float32 checkpoint holding exactly the weights an AWQ directory encodes
+    (for tools that cannot read AWQ, e.g. a reference run of transformers)."""
+    from safetensors.torch import load_file
+
+    awq_dir, out_dir = Path(awq_dir), Path(out_dir)
+    config = json.loads((awq_dir / "config.json").read_text())
+    group_size = config.pop("quantization_config")["group_size"]
+    tensors = {}
+    for path in safetensors_files(awq_dir):
+        tensors.update(load_file(str(path)))
+    plain = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".qweight"):
+            base = name[:-len(".qweight")]
+            weight_t = dequantize(tensor, tensors[f"{base}.qzeros"], tensors[f"{base}.scales"],
+                                  group_size)  # (in, out)
+            plain[f"{base}.weight"] = weight_t.t().contiguous()
+        elif not name.endswith((".qzeros", ".scales")):
+            plain[name] = tensor
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(plain, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    for name in _CARRIED:
+        if (awq_dir / name).is_file():
+            shutil.copy(awq_dir / name, out_dir / name)
     return out_dir
