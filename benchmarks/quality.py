@@ -1,6 +1,7 @@
 """Quantization quality on the default model: perplexity on a held-out text and greedy
-agreement with float32, for float32 and AWQ round-to-nearest (group 64 and 32; the
-model's 576 hidden features do not divide by 128).
+agreement with float32, for float32 and AWQ (group 64 and 32; the model's 576 hidden
+features do not divide by 128), plain round-to-nearest and with the activation-aware scale
+search on `lmfleet quantize`'s default calibration text.
 
 - Perplexity: `benchmarks/data/heldout.txt` (shipped with the project; original prose,
   not seen in any training set we know of), one forward over its tokens, by transformers
@@ -19,6 +20,7 @@ Writes OUT/quality.json and .png; prints a table.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -45,7 +47,7 @@ def perplexity(model_dir: Path, tokenizer_dir: Path) -> dict:
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
     ids = tokenizer(TEXT.read_text(), return_tensors="pt").input_ids  # (1, L)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir),
-                                                              torch_dtype=torch.float32)
+                                                              dtype=torch.float32)
     with torch.no_grad():
         loss = model(ids, labels=ids).loss.item()  # mean over L - 1 predicted tokens
     return {"tokens": ids.shape[1], "nll": loss, "perplexity": math.exp(loss)}
@@ -101,12 +103,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     from lmfleet.worker.model.default_model import resolve_model_path
+    from lmfleet.worker.quant.awq_search import DEFAULT_CALIBRATION, calibration_ids
     from lmfleet.worker.quant.awq_writer import (
         write_awq_checkpoint,
         write_dequantized_checkpoint,
     )
 
     base = resolve_model_path("default", progress=False)
+    calibration = calibration_ids(base, DEFAULT_CALIBRATION.read_text())
+    modes = [("rtn", None), ("search", calibration)]
     result = {"benchmark": "quality", "model": "default", "text": str(TEXT.relative_to(ROOT)),
               "prompts": PROMPTS, "max_tokens": 32,
               "environment": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
@@ -115,10 +120,10 @@ def main() -> None:
     result["variants"]["float32"] = {**perplexity(base, base), **agreement(reference,
                                                                            reference)}
     with tempfile.TemporaryDirectory() as scratch:
-        for group in GROUPS:
-            name = f"awq-rtn-g{group}"
+        for (mode, ids), group in itertools.product(modes, GROUPS):
+            name = f"awq-{mode}-g{group}"
             print(f"{name} ...", file=sys.stderr, flush=True)
-            awq = write_awq_checkpoint(base, Path(scratch) / name, group)
+            awq = write_awq_checkpoint(base, Path(scratch) / name, group, calibration=ids)
             plain = write_dequantized_checkpoint(awq, Path(scratch) / f"{name}-plain")
             result["variants"][name] = {**perplexity(plain, base),
                                         **agreement(greedy(awq), reference)}

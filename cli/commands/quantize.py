@@ -1,12 +1,15 @@
 """`lmfleet quantize`: write a 4-bit AWQ checkpoint (AutoAWQ's GEMM format) from a local
 model, which lmfleet (and vLLM or LMDeploy: the same files) then serves with its weights
-packed. Round-to-nearest with zero points per group of input features; the projections of
-the decoder layers are quantized, the embedding, norms and LM head are kept.
+packed. The decoder layers' projections are quantized (the embedding, norms and LM head
+are kept): by default after AWQ's activation-aware scale search on a calibration text (a
+built-in one, or --calibration FILE), then rounded to nearest with zero points per group
+of input features; --rtn rounds the weights as they are.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -17,8 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "quantize",
         help="write a 4-bit AWQ checkpoint from a local model",
         description="Quantize a Llama-family Hugging Face directory (or 'default') to 4-bit "
-        "weights in AutoAWQ's GEMM format (round-to-nearest, zero points, per group of "
-        "input features). Prints the output directory on stdout; progress goes to stderr.",
+        "weights in AutoAWQ's GEMM format: activation-aware scales searched on a calibration "
+        "text, then round-to-nearest with zero points per group of input features. Prints "
+        "the output directory on stdout; progress goes to stderr.",
     )
     p.add_argument("model", help="a Hugging Face model directory, or 'default'")
     p.add_argument("--out", required=True, metavar="DIR", help="the directory to write")
@@ -26,12 +30,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the checkpoint format (default awq)")
     p.add_argument("--group-size", type=int, default=128, metavar="G",
                    help="input features sharing one scale and zero point (default 128)")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="calibration text for the scale search (default: a built-in text of "
+                   "varied English prose, code and dialogue)")
+    p.add_argument("--rtn", action="store_true",
+                   help="plain round-to-nearest: no calibration, no scale search")
+    p.add_argument("--device", default=None,
+                   help="where the search and rounding run (default: cuda if available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from lmfleet.worker.model.default_model import resolve_model_path
+    from lmfleet.worker.quant.awq_search import DEFAULT_CALIBRATION, calibration_ids
     from lmfleet.worker.quant.awq_writer import write_awq_checkpoint
 
     if args.group_size < 8:
@@ -43,15 +55,41 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
+    if args.rtn and args.calibration:
+        raise ValueError("--rtn takes no calibration text")
+    calibration = None
+    if not args.rtn:
+        text_file = Path(args.calibration).expanduser() if args.calibration else DEFAULT_CALIBRATION
+        if not text_file.is_file():
+            raise FileNotFoundError(f"calibration text not found: {text_file}")
+        calibration = calibration_ids(model_dir, text_file.read_text())
+        if len(calibration) < 16:
+            raise ValueError(f"{text_file} holds {len(calibration)} tokens; the search needs "
+                             "at least 16")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bar = None
     if not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(desc="quantizing", unit=" tensors", file=sys.stderr)
+        layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+        bar = tqdm(desc="searching scales" if calibration else "quantizing",
+                   total=layers if calibration else None, unit=" layers" if calibration
+                   else " tensors", file=sys.stderr)
+
+    def on_tensor(_name: str) -> None:
+        if bar is not None and calibration is None:
+            bar.update()
+
+    def on_layer(_index: int) -> None:
+        if bar is not None:
+            bar.update()
+
     created = not out.exists()
     try:
-        write_awq_checkpoint(model_dir, out, args.group_size,
-                             on_tensor=None if bar is None else lambda _: bar.update())
+        write_awq_checkpoint(model_dir, out, args.group_size, on_tensor=on_tensor,
+                             device=device, calibration=calibration, on_layer=on_layer)
     except BaseException:
         if created and out.exists():  # no half-written checkpoint left behind
             shutil.rmtree(out)

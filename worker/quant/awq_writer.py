@@ -3,7 +3,7 @@
 The decoder layers' seven projections (q, k, v, o, gate, up, down) become `qweight`,
 `qzeros` and `scales` (awq_format.py); embeddings, norms, the LM head and biases stay as
 they are; config.json gains AutoAWQ's `quantization_config`. Round-to-nearest per group
-of input features (the plain mode of `lmfleet quantize`).
+of input features, optionally after the activation-aware scale search (awq_search.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -39,33 +40,47 @@ def quantization_config(group_size: int) -> dict:
 
 def write_awq_checkpoint(model_dir: Path, out_dir: Path, group_size: int = 128,
                          on_tensor: Optional[Callable[[str], None]] = None,
-                         device: str = "cpu") -> Path:
-    """Quantize `model_dir` into `out_dir` (created); `on_tensor(name)` after each tensor.
-    `device`: where the rounding runs (a GPU makes an 8B model a matter of seconds)."""
+                         device: str = "cpu", calibration: Optional[list[int]] = None,
+                         on_layer: Optional[Callable[[int], None]] = None) -> Path:
+    """Quantize `model_dir` into `out_dir` (created): round-to-nearest, after the
+    activation-aware scale search on the `calibration` token ids when given
+    (awq_search.py; `on_layer(index)` after each layer's search). `on_tensor(name)` after
+    each tensor is written; `device`: where the rounding and search run."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("quantization_config"):
         raise ValueError(f"{model_dir} is already quantized")
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as checkpoint:
             for name in checkpoint.keys():
-                tensor = checkpoint.get_tensor(name)
-                if is_quantized_projection(name):
-                    base = name[:-len(".weight")]
-                    try:
-                        quantized = quantize_rtn(tensor.to(device), group_size)
-                        qweight, qzeros, scales = (t.cpu() for t in quantized)
-                    except ValueError as error:
-                        raise ValueError(f"{name}: {error}") from None
-                    tensors.update({f"{base}.qweight": qweight, f"{base}.qzeros": qzeros,
-                                    f"{base}.scales": scales})
-                else:
-                    tensors[name] = tensor.contiguous()
-                if on_tensor is not None:
-                    on_tensor(name)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+                tensors[name] = checkpoint.get_tensor(name)
+    if calibration is not None:
+        from lmfleet.worker.quant.awq_search import apply_scales, capture_inputs
+
+        captured = capture_inputs(model_dir, calibration, device)
+        grouped_query = (config.get("num_key_value_heads") or config["num_attention_heads"]
+                         ) != config["num_attention_heads"]
+        with torch.no_grad():
+            apply_scales(tensors, captured, config["num_hidden_layers"], grouped_query,
+                         group_size, on_layer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, tensor in tensors.items():
+        if is_quantized_projection(name):
+            base = name[:-len(".weight")]
+            try:
+                quantized = quantize_rtn(tensor.to(device), group_size)
+            except ValueError as error:
+                raise ValueError(f"{name}: {error}") from None
+            qweight, qzeros, scales = (t.cpu() for t in quantized)
+            written.update({f"{base}.qweight": qweight, f"{base}.qzeros": qzeros,
+                            f"{base}.scales": scales})
+        else:
+            written[name] = tensor.contiguous()
+        if on_tensor is not None:
+            on_tensor(name)
+    save_file(written, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config["quantization_config"] = quantization_config(group_size)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     for name in _CARRIED:
