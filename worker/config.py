@@ -63,12 +63,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
+QUANTIZATION_METHODS = ("awq", "gguf")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     # A Hugging Face Llama-family directory, or "default" for the embedded SmolLM2.
     model: str = "default"
+    # Weight quantization. None: as the checkpoint says (an AWQ directory runs packed, a
+    # GGUF file is expanded to the model dtype); "gguf": a GGUF model's blocks kept packed
+    # (worker/quant/gguf_packed.py); "awq": the checkpoint must be AWQ.
+    quantization: Optional[str] = option(
+        None, "weights: gguf keeps a GGUF model's Q4_0/Q4_1/Q8_0 blocks packed ('default' or a "
+        ".gguf file); awq requires an AWQ checkpoint; unset: as the checkpoint says",
+        choices=QUANTIZATION_METHODS)
     # "auto": float32 on CPU (exactness, and CPUs lack fast bf16 matmuls), bfloat16 on CUDA.
     dtype: str = option("auto", "auto, float32, bfloat16 or float16")
     device: str = option("cpu", "cpu or cuda")
@@ -97,6 +105,9 @@ class ModelConfig:
         "prepares a step while the GPU runs the last")
 
     def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"unknown quantization {self.quantization!r}; known: "
+                             f"{', '.join(QUANTIZATION_METHODS)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"unknown attention_backend {self.attention_backend!r}; known: "
                              f"{', '.join(ATTENTION_BACKENDS)}")

@@ -33,7 +33,7 @@ from typing import Any, Optional
 from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.kv.manager import KVCacheManager
 from lmfleet.worker.kv.sessions import SessionCache
-from lmfleet.worker.model.default_model import resolve_model_path
+from lmfleet.worker.model.default_model import resolve_quantized_model_path
 from lmfleet.worker.parallel.driver import DriverRunner
 from lmfleet.worker.parallel.ranks import RankProcesses
 from lmfleet.worker.request import (
@@ -57,7 +57,8 @@ class LLMEngine:
         replica starts them as actors)."""
         self.config = config
         self._start_ranks = start_ranks or RankProcesses
-        self.model_dir = Path(model_dir) if model_dir else resolve_model_path(config.model.model)
+        self.model_dir = (Path(model_dir) if model_dir else resolve_quantized_model_path(
+            config.model.model, config.model.quantization))
         if config.model.overlap_steps and config.parallel.world_size > 1:
             # The other ranks would need rank 0's sampled tokens on their devices
             # (worker/parallel/driver.py); checked before any rank starts.

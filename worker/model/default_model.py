@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -137,6 +138,39 @@ def resolve_model_path(model: str, progress: bool = True) -> Path:
     if os.sep in name or name.lower().endswith(".gguf") or name.startswith("."):
         raise ValueError(f"no such file or directory: {path} ({_ACCEPTED})")
     raise ValueError(f"unknown model {name!r}: {_ACCEPTED}")
+
+
+def resolve_quantized_model_path(model: str, quantization: str | None,
+                                 progress: bool = True) -> Path:
+    """`resolve_model_path`, for the engine's `quantization` option: "gguf" gives the
+    directory serving the GGUF file's blocks packed (written next to its conversion on
+    first use); "awq" checks that the checkpoint is AWQ."""
+    plain = resolve_model_path(model, progress)
+    if quantization == "gguf":
+        name = str(model).strip()
+        if name in DEFAULT_MODEL_ALIASES:
+            gguf = embedded_gguf_path()
+        elif Path(name).expanduser().is_file():
+            gguf = Path(name).expanduser()
+        else:
+            raise ValueError(f"quantization='gguf' serves a GGUF model's blocks: give "
+                             f"'default' or a .gguf file, not {name!r}")
+        from lmfleet.worker.quant.gguf_packed import packed_dir, write_packed_checkpoint
+
+        target = packed_dir(plain)
+        if not is_model_dir(target):
+            with _conversion_lock(target, progress):
+                if not is_model_dir(target):
+                    write_packed_checkpoint(gguf, plain, target)
+        return target
+    if quantization == "awq":
+        config = json.loads((plain / "config.json").read_text())
+        method = (config.get("quantization_config") or {}).get("quant_method")
+        if method != "awq":
+            raise ValueError(f"quantization='awq' needs an AWQ checkpoint; {plain} is "
+                             f"{'quantized with ' + repr(method) if method else 'not quantized'}"
+                             " (write one with `lmfleet quantize`)")
+    return plain
 
 
 def _ensure_converted(gguf_path: Path, target: Path, progress: bool) -> Path:

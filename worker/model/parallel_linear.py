@@ -16,10 +16,10 @@ outputs are bit-identical to before. The rank and size come from worker.parallel
 unless given (tests build every rank's shard in one process).
 
 A linear layer built with a `WeightQuantization` holds the quantized format's tensors
-instead of `weight` (worker/quant/awq_linear.py: AWQ's packed codes, zeros and scales,
-stored (in, out)); each parameter's `ParamLayout` says which of its axes are the output
-and input features and how many of them one stored element covers, so the same loaders
-shard plain and packed weights.
+instead of `weight` (worker/quant/: AWQ's packed codes, zeros and scales stored (in,
+out), or GGUF's packed block rows); each parameter's `ParamLayout` says which of its
+axes are the output and input features, so the same loaders shard plain and packed
+weights (in stored elements: whole packed int32s, whole blocks).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmfleet.worker.parallel import state
-from lmfleet.worker.quant import awq_linear
-from lmfleet.worker.quant.awq_linear import ParamLayout
+from lmfleet.worker.quant import methods
 from lmfleet.worker.quant.config import WeightQuantization
+from lmfleet.worker.quant.layout import ParamLayout
 
 ShardId = Union[None, int, str]
 
@@ -65,7 +65,7 @@ def load_shard(destination: torch.Tensor, loaded: torch.Tensor, dim: int, rank: 
 
 class LinearBase(nn.Module):
     """weight (out_local, in_local) as nn.Linear stores it, bias (out_local,) or None; or,
-    quantized, the format's tensors (awq_linear.py)."""
+    quantized, the format's tensors (worker/quant/methods.py)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
                  tp_rank: Optional[int], tp_size: Optional[int],
@@ -82,7 +82,7 @@ class LinearBase(nn.Module):
                                        requires_grad=False)
             self.layouts["weight"] = ParamLayout(out_dim=0, in_dim=1)
         else:
-            awq_linear.create_parameters(self, in_features, out_features, quant)
+            methods.create_parameters(self, in_features, out_features, quant)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
             self.layouts["bias"] = ParamLayout(out_dim=0, in_dim=None)
@@ -120,7 +120,7 @@ class LinearBase(nn.Module):
 
     def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.quant is not None:
-            return awq_linear.apply(self, x, bias)  # (T, out)
+            return methods.apply(self, x, bias)  # (T, out)
         if self.weight_t is not None:  # the same ops as cpu_linear.TransposedLinear
             out = torch.matmul(x, self.weight_t)  # (T, out)
             return out if bias is None else out + bias
@@ -170,7 +170,7 @@ class MergedColumnParallelLinear(LinearBase):
         tp = state.get_tp_size() if tp_size is None else tp_size
         self.local_sizes = [divide(size, tp, what) for size in output_sizes]
         if quant is not None:  # each part must start on a packed element
-            awq_linear.check_output_parts(self.local_sizes)
+            methods.check_output_parts(quant, self.local_sizes)
         super().__init__(in_features, sum(self.local_sizes), bias, tp_rank, tp, quant)
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:

@@ -18,7 +18,6 @@ holding the dequantized weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -26,20 +25,10 @@ from torch import nn
 
 from lmfleet.worker.quant.awq_format import PACK, dequantize
 from lmfleet.worker.quant.config import WeightQuantization
+from lmfleet.worker.quant.layout import ParamLayout
 
 # Steps with more tokens than this dequantize and use the dense matmul instead.
 FUSED_MAX_TOKENS = 256
-
-
-@dataclass(frozen=True)
-class ParamLayout:
-    """Which axes of a stored parameter are the layer's output and input features, and
-    how many features one stored element (or row) along each covers."""
-
-    out_dim: int
-    in_dim: Optional[int]  # None: a bias
-    out_pack: int = 1
-    in_pack: int = 1
 
 
 def check_output_parts(local_sizes: list[int]) -> None:
@@ -67,9 +56,9 @@ def create_parameters(layer: nn.Module, in_features: int, out_features: int,
     add("qweight", (in_features, out_features // PACK), torch.int32,
         ParamLayout(out_dim=1, in_dim=0, out_pack=PACK))
     add("qzeros", (in_features // group, out_features // PACK), torch.int32,
-        ParamLayout(out_dim=1, in_dim=0, out_pack=PACK, in_pack=group))
+        ParamLayout(out_dim=1, in_dim=0, out_pack=PACK))
     add("scales", (in_features // group, out_features), torch.float32,
-        ParamLayout(out_dim=1, in_dim=0, in_pack=group))
+        ParamLayout(out_dim=1, in_dim=0))
 
 
 def apply(layer: Any, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
