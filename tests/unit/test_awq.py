@@ -147,3 +147,19 @@ def test_splits_that_break_packing_or_groups_are_refused():
         RowParallelLinear(64, 64, tp_rank=0, tp_size=4, quant=AWQ32)  # 16 inputs per rank
     with pytest.raises(ValueError, match="not a multiple of 8"):
         QKVParallelLinear(64, 4, 16, 4, tp_rank=0, tp_size=4, quant=AWQ32)  # 4 per part
+
+
+def test_clipping_never_raises_the_rounded_output_error_and_clips_outliers():
+    from lmfleet.worker.quant.awq_search import _rounded, clip_weight
+
+    generator = torch.Generator().manual_seed(10)
+    weight = torch.randn(16, 64, generator=generator)
+    weight[3, 5] = 12.0  # one outlier stretches its group's rounding step
+    x = torch.randn(256, 64, generator=generator)
+    clipped = clip_weight(weight, x, 32)
+    assert clipped[3, 5] < 12.0 and clipped.abs().max() <= weight.abs().max()
+
+    def error(w):  # output error of the rounded weight against the original
+        return (x @ (_rounded(w, 32) - weight).t()).pow(2).mean()
+
+    assert error(clipped) <= error(weight)

@@ -121,15 +121,16 @@ def clip_weight(weight: torch.Tensor, x: torch.Tensor, group_size: int) -> torch
 
 def apply_scales(tensors: dict[str, torch.Tensor], captured: dict[str, torch.Tensor],
                  num_layers: int, grouped_query: bool, group_size: int,
-                 on_layer: Optional[Callable[[int], None]] = None) -> None:
-    """Search and fold the scales of every layer into `tensors` (in place)."""
+                 on_layer: Optional[Callable[[int], None]] = None, clip: bool = True) -> None:
+    """Search and fold the scales of every layer into `tensors` (in place), then (`clip`)
+    clip the rescaled weights."""
 
     def rescale(producer: str, rows: bool, consumers: list[str], x: torch.Tensor) -> None:
         weights = [tensors[f"{name}.weight"].float() for name in consumers]
         scales = best_scales(x, weights, group_size)  # (in,)
         for name, weight in zip(consumers, weights, strict=True):
             scaled = weight * scales  # (out, in)
-            if not name.endswith(("q_proj", "k_proj")):
+            if clip and not name.endswith(("q_proj", "k_proj")):
                 scaled = clip_weight(scaled, x / scales, group_size)
             tensors[f"{name}.weight"] = scaled
         if rows:  # a linear's output rows produce the input channels
