@@ -64,6 +64,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 QUANTIZATION_METHODS = ("awq", "gguf")
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,18 @@ class CacheConfig:
         None, "also keep decoding requests' KV contiguous, read in place by decode attention "
         "(auto: on for CPU, off for CUDA)")
 
+    # KV storage: "auto" keeps the model's dtype; "int8" stores each token's K and V per
+    # head as int8 codes with a float32 scale and zero (kv/int8_codec.py), read by the torch
+    # attention backend.
+    kv_cache_dtype: str = option(
+        "auto", "KV cache storage: auto (the model dtype) or int8 (per-token, per-head scale "
+        "and zero: about twice the tokens in the same memory; torch attention backend)",
+        choices=KV_CACHE_DTYPES)
+
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; known: "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
         if self.block_size is not None and (
                 self.block_size < 1 or self.block_size & (self.block_size - 1)):
             raise ValueError(f"invalid block_size={self.block_size}: must be a power of two")

@@ -55,12 +55,16 @@ class Attention(nn.Module):
                                         bias=arch.o_bias, what="num_attention_heads * head_dim",
                                         quant=arch.quantization)
         self.fused_ops = None  # the device's fused kernels, set by attach_fused_ops
+        # False when the cache stores something else than k and v as computed (int8 KV):
+        # the backend then stores them itself.
+        self.fused_kv_store = True
 
     def forward(self, x: torch.Tensor, rope: RopeStep, kv_cache: KVCache, metadata: Any,
                 backend: AttentionBackend) -> torch.Tensor:  # x (T, H)
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)  # (T, q_size + 2 kv_size)
-        fused = self.fused_ops is not None and self.fused_ops.supports(qkv)
+        fused = (self.fused_kv_store and self.fused_ops is not None
+                 and self.fused_ops.supports(qkv))
         if fused:  # rotates q, k in place and stores k, v in the cache, in one pass
             self.fused_ops.rotary_store_kv(qkv, rope, self.num_heads, self.num_kv_heads,
                                            kv_cache.stacked, metadata.slot_mapping)

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from lmfleet.worker.config import EngineConfig
+from lmfleet.worker.kv.int8_codec import encoded_width
 from lmfleet.worker.kv.manager import blocks_for_tokens
 from lmfleet.worker.kv.swapper import KVSwapper
 from lmfleet.worker.model.arch import ArchConfig
@@ -116,7 +117,14 @@ class ModelRunner:
                                     parallel_state.get_pp_rank())
         groups = parallel_state.get_groups()
         self.pipeline = PipelineLink(groups) if self.stage.size > 1 else None
-        self.backend_name = resolve_backend_name(config.model.attention_backend, self.device)
+        # An int8 cache (kv/int8_codec.py) is read by the torch backend, which decodes what
+        # it gathers; the Triton and C kernels read the model dtype.
+        self.kv_int8 = config.cache.kv_cache_dtype == "int8"
+        if self.kv_int8 and config.model.attention_backend == "triton":
+            raise ValueError("kv_cache_dtype='int8' runs with the torch attention backend "
+                             "(attention_backend='torch' or 'auto'), not triton yet")
+        self.backend_name = ("torch" if self.kv_int8 else
+                             resolve_backend_name(config.model.attention_backend, self.device))
         max_len = config.model.max_model_len or self.arch.max_position_embeddings
         if self.arch.sliding_window:
             # Attention here is full-context; past the window the model would differ.
@@ -125,6 +133,8 @@ class ModelRunner:
         if self.device.type == "cpu":
             transpose_linears(self.model)
         decode_kernel, fused_ops = self._load_fused_kernels()
+        if self.kv_int8:
+            decode_kernel = None  # it reads a cache in the model dtype
         self.num_kv_heads = self.arch.num_kv_heads // self.tp_size  # this rank's
         self.backend = make_backend(self.backend_name, self.num_kv_heads, self.device,
                                     decode_kernel)
@@ -133,6 +143,10 @@ class ModelRunner:
                              f"{self.dtype} on {self.device.type}")
         if fused_ops is not None:
             attach_fused_ops(self.model, fused_ops)
+        if self.kv_int8:
+            for module in self.model.modules():
+                if hasattr(module, "fused_kv_store"):
+                    module.fused_kv_store = False
         self.block_size = config.cache.block_size or self.backend.default_block_size
         self.num_blocks = self._num_kv_blocks(max_len)
         # A lone request must always fit, so the context is capped by the KV capacity.
@@ -141,10 +155,10 @@ class ModelRunner:
             logger.warning("max_model_len capped at %d by the KV capacity (%d blocks)",
                            self.max_model_len, self.num_blocks)
         shape = kv_cache_shape(self.stage.num_layers, self.num_blocks, self.block_size,
-                               self.num_kv_heads, self.arch.head_dim)
+                               self.num_kv_heads, self.kv_width)
         # Zero-filled, not empty: attention multiplies masked-out slots by a weight of 0,
         # which is only harmless if they hold finite values.
-        self.kv_storage = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_storage = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_caches = [KVCache(self.kv_storage[layer], layer)
                           for layer in range(self.stage.num_layers)]
         self.dense_decode = self._dense_decode_cache()
@@ -152,7 +166,8 @@ class ModelRunner:
         self.swapper: Optional[KVSwapper] = None
         if self.num_host_blocks:
             host_storage = torch.zeros((self.num_host_blocks, *shape[:2], *shape[3:]),
-                                       dtype=self.dtype, pin_memory=self.device.type == "cuda")
+                                       dtype=self.kv_dtype,
+                                       pin_memory=self.device.type == "cuda")
             self.swapper = KVSwapper(self.kv_storage, host_storage,
                                      overlap=config.cache.swap_overlap)
         self._generators: dict[str, torch.Generator] = {}
@@ -193,6 +208,11 @@ class ModelRunner:
 
     def _dense_decode_cache(self) -> Optional[DenseDecodeCache]:
         use_dense = self.config.cache.dense_decode_cache
+        if use_dense and self.kv_int8:
+            raise ValueError("dense_decode_cache keeps contexts in the model dtype; it does "
+                             "not combine with kv_cache_dtype='int8'")
+        if use_dense is None and self.kv_int8:
+            use_dense = False
         if use_dense is None:
             use_dense = (self.device.type == "cpu" and self.backend_name == "torch"
                          and self.backend.cpu_decode_kernel is None)
@@ -206,10 +226,19 @@ class ModelRunner:
             max_slots=self.config.scheduler.max_num_seqs)
 
     @property
+    def kv_dtype(self) -> torch.dtype:
+        return torch.int8 if self.kv_int8 else self.dtype
+
+    @property
+    def kv_width(self) -> int:
+        """Elements per (token, KV head) row of the cache."""
+        return encoded_width(self.arch.head_dim) if self.kv_int8 else self.arch.head_dim
+
+    @property
     def kv_block_bytes(self) -> int:
         # This rank's share: its KV heads of its stage's layers.
         return (self.block_size * 2 * self.stage.num_layers * self.num_kv_heads
-                * self.arch.head_dim * self.dtype.itemsize)
+                * self.kv_width * self.kv_dtype.itemsize)
 
     def _num_kv_blocks(self, max_model_len: int) -> int:
         # Every rank holds the same blocks (rank 0's block tables address them all): the

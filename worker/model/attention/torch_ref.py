@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmfleet.worker.kv import int8_codec
 from lmfleet.worker.model.attention.base import (
     AttentionBackend,
     CommonAttentionMetadata,
@@ -69,18 +70,26 @@ def _trimmed(tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> np.nd
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor):
-    """Store the step's k, v (T, Hkv, D) at their slots, both in one indexed copy."""
-    two, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.stacked.shape
-    slots = kv_cache.stacked.view(two, num_blocks * block_size, num_kv_heads, head_dim)
-    slots.index_copy_(1, slot_mapping, torch.stack((k, v)))  # (2, T, Hkv, D)
+    """Store the step's k, v (T, Hkv, D) at their slots, both in one indexed copy (int8
+    encoded first in an int8 cache)."""
+    two, num_blocks, block_size, num_kv_heads, width = kv_cache.stacked.shape
+    slots = kv_cache.stacked.view(two, num_blocks * block_size, num_kv_heads, width)
+    values = torch.stack((k, v))  # (2, T, Hkv, D)
+    if kv_cache.stacked.dtype == torch.int8:
+        values = int8_codec.encode(values)  # (2, T, Hkv, D + 8)
+    slots.index_copy_(1, slot_mapping, values)
 
 
-def gather_context(kv_cache: KVCache, block_tables: torch.Tensor, max_len: int):
-    """block_tables (B, nb) -> keys, values (B, Hkv, max_len, D), gathered in one op."""
+def gather_context(kv_cache: KVCache, block_tables: torch.Tensor, max_len: int,
+                   dtype: torch.dtype):
+    """block_tables (B, nb) -> keys, values (B, Hkv, max_len, D) in dtype, gathered in one
+    op (and decoded, from an int8 cache)."""
     batch, num_table_blocks = block_tables.shape
     stacked = kv_cache.stacked
-    gathered = stacked[:, block_tables]  # (2, B, nb, bs, Hkv, D)
+    gathered = stacked[:, block_tables]  # (2, B, nb, bs, Hkv, W)
     gathered = gathered.view(2, batch, num_table_blocks * stacked.shape[2], *stacked.shape[3:])
+    if stacked.dtype == torch.int8:
+        gathered = int8_codec.decode(gathered[:, :, :max_len], dtype)  # (2, B, L, Hkv, D)
     gathered = gathered[:, :, :max_len].transpose(2, 3)  # (2, B, Hkv, L, D)
     return gathered[0], gathered[1]
 
@@ -204,7 +213,8 @@ class TorchAttention(AttentionBackend):
                                    metadata.decode_seq_lens, out[:num_decode], scale)
         elif num_decode:
             max_len = metadata.decode_mask.shape[-1]
-            keys, values = gather_context(kv_cache, metadata.decode_block_tables, max_len)
+            keys, values = gather_context(kv_cache, metadata.decode_block_tables, max_len,
+                                          q.dtype)
             num_kv_heads = keys.shape[1]
             # The query heads sharing a KV head become that head's query rows, so attention
             # runs on the KV heads as they are, without expanding them to Hq heads.
@@ -216,7 +226,7 @@ class TorchAttention(AttentionBackend):
             out[:num_decode] = attn.reshape(num_decode, -1, q.shape[-1])
         if metadata.num_prefills:
             keys, values = gather_context(kv_cache, metadata.prefill_block_tables,
-                                          metadata.prefill_max_seq_len)
+                                          metadata.prefill_max_seq_len, q.dtype)
             index = metadata.prefill_token_index  # (Bp, Q)
             query_mask = metadata.prefill_query_mask  # (Bp, Q)
             q_padded = q[num_decode:][index].transpose(1, 2)  # (Bp, Hq, Q, D)
