@@ -159,11 +159,11 @@ class CacheConfig:
         "(auto: on for CPU, off for CUDA)")
 
     # KV storage: "auto" keeps the model's dtype; "int8" stores each token's K and V per
-    # head as int8 codes with a float32 scale and zero (kv/int8_codec.py), read by the torch
-    # attention backend.
+    # head as int8 codes with a float32 scale and zero (kv/int8_codec.py), which the
+    # attention backends decode as they read.
     kv_cache_dtype: str = option(
         "auto", "KV cache storage: auto (the model dtype) or int8 (per-token, per-head scale "
-        "and zero: about twice the tokens in the same memory; torch attention backend)",
+        "and zero: about twice the tokens in the same memory)",
         choices=KV_CACHE_DTYPES)
 
     def __post_init__(self) -> None:

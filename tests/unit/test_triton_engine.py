@@ -57,6 +57,19 @@ def test_triton_backend_equals_torch_backend_and_hf(model_dir):
     assert [hf_greedy(hf, ids, 6, min_new_tokens=6) for ids in prompts] == expected
 
 
+def test_int8_kv_reads_the_same_through_triton_and_torch(model_dir):
+    """The int8 cache (codes + scale and zero per row): the Triton kernels decode what the
+    torch backend decodes, so greedy tokens agree, through prefix hits and chunks."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(n)] for n in (3, 21, 37, 9)]
+    prompts.append(prompts[2][:33] + [5, 6])
+    expected, _ = greedy(model_dir, prompts, attention_backend="torch", kv_cache_dtype="int8")
+    tokens, engine = greedy(model_dir, prompts, attention_backend="triton", block_size=4,
+                            max_num_batched_tokens=16, kv_cache_dtype="int8")
+    assert engine.runner.kv_storage.dtype == torch.int8
+    assert tokens == expected
+
+
 def test_triton_backend_refuses_cpu_without_the_interpreter(model_dir, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs device='cuda'"):

@@ -197,3 +197,31 @@ def test_choose_num_splits():
         assert choose_num_splits(batch, 8192, 8) >= choose_num_splits(2 * batch, 8192, 8)
     for length in (256, 1024, 4096):  # non-decreasing in context length
         assert choose_num_splits(2, length, 8) <= choose_num_splits(2, 4 * length, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_an_int8_cache_reads_as_the_codec_decodes_it(dtype):
+    """Rows of codes + float32 scale and zero (kv/int8_codec.py): decode and prefill equal
+    attention over the codec's own decoding of the same cache."""
+    from lmfleet.worker.kv import int8_codec
+
+    seq_lens, num_kv_heads, head_dim, scale = [5, 37, 150], 2, 32, 32 ** -0.5
+    kv_cache, tables = make_cache(seq_lens, 16, num_kv_heads, head_dim, torch.float32, seed=6)
+    encoded = int8_codec.encode(kv_cache.cpu().nan_to_num()).to(DEVICE)  # (2, nb, bs, H, D + 8)
+    decoded = int8_codec.decode(encoded, dtype)  # what the kernels must read
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    q = rand_q(len(seq_lens), 4 * num_kv_heads, head_dim, dtype, seed=7)
+    out = torch.full_like(q, float("nan"))
+    paged_decode_attention(q, encoded, tables, lens, scale, out, num_splits=2)
+    for b, n in enumerate(seq_lens):
+        want = reference(q[b][None], decoded, tables, b, n, n - 1, scale)[0]
+        torch.testing.assert_close(out[b].double(), want, atol=ATOL[dtype], rtol=1e-3)
+    starts = torch.tensor([0, 1, 6, 23], dtype=torch.int32, device=DEVICE)  # 1, 5, 17 queries
+    q = rand_q(23, 4 * num_kv_heads, head_dim, dtype, seed=8)
+    out = torch.full_like(q, float("nan"))
+    paged_prefill_attention(q, encoded, tables, starts, lens, 17, scale, out)
+    for b, n in enumerate(seq_lens):
+        rows = slice(int(starts[b]), int(starts[b + 1]))
+        first = n - (rows.stop - rows.start)
+        want = reference(q[rows], decoded, tables, b, n, first, scale)
+        torch.testing.assert_close(out[rows].double(), want, atol=ATOL[dtype], rtol=1e-3)

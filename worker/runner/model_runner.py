@@ -117,14 +117,10 @@ class ModelRunner:
                                     parallel_state.get_pp_rank())
         groups = parallel_state.get_groups()
         self.pipeline = PipelineLink(groups) if self.stage.size > 1 else None
-        # An int8 cache (kv/int8_codec.py) is read by the torch backend, which decodes what
-        # it gathers; the Triton and C kernels read the model dtype.
+        # An int8 cache (kv/int8_codec.py): the torch and Triton backends decode what they
+        # read; the C decode kernel and the fused rotary + store read the model dtype.
         self.kv_int8 = config.cache.kv_cache_dtype == "int8"
-        if self.kv_int8 and config.model.attention_backend == "triton":
-            raise ValueError("kv_cache_dtype='int8' runs with the torch attention backend "
-                             "(attention_backend='torch' or 'auto'), not triton yet")
-        self.backend_name = ("torch" if self.kv_int8 else
-                             resolve_backend_name(config.model.attention_backend, self.device))
+        self.backend_name = resolve_backend_name(config.model.attention_backend, self.device)
         max_len = config.model.max_model_len or self.arch.max_position_embeddings
         if self.arch.sliding_window:
             # Attention here is full-context; past the window the model would differ.
@@ -179,8 +175,10 @@ class ModelRunner:
         self.graphs: Optional[DecodeGraphs] = None
         # Graphs capture one rank's forward; a stage's also waits on its neighbours'
         # point-to-point transfers, which are not captured: pipeline stages run eagerly.
+        # An int8 cache is stored by an indexed copy that cannot skip graph padding rows.
         if (self.device.type == "cuda" and not config.model.enforce_eager
-                and self.backend.supports_cuda_graphs and self.pipeline is None):
+                and self.backend.supports_cuda_graphs and self.pipeline is None
+                and not self.kv_int8):
             self.graphs = DecodeGraphs(self._forward, self.backend, self.inputs,
                                        scheduler.max_num_seqs, self.max_model_len)
             self.graphs.capture()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmfleet.worker.kv import int8_codec
 from lmfleet.worker.model.attention.base import (
     AttentionBackend,
     CommonAttentionMetadata,
@@ -115,6 +116,9 @@ def _store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
               slot_mapping: torch.Tensor) -> None:
     """k, v (T, Hkv, D) into the cache at their slots. Only for steps without padding rows:
     graph buckets pad, and there the fused rotary kernel (which skips slot -1) stores."""
-    two, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.stacked.shape
-    slots = kv_cache.stacked.view(two, num_blocks * block_size, num_kv_heads, head_dim)
-    slots.index_copy_(1, slot_mapping.long(), torch.stack((k, v)))  # (2, T, Hkv, D)
+    two, num_blocks, block_size, num_kv_heads, width = kv_cache.stacked.shape
+    slots = kv_cache.stacked.view(two, num_blocks * block_size, num_kv_heads, width)
+    values = torch.stack((k, v))  # (2, T, Hkv, D)
+    if kv_cache.stacked.dtype == torch.int8:
+        values = int8_codec.encode(values)  # (2, T, Hkv, D + 8)
+    slots.index_copy_(1, slot_mapping.long(), values)
