@@ -21,7 +21,6 @@ from typing import Optional
 import torch
 
 from lmfleet.worker.config import EngineConfig
-from lmfleet.worker.kv.int8_codec import encoded_width
 from lmfleet.worker.kv.manager import blocks_for_tokens
 from lmfleet.worker.kv.swapper import KVSwapper
 from lmfleet.worker.model.arch import ArchConfig
@@ -38,18 +37,12 @@ from lmfleet.worker.parallel.pipeline import PipelineLink
 from lmfleet.worker.parallel.stages import pipeline_stage
 from lmfleet.worker.request import Request, TokenLogprobs
 from lmfleet.worker.runner.cuda_graphs import DecodeGraphs
+from lmfleet.worker.runner.kv_budget import KVLayout, local_num_kv_blocks
 from lmfleet.worker.runner.sampler import PendingSample, SamplingBatch, sample_async, to_device
 from lmfleet.worker.runner.step_inputs import StepBatch, StepInputs
 from lmfleet.worker.scheduler.base import ScheduledRequest
 
 logger = logging.getLogger(__name__)
-
-# CPU default for the KV budget when none is given: a share of available memory, capped,
-# because the cache is zero-filled (and so committed) at start-up.
-CPU_KV_MEMORY_FRACTION = 0.2
-CPU_KV_MEMORY_CAP = 2 << 30
-CUDA_KV_MEMORY_FRACTION = 0.9
-
 
 @dataclass(frozen=True)
 class SampledToken:
@@ -87,17 +80,6 @@ class DeferredSample:
     def result(self):
         pending = self._resolve()
         return None if pending is None else pending.result()
-
-
-def available_cpu_memory() -> int:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 class ModelRunner:
@@ -144,6 +126,8 @@ class ModelRunner:
                 if hasattr(module, "fused_kv_store"):
                     module.fused_kv_store = False
         self.block_size = config.cache.block_size or self.backend.default_block_size
+        self.kv_layout = KVLayout(self.stage.num_layers, self.num_kv_heads, self.arch.head_dim,
+                                  self.dtype, self.kv_int8)
         self.num_blocks = self._num_kv_blocks(max_len)
         # A lone request must always fit, so the context is capped by the KV capacity.
         self.max_model_len = min(max_len, self.num_blocks * self.block_size)
@@ -151,10 +135,10 @@ class ModelRunner:
             logger.warning("max_model_len capped at %d by the KV capacity (%d blocks)",
                            self.max_model_len, self.num_blocks)
         shape = kv_cache_shape(self.stage.num_layers, self.num_blocks, self.block_size,
-                               self.num_kv_heads, self.kv_width)
+                               self.num_kv_heads, self.kv_layout.width)
         # Zero-filled, not empty: attention multiplies masked-out slots by a weight of 0,
         # which is only harmless if they hold finite values.
-        self.kv_storage = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.kv_storage = torch.zeros(shape, dtype=self.kv_layout.dtype, device=self.device)
         self.kv_caches = [KVCache(self.kv_storage[layer], layer)
                           for layer in range(self.stage.num_layers)]
         self.dense_decode = self._dense_decode_cache()
@@ -162,7 +146,7 @@ class ModelRunner:
         self.swapper: Optional[KVSwapper] = None
         if self.num_host_blocks:
             host_storage = torch.zeros((self.num_host_blocks, *shape[:2], *shape[3:]),
-                                       dtype=self.kv_dtype,
+                                       dtype=self.kv_layout.dtype,
                                        pin_memory=self.device.type == "cuda")
             self.swapper = KVSwapper(self.kv_storage, host_storage,
                                      overlap=config.cache.swap_overlap)
@@ -224,47 +208,15 @@ class ModelRunner:
             max_slots=self.config.scheduler.max_num_seqs)
 
     @property
-    def kv_dtype(self) -> torch.dtype:
-        return torch.int8 if self.kv_int8 else self.dtype
-
-    @property
-    def kv_width(self) -> int:
-        """Elements per (token, KV head) row of the cache."""
-        return encoded_width(self.arch.head_dim) if self.kv_int8 else self.arch.head_dim
-
-    @property
     def kv_block_bytes(self) -> int:
-        # This rank's share: its KV heads of its stage's layers.
-        return (self.block_size * 2 * self.stage.num_layers * self.num_kv_heads
-                * self.kv_width * self.kv_dtype.itemsize)
+        return self.kv_layout.block_bytes(self.block_size)
 
     def _num_kv_blocks(self, max_model_len: int) -> int:
         # Every rank holds the same blocks (rank 0's block tables address them all): the
         # smallest budget of the ranks decides.
-        return parallel_state.all_reduce_min(self._local_num_kv_blocks(max_model_len))
-
-    def _local_num_kv_blocks(self, max_model_len: int) -> int:
-        cache = self.config.cache
-        if cache.num_kv_blocks is not None:
-            return cache.num_kv_blocks
-        if cache.kv_cache_memory_bytes is not None:
-            budget = cache.kv_cache_memory_bytes
-        elif self.device.type == "cuda":
-            fraction = cache.kv_cache_memory_fraction or CUDA_KV_MEMORY_FRACTION
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = int(fraction * total) - (total - free)
-        else:
-            fraction = cache.kv_cache_memory_fraction or CPU_KV_MEMORY_FRACTION
-            budget = min(int(fraction * available_cpu_memory()), CPU_KV_MEMORY_CAP)
-        num_blocks = budget // self.kv_block_bytes
-        # More blocks than every sequence at full length could use is wasted memory.
-        most_useful = self.config.scheduler.max_num_seqs * blocks_for_tokens(
-            max_model_len, self.block_size)
-        num_blocks = min(num_blocks, most_useful)
-        if num_blocks < 1:
-            raise ValueError(f"KV cache budget of {budget} bytes holds no {self.block_size}-token"
-                             " block; raise the memory budget or set num_kv_blocks")
-        return num_blocks
+        return parallel_state.all_reduce_min(local_num_kv_blocks(
+            self.config.cache, self.device, self.kv_block_bytes, self.block_size,
+            self.config.scheduler.max_num_seqs, max_model_len))
 
     def release(self, request_id: str) -> None:
         """Forget per-request state (its sampling generator, its dense KV copy) once it has
