@@ -64,7 +64,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 QUANTIZATION_METHODS = ("awq", "gguf")
-KV_CACHE_DTYPES = ("auto", "int8")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
 
 @dataclass(frozen=True)
@@ -159,12 +159,13 @@ class CacheConfig:
         "(auto: on for CPU, off for CUDA)")
 
     # KV storage: "auto" keeps the model's dtype; "int8" stores each token's K and V per
-    # head as int8 codes with a float32 scale and zero (kv/int8_codec.py), which the
-    # attention backends decode as they read.
+    # head as int8 codes with a float32 scale and zero (kv/int8_codec.py), "fp8" as e4m3
+    # codes with a float32 scale (kv/fp8_codec.py); the attention backends decode as they
+    # read.
     kv_cache_dtype: str = option(
-        "auto", "KV cache storage: auto (the model dtype) or int8 (per-token, per-head scale "
-        "and zero: about twice the tokens in the same memory)",
-        choices=KV_CACHE_DTYPES)
+        "auto", "KV cache storage: auto (the model dtype), int8 (per-token, per-head scale "
+        "and zero) or fp8 (e4m3, per-token, per-head scale): about twice the tokens of a "
+        "16-bit cache in the same memory", choices=KV_CACHE_DTYPES)
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

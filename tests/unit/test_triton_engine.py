@@ -57,16 +57,17 @@ def test_triton_backend_equals_torch_backend_and_hf(model_dir):
     assert [hf_greedy(hf, ids, 6, min_new_tokens=6) for ids in prompts] == expected
 
 
-def test_int8_kv_reads_the_same_through_triton_and_torch(model_dir):
-    """The int8 cache (codes + scale and zero per row): the Triton kernels decode what the
+@pytest.mark.parametrize("codec,storage", [("int8", torch.int8), ("fp8", torch.uint8)])
+def test_encoded_kv_reads_the_same_through_triton_and_torch(model_dir, codec, storage):
+    """An int8 or fp8 cache (codes + scale per row): the Triton kernels decode what the
     torch backend decodes, so greedy tokens agree, through prefix hits and chunks."""
     rng = random.Random(1)
     prompts = [[rng.randrange(2, VOCAB) for _ in range(n)] for n in (3, 21, 37, 9)]
     prompts.append(prompts[2][:33] + [5, 6])
-    expected, _ = greedy(model_dir, prompts, attention_backend="torch", kv_cache_dtype="int8")
+    expected, _ = greedy(model_dir, prompts, attention_backend="torch", kv_cache_dtype=codec)
     tokens, engine = greedy(model_dir, prompts, attention_backend="triton", block_size=4,
-                            max_num_batched_tokens=16, kv_cache_dtype="int8")
-    assert engine.runner.kv_storage.dtype == torch.int8
+                            max_num_batched_tokens=16, kv_cache_dtype=codec)
+    assert engine.runner.kv_storage.dtype == storage
     assert tokens == expected
 
 

@@ -199,16 +199,18 @@ def test_choose_num_splits():
         assert choose_num_splits(2, length, 8) <= choose_num_splits(2, 4 * length, 8)
 
 
+@pytest.mark.parametrize("codec", ["int8", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_an_int8_cache_reads_as_the_codec_decodes_it(dtype):
-    """Rows of codes + float32 scale and zero (kv/int8_codec.py): decode and prefill equal
+def test_an_encoded_cache_reads_as_its_codec_decodes_it(dtype, codec):
+    """Rows of codes + float32 scale (and zero) (kv/kv_codecs.py): decode and prefill equal
     attention over the codec's own decoding of the same cache."""
-    from lmfleet.worker.kv import int8_codec
+    from lmfleet.worker.kv.kv_codecs import CODECS
 
     seq_lens, num_kv_heads, head_dim, scale = [5, 37, 150], 2, 32, 32 ** -0.5
     kv_cache, tables = make_cache(seq_lens, 16, num_kv_heads, head_dim, torch.float32, seed=6)
-    encoded = int8_codec.encode(kv_cache.cpu().nan_to_num()).to(DEVICE)  # (2, nb, bs, H, D + 8)
-    decoded = int8_codec.decode(encoded, dtype)  # what the kernels must read
+    # (2, nb, bs, H, D + 8 or D + 4); garbage slots made finite, as the engine's zeros are.
+    encoded = CODECS[codec].encode(kv_cache.cpu().nan_to_num().clamp(-1e4, 1e4)).to(DEVICE)
+    decoded = CODECS[codec].decode(encoded, dtype)  # what the kernels must read
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     q = rand_q(len(seq_lens), 4 * num_kv_heads, head_dim, dtype, seed=7)
     out = torch.full_like(q, float("nan"))

@@ -7,8 +7,9 @@ Contract (both entry points):
   block_size], offset p % block_size. Entries past a row's length are never read.
 - seq_lens (B,) int32 on the device: keys 0..seq_len-1 are visible (all already cached).
 - q, out (..., num_heads, head_dim), same dtype as the cache (float16, bfloat16 or float32),
-  or an int8 cache of rows of head_dim + 8 (kv/int8_codec.py: codes, float32 scale and
-  zero), decoded to q's dtype as each tile is read;
+  or an encoded cache decoded to q's dtype as each tile is read: int8, rows of head_dim + 8
+  (codes, float32 scale and zero: kv/int8_codec.py), or uint8, rows of head_dim + 4 (fp8
+  e4m3 codes, float32 scale: kv/fp8_codec.py);
   num_heads is a multiple of num_kv_heads (query head h reads kv head h // group); head_dim
   is a power of two in [16, 256]. Unsupported inputs raise ValueError.
 - Scores and softmax are float32 (exp2, log2(e) folded into the scale); float32 inputs use
@@ -33,6 +34,9 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Encoded caches by storage dtype: the kernels' KV_CODEC and the bytes after the codes.
+_KV_CODECS = {torch.int8: 1, torch.uint8: 2}
+_KV_EXTRA_BYTES = {torch.int8: 8, torch.uint8: 4}
 
 
 @triton.jit
@@ -56,17 +60,22 @@ def _kv_token_offsets(bt_row_ptr, start, seq_end, stride_blk, stride_tok,
 
 @triton.jit
 def _load_kv_tile(head_ptr, tok, offs_d, n_mask, HEAD_DIM: tl.constexpr,
-                  KV_INT8: tl.constexpr):
-    """(BLOCK_N, HEAD_DIM) keys or values of the tokens at offsets `tok`; int8 rows are
-    decoded to float32 ((code + 128) * scale + zero, the codec's formula)."""
-    if KV_INT8:
-        codes = tl.load(head_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None],
-                        other=0)  # (BLOCK_N, HEAD_DIM) int8
-        params = (head_ptr + tok + HEAD_DIM).to(tl.pointer_type(tl.float32))  # (BLOCK_N,)
-        scale = tl.load(params, mask=n_mask, other=0.0)  # (BLOCK_N,)
+                  KV_CODEC: tl.constexpr):
+    """(BLOCK_N, HEAD_DIM) keys or values of the tokens at offsets `tok`. KV_CODEC 1 (int8)
+    and 2 (fp8) rows are decoded to float32 by their codec's formula: (code + 128) * scale
+    + zero, code * scale."""
+    if KV_CODEC == 0:
+        return tl.load(head_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None],
+                       other=0.0)
+    codes = tl.load(head_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None],
+                    other=0)  # (BLOCK_N, HEAD_DIM) raw bytes
+    params = (head_ptr + tok + HEAD_DIM).to(tl.pointer_type(tl.float32))  # (BLOCK_N,)
+    scale = tl.load(params, mask=n_mask, other=0.0)  # (BLOCK_N,)
+    if KV_CODEC == 1:
         zero = tl.load(params + 1, mask=n_mask, other=0.0)  # (BLOCK_N,)
         return (codes.to(tl.float32) + 128.0) * scale[:, None] + zero[:, None]
-    return tl.load(head_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+    values = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)  # (BLOCK_N, HEAD_DIM)
+    return values * scale[:, None]
 
 
 @triton.jit
@@ -76,7 +85,7 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_blk, stride_tok, stride_kvh, stride_btb, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_INT8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_CODEC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -110,7 +119,7 @@ def _decode_kernel(
         tok = _kv_token_offsets(bt_row, start, seq_len, stride_blk, stride_tok,
                                 BLOCK_SIZE, BLOCK_N)  # (BLOCK_N,)
         k = _load_kv_tile(k_head, tok, offs_d, n_mask, HEAD_DIM,
-                          KV_INT8).to(q.dtype)  # (BLOCK_N, HEAD_DIM)
+                          KV_CODEC).to(q.dtype)  # (BLOCK_N, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_H, BLOCK_N)
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))  # (BLOCK_H,) finite
@@ -118,7 +127,7 @@ def _decode_kernel(
         p = tl.exp2(qk - m_new[:, None])  # (BLOCK_H, BLOCK_N)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_kv_tile(v_head, tok, offs_d, n_mask, HEAD_DIM,
-                          KV_INT8).to(q.dtype)  # (BLOCK_N, HEAD_DIM)
+                          KV_CODEC).to(q.dtype)  # (BLOCK_N, HEAD_DIM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -168,7 +177,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_blk, stride_tok, stride_kvh, stride_btb, stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_INT8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_CODEC: tl.constexpr,
 ):
     qblk = tl.program_id(0)
     b = tl.program_id(1)
@@ -205,7 +214,7 @@ def _prefill_kernel(
         tok = _kv_token_offsets(bt_row, start, kv_end, stride_blk, stride_tok,
                                   BLOCK_SIZE, BLOCK_N)  # (BLOCK_N,)
         k = _load_kv_tile(k_head, tok, offs_d, n_mask, HEAD_DIM,
-                          KV_INT8).to(q.dtype)  # (BLOCK_N, HEAD_DIM)
+                          KV_CODEC).to(q.dtype)  # (BLOCK_N, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         # Causal; key 0 is visible to every row (pos >= 0), so m_new is finite from tile 0.
         visible = (offs_n[None, :] <= pos[:, None]) & n_mask[None, :]  # (BLOCK_M, BLOCK_N)
@@ -215,7 +224,7 @@ def _prefill_kernel(
         p = tl.exp2(qk - m_new[:, None])  # (BLOCK_M, BLOCK_N)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_kv_tile(v_head, tok, offs_d, n_mask, HEAD_DIM,
-                          KV_INT8).to(q.dtype)  # (BLOCK_N, HEAD_DIM)
+                          KV_CODEC).to(q.dtype)  # (BLOCK_N, HEAD_DIM)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -237,14 +246,13 @@ def _check_common(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.T
                          "(2, num_blocks, block_size, num_kv_heads, head_dim)")
     if q.dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {q.dtype}; use float16, bfloat16 or float32")
-    if kv_cache.dtype not in (q.dtype, torch.int8) or out.dtype != q.dtype:
+    if kv_cache.dtype not in (q.dtype, *_KV_CODECS) or out.dtype != q.dtype:
         raise ValueError(f"dtype mismatch: q {q.dtype}, kv_cache {kv_cache.dtype}, "
                          f"out {out.dtype}")
     if out.shape != q.shape:
         raise ValueError(f"out shape {tuple(out.shape)} != q shape {tuple(q.shape)}")
     _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-    if kv_cache.dtype == torch.int8:
-        head_dim -= 8  # the row's float32 scale and zero
+    head_dim -= _KV_EXTRA_BYTES.get(kv_cache.dtype, 0)  # an encoded row's scale (and zero)
     num_heads = q.shape[1]
     if q.shape[2] != head_dim:
         raise ValueError(f"q head_dim {q.shape[2]} != cache head_dim {head_dim}")
@@ -322,7 +330,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2], NUM_SPLITS=num_splits,
-        DOT_PRECISION=precision, KV_INT8=kv_cache.dtype == torch.int8,
+        DOT_PRECISION=precision, KV_CODEC=_KV_CODECS.get(kv_cache.dtype, 0),
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
@@ -365,5 +373,5 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_table
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, HEAD_DIM=head_dim, BLOCK_N=block_n,
         BLOCK_SIZE=kv_cache.shape[2], DOT_PRECISION=precision,
-        KV_INT8=kv_cache.dtype == torch.int8, num_warps=num_warps, num_stages=num_stages,
+        KV_CODEC=_KV_CODECS.get(kv_cache.dtype, 0), num_warps=num_warps, num_stages=num_stages,
     )

@@ -1,18 +1,19 @@
 """How large one KV block is on this rank, and how many blocks the memory budget holds.
 
 A rank's cache is (layers of its stage, 2, blocks, block_size, its KV heads, row width):
-the row is head_dim values of the model dtype, or head_dim int8 codes + 8 bytes of scale
-and zero for an int8 cache (kv/int8_codec.py).
+the row is head_dim values of the model dtype, or head_dim codes + their scale (and zero)
+bytes for an encoded cache (kv/kv_codecs.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from lmfleet.worker.config import CacheConfig
-from lmfleet.worker.kv.int8_codec import encoded_width
+from lmfleet.worker.kv.kv_codecs import CODECS, storage_dtype
 from lmfleet.worker.kv.manager import blocks_for_tokens
 
 # CPU default for the KV budget when none is given: a share of available memory, capped,
@@ -28,17 +29,19 @@ class KVLayout:
     num_kv_heads: int  # this rank's
     head_dim: int
     model_dtype: torch.dtype
-    int8: bool
+    codec: Optional[str]  # "int8" | "fp8" | None (plain values)
 
     @property
     def dtype(self) -> torch.dtype:
         """The cache tensor's dtype."""
-        return torch.int8 if self.int8 else self.model_dtype
+        return storage_dtype(self.codec) if self.codec else self.model_dtype
 
     @property
     def width(self) -> int:
         """Elements per (token, KV head) row."""
-        return encoded_width(self.head_dim) if self.int8 else self.head_dim
+        if self.codec is None:
+            return self.head_dim
+        return CODECS[self.codec].encoded_width(self.head_dim)
 
     def block_bytes(self, block_size: int) -> int:
         return (block_size * 2 * self.num_layers * self.num_kv_heads * self.width

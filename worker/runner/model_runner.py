@@ -99,9 +99,11 @@ class ModelRunner:
                                     parallel_state.get_pp_rank())
         groups = parallel_state.get_groups()
         self.pipeline = PipelineLink(groups) if self.stage.size > 1 else None
-        # An int8 cache (kv/int8_codec.py): the torch and Triton backends decode what they
-        # read; the C decode kernel and the fused rotary + store read the model dtype.
-        self.kv_int8 = config.cache.kv_cache_dtype == "int8"
+        # An encoded cache (int8 or fp8, kv/kv_codecs.py): the torch and Triton backends
+        # decode what they read; the C decode kernel and the fused rotary + store read the
+        # model dtype.
+        kv_dtype = config.cache.kv_cache_dtype
+        self.kv_codec = None if kv_dtype == "auto" else kv_dtype
         self.backend_name = resolve_backend_name(config.model.attention_backend, self.device)
         max_len = config.model.max_model_len or self.arch.max_position_embeddings
         if self.arch.sliding_window:
@@ -111,7 +113,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             transpose_linears(self.model)
         decode_kernel, fused_ops = self._load_fused_kernels()
-        if self.kv_int8:
+        if self.kv_codec is not None:
             decode_kernel = None  # it reads a cache in the model dtype
         self.num_kv_heads = self.arch.num_kv_heads // self.tp_size  # this rank's
         self.backend = make_backend(self.backend_name, self.num_kv_heads, self.device,
@@ -121,13 +123,13 @@ class ModelRunner:
                              f"{self.dtype} on {self.device.type}")
         if fused_ops is not None:
             attach_fused_ops(self.model, fused_ops)
-        if self.kv_int8:
+        if self.kv_codec is not None:
             for module in self.model.modules():
                 if hasattr(module, "fused_kv_store"):
                     module.fused_kv_store = False
         self.block_size = config.cache.block_size or self.backend.default_block_size
         self.kv_layout = KVLayout(self.stage.num_layers, self.num_kv_heads, self.arch.head_dim,
-                                  self.dtype, self.kv_int8)
+                                  self.dtype, self.kv_codec)
         self.num_blocks = self._num_kv_blocks(max_len)
         # A lone request must always fit, so the context is capped by the KV capacity.
         self.max_model_len = min(max_len, self.num_blocks * self.block_size)
@@ -159,10 +161,10 @@ class ModelRunner:
         self.graphs: Optional[DecodeGraphs] = None
         # Graphs capture one rank's forward; a stage's also waits on its neighbours'
         # point-to-point transfers, which are not captured: pipeline stages run eagerly.
-        # An int8 cache is stored by an indexed copy that cannot skip graph padding rows.
+        # An encoded cache is stored by an indexed copy that cannot skip graph padding rows.
         if (self.device.type == "cuda" and not config.model.enforce_eager
                 and self.backend.supports_cuda_graphs and self.pipeline is None
-                and not self.kv_int8):
+                and self.kv_codec is None):
             self.graphs = DecodeGraphs(self._forward, self.backend, self.inputs,
                                        scheduler.max_num_seqs, self.max_model_len)
             self.graphs.capture()
@@ -190,10 +192,10 @@ class ModelRunner:
 
     def _dense_decode_cache(self) -> Optional[DenseDecodeCache]:
         use_dense = self.config.cache.dense_decode_cache
-        if use_dense and self.kv_int8:
+        if use_dense and self.kv_codec is not None:
             raise ValueError("dense_decode_cache keeps contexts in the model dtype; it does "
-                             "not combine with kv_cache_dtype='int8'")
-        if use_dense is None and self.kv_int8:
+                             f"not combine with kv_cache_dtype={self.kv_codec!r}")
+        if use_dense is None and self.kv_codec is not None:
             use_dense = False
         if use_dense is None:
             use_dense = (self.device.type == "cpu" and self.backend_name == "torch"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmfleet.worker.kv import int8_codec
+from lmfleet.worker.kv.kv_codecs import codec_of
 from lmfleet.worker.model.attention.base import (
     AttentionBackend,
     CommonAttentionMetadata,
@@ -70,26 +70,28 @@ def _trimmed(tables: np.ndarray, seq_lens: np.ndarray, block_size: int) -> np.nd
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: torch.Tensor):
-    """Store the step's k, v (T, Hkv, D) at their slots, both in one indexed copy (int8
-    encoded first in an int8 cache)."""
+    """Store the step's k, v (T, Hkv, D) at their slots, both in one indexed copy (encoded
+    first in an int8 or fp8 cache)."""
     two, num_blocks, block_size, num_kv_heads, width = kv_cache.stacked.shape
     slots = kv_cache.stacked.view(two, num_blocks * block_size, num_kv_heads, width)
     values = torch.stack((k, v))  # (2, T, Hkv, D)
-    if kv_cache.stacked.dtype == torch.int8:
-        values = int8_codec.encode(values)  # (2, T, Hkv, D + 8)
+    codec = codec_of(kv_cache.stacked)
+    if codec is not None:
+        values = codec.encode(values)  # (2, T, Hkv, W)
     slots.index_copy_(1, slot_mapping, values)
 
 
 def gather_context(kv_cache: KVCache, block_tables: torch.Tensor, max_len: int,
                    dtype: torch.dtype):
     """block_tables (B, nb) -> keys, values (B, Hkv, max_len, D) in dtype, gathered in one
-    op (and decoded, from an int8 cache)."""
+    op (and decoded, from an int8 or fp8 cache)."""
     batch, num_table_blocks = block_tables.shape
     stacked = kv_cache.stacked
     gathered = stacked[:, block_tables]  # (2, B, nb, bs, Hkv, W)
     gathered = gathered.view(2, batch, num_table_blocks * stacked.shape[2], *stacked.shape[3:])
-    if stacked.dtype == torch.int8:
-        gathered = int8_codec.decode(gathered[:, :, :max_len], dtype)  # (2, B, L, Hkv, D)
+    codec = codec_of(stacked)
+    if codec is not None:
+        gathered = codec.decode(gathered[:, :, :max_len], dtype)  # (2, B, L, Hkv, D)
     gathered = gathered[:, :, :max_len].transpose(2, 3)  # (2, B, Hkv, L, D)
     return gathered[0], gathered[1]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmfleet.worker.kv import int8_codec
+from lmfleet.worker.kv.kv_codecs import codec_of
 from lmfleet.worker.model.attention.base import (
     AttentionBackend,
     CommonAttentionMetadata,
@@ -119,6 +119,7 @@ def _store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
     two, num_blocks, block_size, num_kv_heads, width = kv_cache.stacked.shape
     slots = kv_cache.stacked.view(two, num_blocks * block_size, num_kv_heads, width)
     values = torch.stack((k, v))  # (2, T, Hkv, D)
-    if kv_cache.stacked.dtype == torch.int8:
-        values = int8_codec.encode(values)  # (2, T, Hkv, D + 8)
+    codec = codec_of(kv_cache.stacked)
+    if codec is not None:
+        values = codec.encode(values)  # (2, T, Hkv, W)
     slots.index_copy_(1, slot_mapping.long(), values)
