@@ -1,5 +1,5 @@
 """Quantization quality on the default model: perplexity on a held-out text and greedy
-agreement with float32, for float32, the int8 KV cache, the GGUF blocks kept packed, and
+agreement with float32, for float32, the int8 and fp8 KV caches, the GGUF blocks kept packed, and
 AWQ (group 64 and 32; the model's 576 hidden features do not divide by 128), plain
 round-to-nearest and with the activation-aware scale and clipping search on `lmfleet
 quantize`'s default calibration text.
@@ -137,6 +137,7 @@ def main() -> None:
     result["variants"]["float32"] = {**perplexity(str(base), ids),
                                      **agreement(reference, reference)}
     for name, options in (("kv-int8", {"kv_cache_dtype": "int8"}),
+                          ("kv-fp8", {"kv_cache_dtype": "fp8"}),
                           ("gguf-packed-q4_1", {"quantization": "gguf"})):
         model = "default" if "quantization" in options else str(base)
         print(f"{name} ...", file=sys.stderr, flush=True)
