@@ -1,13 +1,14 @@
-"""W4A16 (AWQ) against bf16 on the GPU: the Llama-3-8B-shaped random model, its AWQ copy
-(round-to-nearest, group 128, written by `write_awq_checkpoint`), and LMDeploy's PyTorch
-engine on the same AWQ directory where it loads it, in one call.
+"""Quantization speed on the GPU, in one call: the Llama-3-8B-shaped random model in bf16,
+with an int8 and an fp8 KV cache, its AWQ copy (round-to-nearest, group 128, written by
+`write_awq_checkpoint`), and LMDeploy's PyTorch engine on the same AWQ directory where it
+loads it.
 
 Each engine runs gpu_throughput.py's workload in its own process (`--run-variant
 default`): Test A (256 x 512 -> 256 tokens, throughput) and Test B (batch 1, TPOT).
 Target: W4A16 batch-1 TPOT <= 0.45 x bf16 (4-bit weights are a quarter of the bytes).
 
-  python3 benchmarks/awq_speed.py --out $OUT [--peer-bench .peer/peer_bench.py]
-Writes OUT/awq_speed.json and .png; prints a table.
+  python3 benchmarks/quant_speed.py --out $OUT [--peer-bench .peer/peer_bench.py]
+Writes OUT/quant_speed.json; prints a table.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"benchmark": "awq_speed", "runs": {}, "status": {}}
+    result: dict = {"benchmark": "quant_speed", "runs": {}, "status": {}}
     if not (Path(BF16_DIR) / "config.json").is_file():
         result["status"]["make-model"] = run(
             [sys.executable, args.peer_bench, "make-model", "--model-dir", BF16_DIR,
@@ -57,12 +58,16 @@ def main() -> None:
         write_awq_checkpoint(Path(BF16_DIR), Path(AWQ_DIR), 128, device="cuda")
     result["quantize_s"] = time.time() - start
     print(f"quantized in {result['quantize_s']:.1f} s", flush=True)
-    for name, model_dir in (("lmfleet-bf16", BF16_DIR), ("lmfleet-awq", AWQ_DIR)):
+    for name, model_dir, options in (("lmfleet-bf16", BF16_DIR, []),
+                                     ("lmfleet-awq", AWQ_DIR, []),
+                                     ("lmfleet-kv-int8", BF16_DIR, ["kv_cache_dtype=int8"]),
+                                     ("lmfleet-kv-fp8", BF16_DIR, ["kv_cache_dtype=fp8"])):
         result_file = out / f"{name}.json"
+        flags = [flag for option in options for flag in ("--option", option)]
         result["status"][name] = run(
             [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--run-variant",
              "default", "--model-dir", model_dir, "--device", "cuda", "--result-file",
-             str(result_file)], args.limit_s)
+             str(result_file), *flags], args.limit_s)
         if result_file.is_file():
             result["runs"][name] = json.loads(result_file.read_text())
     if args.peer_bench:
@@ -77,10 +82,10 @@ def main() -> None:
     bf16, awq = result["runs"].get("lmfleet-bf16", {}), result["runs"].get("lmfleet-awq", {})
     if "test_b_tpot_ms" in bf16 and "test_b_tpot_ms" in awq:
         result["tpot_ratio_awq_vs_bf16"] = awq["test_b_tpot_ms"] / bf16["test_b_tpot_ms"]
-    (out / "awq_speed.json").write_text(json.dumps(result, indent=1, default=str))
+    (out / "quant_speed.json").write_text(json.dumps(result, indent=1, default=str))
     print("| engine | Test A out tok/s | Test B TPOT ms | TTFT ms | status |")
     print("| --- | ---: | ---: | ---: | --- |")
-    for name in ("lmfleet-bf16", "lmfleet-awq"):
+    for name in ("lmfleet-bf16", "lmfleet-awq", "lmfleet-kv-int8", "lmfleet-kv-fp8"):
         r = result["runs"].get(name, {})
         print(f"| {name} | {r.get('test_a_out_tok_s', float('nan')):.0f} | "
               f"{r.get('test_b_tpot_ms', float('nan')):.2f} | "
