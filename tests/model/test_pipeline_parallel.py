@@ -23,23 +23,16 @@ import torch
 from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.engine import LLMEngine
 from tests.conftest import make_tiny_model
-from tests.model.test_tensor_parallel import (
-    biased_model,  # noqa: F401  (a fixture used below)
+from tests.model.test_tensor_parallel import (  # noqa: F401  (fixtures used here)
+    biased_model,
     prefix_prompts,
     run_workload,
+    sampled_logits,
+    single_thread,
 )
 from tests.model.test_tiny_models import GREEDY, PROMPTS, hf_reference, run_engine
 
 pytestmark = pytest.mark.model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One thread per rank: the ranks share this machine's cores (see test_tiny_models)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -117,24 +110,7 @@ def test_pp2_preemption_with_swap_keeps_greedy_equal_to_hf(biased_model):  # noq
 
 
 def test_pp2_logits_are_bitwise_equal_to_one_rank(five_layer_model):
-    logits = {}
-    for pp in (1, 2):
-        engine = make_engine(five_layer_model, pp=pp)
-        model = getattr(engine.runner, "runner", engine.runner).model
-        captured = []
-        compute_logits = model.compute_logits
-
-        def capture(hidden, compute_logits=compute_logits, captured=captured):
-            out = compute_logits(hidden)  # (N, V)
-            captured.append(out.clone())
-            return out
-
-        model.compute_logits = capture
-        try:
-            run_engine(engine, PROMPTS)
-        finally:
-            engine.close()
-        logits[pp] = torch.cat(captured)  # (steps x rows, V)
+    logits = {pp: sampled_logits(make_engine(five_layer_model, pp=pp)) for pp in (1, 2)}
     assert torch.equal(logits[2], logits[1])
 
 

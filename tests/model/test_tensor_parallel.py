@@ -147,28 +147,31 @@ def test_tp4_tied_padded_vocab_greedy_equals_tp1_and_hf(tied_model):
             engine.close()
 
 
+def sampled_logits(engine: LLMEngine) -> torch.Tensor:
+    """Every sampled row's logits (rank 0's) over the PROMPTS workload: (steps x rows, V).
+    Closes the engine."""
+    model = getattr(engine.runner, "runner", engine.runner).model
+    captured = []
+    compute_logits = model.compute_logits
+
+    def capture(hidden):
+        out = compute_logits(hidden)  # (N, V)
+        captured.append(out.clone())
+        return out
+
+    model.compute_logits = capture
+    try:
+        run_engine(engine, PROMPTS)
+    finally:
+        engine.close()
+    return torch.cat(captured)
+
+
 def test_tp_logits_agree_to_fp32_rounding(biased_model):
     """Every sampled row's logits over the PROMPTS workload, tp=2 vs tp=1 (rank 0 holds the
     gathered logits): equal up to fp32 rounding of their scale, as the row-parallel sums
     only reorder the additions."""
-    logits = {}
-    for tp in (1, 2):
-        engine = make_engine(biased_model, tp)
-        model = getattr(engine.runner, "runner", engine.runner).model
-        captured = []
-        compute_logits = model.compute_logits
-
-        def capture(hidden, compute_logits=compute_logits, captured=captured):
-            out = compute_logits(hidden)  # (N, V)
-            captured.append(out.clone())
-            return out
-
-        model.compute_logits = capture
-        try:
-            run_engine(engine, PROMPTS)
-        finally:
-            engine.close()
-        logits[tp] = torch.cat(captured)  # (steps x rows, V)
+    logits = {tp: sampled_logits(make_engine(biased_model, tp)) for tp in (1, 2)}
     scale = logits[1].abs().max().item()
     assert logits[2].shape == logits[1].shape
     torch.testing.assert_close(logits[2], logits[1], rtol=0, atol=scale * 1e-5)
