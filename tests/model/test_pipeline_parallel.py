@@ -94,17 +94,10 @@ def test_pp2_preemption_with_swap_keeps_greedy_equal_to_hf(biased_model):  # noq
     # its own layers' share of the same blocks, in the order rank 0 decided.
     engine = make_engine(biased_model, pp=2, block_size=4, num_kv_blocks=16,
                          host_kv_memory_bytes=1 << 20)
-    swaps = []
-    local_swap = engine.runner.swap
-
-    def counting_swap(swap_out, swap_in):
-        swaps.extend(swap_out)
-        local_swap(swap_out, swap_in)
-
-    engine.runner.swap = counting_swap
     try:
         assert run_engine(engine, PROMPTS) == expected
-        assert engine.scheduler.num_preemptions > 0 and swaps
+        assert engine.scheduler.num_preemptions > 0
+        assert engine.kv_manager.swap_stats.num_swap_in_blocks > 0
     finally:
         engine.close()
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from lmfleet.worker.kv.kv_codecs import codec_of
 from lmfleet.worker.model.attention.base import (
     AttentionBackend,
     CommonAttentionMetadata,
     KVCache,
 )
+from lmfleet.worker.model.attention.torch_ref import write_kv
 
 
 def _kernels():
@@ -114,12 +114,7 @@ class TritonAttention(AttentionBackend):
 
 def _store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
               slot_mapping: torch.Tensor) -> None:
-    """k, v (T, Hkv, D) into the cache at their slots. Only for steps without padding rows:
-    graph buckets pad, and there the fused rotary kernel (which skips slot -1) stores."""
-    two, num_blocks, block_size, num_kv_heads, width = kv_cache.stacked.shape
-    slots = kv_cache.stacked.view(two, num_blocks * block_size, num_kv_heads, width)
-    values = torch.stack((k, v))  # (2, T, Hkv, D)
-    codec = codec_of(kv_cache.stacked)
-    if codec is not None:
-        values = codec.encode(values)  # (2, T, Hkv, W)
-    slots.index_copy_(1, slot_mapping.long(), values)
+    """k, v (T, Hkv, D) into the cache at their slots (the torch backend's store). Only for
+    steps without padding rows: graph buckets pad, and there the fused rotary kernel (which
+    skips slot -1) stores."""
+    write_kv(k, v, kv_cache, slot_mapping.long())
