@@ -83,9 +83,7 @@ def write_awq_checkpoint(model_dir: Path, out_dir: Path, group_size: int = 128,
     save_file(written, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config["quantization_config"] = quantization_config(group_size)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    for name in _CARRIED:
-        if (model_dir / name).is_file():
-            shutil.copy(model_dir / name, out_dir / name)
+    _carry_files(model_dir, out_dir)
     return out_dir
 
 
@@ -112,7 +110,12 @@ def write_dequantized_checkpoint(awq_dir: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(plain, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    for name in _CARRIED:
-        if (awq_dir / name).is_file():
-            shutil.copy(awq_dir / name, out_dir / name)
+    _carry_files(awq_dir, out_dir)
     return out_dir
+
+
+def _carry_files(source: Path, out_dir: Path) -> None:
+    """Copy the tokenizer and generation files a model directory carries along."""
+    for name in _CARRIED:
+        if (source / name).is_file():
+            shutil.copy(source / name, out_dir / name)

@@ -89,10 +89,11 @@ def gather_context(kv_cache: KVCache, block_tables: torch.Tensor, max_len: int,
     stacked = kv_cache.stacked
     gathered = stacked[:, block_tables]  # (2, B, nb, bs, Hkv, W)
     gathered = gathered.view(2, batch, num_table_blocks * stacked.shape[2], *stacked.shape[3:])
+    gathered = gathered[:, :, :max_len]  # (2, B, L, Hkv, W)
     codec = codec_of(stacked)
     if codec is not None:
-        gathered = codec.decode(gathered[:, :, :max_len], dtype)  # (2, B, L, Hkv, D)
-    gathered = gathered[:, :, :max_len].transpose(2, 3)  # (2, B, Hkv, L, D)
+        gathered = codec.decode(gathered, dtype)  # (2, B, L, Hkv, D)
+    gathered = gathered.transpose(2, 3)  # (2, B, Hkv, L, D)
     return gathered[0], gathered[1]
 
 
