@@ -128,6 +128,20 @@ def test_cuda_graph_buckets_pad_batches_exactly(model_dir, prompts):
         assert cuda == cpu[:count], f"{count} requests"
 
 
+@pytest.mark.parametrize("codec", ["int8", "fp8"])
+def test_cuda_encoded_kv_decodes_in_graphs_as_eagerly(model_dir, prompts, codec):
+    """An int8 or fp8 cache under CUDA graphs: padded buckets (11 running) write their
+    padding rows to the spare block, so the tokens are the eager engine's."""
+    def graphs_captured(engine):
+        if engine.runner.graphs is None:
+            raise AssertionError("no CUDA graphs with an encoded cache")
+
+    options = dict(device="cuda", dtype="float32", kv_cache_dtype=codec, max_num_seqs=16)
+    eager = run_engine(model_dir, prompts[:11], 10, enforce_eager=True, **options)
+    graphs = run_engine(model_dir, prompts[:11], 10, prepare=graphs_captured, **options)
+    assert graphs == eager
+
+
 def test_cuda_bfloat16_runs_and_mostly_agrees(model_dir, prompts):
     fp32 = run_engine(model_dir, prompts, 8, device="cuda", dtype="float32")
     bf16 = run_engine(model_dir, prompts, 8, device="cuda", dtype="bfloat16")

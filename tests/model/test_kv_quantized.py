@@ -89,3 +89,23 @@ def test_encoded_greedy_mostly_agrees_with_hf(tiny_model_factory, codec, share):
 def test_encoded_caches_refuse_the_dense_decode_copy(tiny_model_factory):
     with pytest.raises(ValueError, match="dense_decode_cache"):
         make_engine(tiny_model_factory("llama"), dense_decode_cache=True)
+
+
+@pytest.mark.parametrize("codec", CODEC_NAMES)
+def test_rows_without_a_slot_land_in_the_spare_block(tiny_model_factory, codec):
+    """CUDA-graph padding rows carry slot -1: an encoded cache writes them to its one spare
+    block past the allocator's, never into a block a request holds."""
+    from lmfleet.worker.model.attention.torch_ref import write_kv
+
+    engine = make_engine(tiny_model_factory("llama"), kv_cache_dtype=codec)
+    runner = engine.runner
+    storage = runner.kv_storage  # (L, 2, blocks + 1, block_size, Hkv, W)
+    assert storage.shape[2] == runner.num_blocks + 1 == engine.kv_manager.pool.num_blocks + 1
+    cache = runner.kv_caches[0]
+    k = torch.randn(3, runner.num_kv_heads, runner.arch.head_dim)  # (T, Hkv, D)
+    write_kv(k, -k, cache, torch.tensor([5, -1, -1]))
+    written = cache.stacked.flatten(1, 2)  # (2, slots, Hkv, W)
+    assert written[:, 5].any() and written[:, -1].any()
+    untouched = torch.ones(written.shape[1], dtype=torch.bool)
+    untouched[[5, -1]] = False
+    assert not written[:, untouched].any()

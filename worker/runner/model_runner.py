@@ -136,7 +136,10 @@ class ModelRunner:
         if self.max_model_len < max_len:
             logger.warning("max_model_len capped at %d by the KV capacity (%d blocks)",
                            self.max_model_len, self.num_blocks)
-        shape = kv_cache_shape(self.stage.num_layers, self.num_blocks, self.block_size,
+        # An encoded cache is stored by an indexed copy (torch_ref.write_kv): rows without a
+        # slot (CUDA-graph padding, slot -1) land in one spare block past the allocator's.
+        storage_blocks = self.num_blocks + (1 if self.kv_codec is not None else 0)
+        shape = kv_cache_shape(self.stage.num_layers, storage_blocks, self.block_size,
                                self.num_kv_heads, self.kv_layout.width)
         # Zero-filled, not empty: attention multiplies masked-out slots by a weight of 0,
         # which is only harmless if they hold finite values.
@@ -161,10 +164,8 @@ class ModelRunner:
         self.graphs: Optional[DecodeGraphs] = None
         # Graphs capture one rank's forward; a stage's also waits on its neighbours'
         # point-to-point transfers, which are not captured: pipeline stages run eagerly.
-        # An encoded cache is stored by an indexed copy that cannot skip graph padding rows.
         if (self.device.type == "cuda" and not config.model.enforce_eager
-                and self.backend.supports_cuda_graphs and self.pipeline is None
-                and self.kv_codec is None):
+                and self.backend.supports_cuda_graphs and self.pipeline is None):
             self.graphs = DecodeGraphs(self._forward, self.backend, self.inputs,
                                        scheduler.max_num_seqs, self.max_model_len)
             self.graphs.capture()

@@ -78,6 +78,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache, slot_mapping: 
     codec = codec_of(kv_cache.stacked)
     if codec is not None:
         values = codec.encode(values)  # (2, T, Hkv, W)
+        # Rows without a slot (-1: CUDA-graph padding) go to the encoded cache's spare last
+        # block, which the block allocator never hands out (model_runner).
+        slot_mapping = torch.where(slot_mapping < 0, slots.shape[1] - 1, slot_mapping)  # (T,)
     slots.index_copy_(1, slot_mapping, values)
 
 
