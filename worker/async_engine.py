@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -131,6 +131,7 @@ class AsyncEngine:
         sampling_params: SamplingParams,
         priority: int = 0,
         session_id: Optional[str] = None,
+        images: Sequence[bytes] = (),
     ) -> AsyncIterator[RequestOutput]:
         """Stream the outputs of one request; the last one has `finish_reason` set.
 
@@ -143,7 +144,7 @@ class AsyncEngine:
         if sampling_params.n != 1:
             raise ValueError("the engine runs one sequence per request; fan out n in the caller")
         request = Request(request_id, list(prompt_token_ids), sampling_params,
-                          priority=priority, session_id=session_id)
+                          priority=priority, session_id=session_id, images=tuple(images))
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if self._dead is not None or self._stopping or self._thread is None:

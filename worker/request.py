@@ -67,6 +67,10 @@ class Request:
     session_id: Optional[str] = None
     # Seed actually used by the sampler (the user's seed, or one drawn at admission).
     sampling_seed: int = 0
+    # Encoded images (PNG, JPEG, ...) of a vision-language model's prompt, in the order of
+    # their runs of image tokens (model/vision/vision_info.py); the engine fills `image_spans`.
+    images: tuple[bytes, ...] = ()
+    image_spans: list[tuple[int, int]] = field(default_factory=list)
 
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: Optional[FinishReason] = None

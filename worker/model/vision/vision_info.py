@@ -1,0 +1,124 @@
+"""What a vision-language (LLaVA) checkpoint asks of a prompt, read from its config.json alone.
+
+The router, `LLM.chat` and the engine share this: it imports neither torch nor the model.
+A prompt carries an image as `tokens_per_image` copies of the image token (what Hugging Face's
+LLaVA processor does), and the request's images in the order their runs appear. A chat
+template renders an image content part as one image token; `expand_image_tokens` widens it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+VISION_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+# Limits on what a request may carry (a 400 past them, naming the part).
+MAX_IMAGES_PER_REQUEST = 8
+MAX_IMAGE_BYTES = 20 << 20
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+class ImageError(ValueError):
+    """An image a request carries cannot be used: the message names which one and why."""
+
+
+@dataclass(frozen=True)
+class VisionInfo:
+    image_token_id: int
+    tokens_per_image: int
+    image_size: int
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path | str) -> Optional[VisionInfo]:
+        """The checkpoint's image prompt layout, or None for a text-only model."""
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            return None
+        return cls.from_config(json.loads(path.read_text()))
+
+    @classmethod
+    def from_config(cls, config: dict) -> Optional[VisionInfo]:
+        if not set(config.get("architectures") or ()) & set(VISION_ARCHITECTURES):
+            return None
+        vision = config.get("vision_config") or {}
+        image_size, patch_size = vision.get("image_size", 224), vision.get("patch_size", 32)
+        patches = (image_size // patch_size) ** 2
+        # "default" drops the CLS token's row (CLIP has one; SigLIP has none).
+        has_cls = vision.get("model_type", "clip_vision_model") == "clip_vision_model"
+        strategy = config.get("vision_feature_select_strategy", "default")
+        tokens = patches + (1 if has_cls and strategy == "full" else 0)
+        token_id = config.get("image_token_index", config.get("image_token_id"))
+        if token_id is None:
+            raise ValueError("a LLaVA config.json needs image_token_index")
+        return cls(int(token_id), tokens, image_size)
+
+    def expand_image_tokens(self, token_ids: Sequence[int]) -> list[int]:
+        """Each single image token (as a chat template renders it) -> tokens_per_image."""
+        expanded: list[int] = []
+        for token_id in token_ids:
+            if token_id == self.image_token_id:
+                expanded.extend([token_id] * self.tokens_per_image)
+            else:
+                expanded.append(token_id)
+        return expanded
+
+    def image_spans(self, token_ids: Sequence[int]) -> list[tuple[int, int]]:
+        """(offset, length) of each image's positions in an expanded prompt, in order.
+        Raises ImageError when a run of image tokens is not whole images."""
+        spans: list[tuple[int, int]] = []
+        start = None
+        for position, token_id in enumerate([*token_ids, None]):
+            if token_id == self.image_token_id:
+                start = position if start is None else start
+                continue
+            if start is not None:
+                length = position - start
+                if length % self.tokens_per_image:
+                    raise ImageError(
+                        f"the image tokens at {start} run for {length} positions, not a "
+                        f"multiple of the {self.tokens_per_image} an image takes")
+                spans.extend((offset, self.tokens_per_image) for offset in
+                             range(start, position, self.tokens_per_image))
+                start = None
+        return spans
+
+    def check_prompt(self, token_ids: Sequence[int], num_images: int) -> list[tuple[int, int]]:
+        """The image spans of an expanded prompt, checked against the images it carries."""
+        if num_images > MAX_IMAGES_PER_REQUEST:
+            raise ImageError(f"{num_images} images; at most {MAX_IMAGES_PER_REQUEST} a request")
+        spans = self.image_spans(token_ids)
+        if len(spans) != num_images:
+            raise ImageError(f"the prompt has places for {len(spans)} images but "
+                             f"{num_images} were given")
+        return spans
+
+
+def check_image_bytes(data: bytes, where: str) -> tuple[int, int]:
+    """(width, height) of an encoded image; ImageError naming `where` if it is not an image
+    PIL can read or is too large."""
+    if not data:
+        raise ImageError(f"{where}: the image is empty")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ImageError(f"{where}: the image is {len(data)} bytes; at most {MAX_IMAGE_BYTES}")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageError(f"{where}: the image is {width}x{height} pixels; at most "
+                                 f"{MAX_IMAGE_PIXELS} pixels")
+            image.verify()
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageError(f"{where}: not a readable image ({error})") from None
+    return width, height
+
+
+def text_only_model_error(model: str) -> ImageError:
+    return ImageError(f"model {model!r} does not take images (it is a text-only model)")
