@@ -143,8 +143,12 @@ class AsyncEngine:
         self._check_prompt(prompt_token_ids)
         if sampling_params.n != 1:
             raise ValueError("the engine runs one sequence per request; fan out n in the caller")
+        images = tuple(images)
+        # Checked here so a bad image fails this call, not the engine thread.
+        spans = self._engine.image_spans(list(prompt_token_ids), images)
         request = Request(request_id, list(prompt_token_ids), sampling_params,
-                          priority=priority, session_id=session_id, images=tuple(images))
+                          priority=priority, session_id=session_id, images=images,
+                          image_spans=spans)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._cond:
             if self._dead is not None or self._stopping or self._thread is None:

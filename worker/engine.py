@@ -34,6 +34,7 @@ from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.kv.manager import KVCacheManager
 from lmfleet.worker.kv.sessions import SessionCache
 from lmfleet.worker.model.default_model import resolve_quantized_model_path
+from lmfleet.worker.model.vision.vision_info import ImageSpan, VisionInfo, image_spans_for
 from lmfleet.worker.parallel.driver import DriverRunner
 from lmfleet.worker.parallel.ranks import RankProcesses
 from lmfleet.worker.request import (
@@ -64,6 +65,7 @@ class LLMEngine:
             # (worker/parallel/driver.py); checked before any rank starts.
             raise ValueError("overlap_steps is not supported with tensor or pipeline "
                              "parallelism yet")
+        self.vision_info = VisionInfo.from_model_dir(self.model_dir)
         self.runner = self._make_runner(config)
         try:
             self._setup(config)
@@ -137,10 +139,18 @@ class LLMEngine:
         """Raise ValueError if this prompt can never run (checked before admission)."""
         validate_prompt(prompt_token_ids, self.max_model_len, self.arch.vocab_size)
 
+    def image_spans(self, prompt_token_ids: list[int], images: tuple[bytes, ...]
+                    ) -> list[ImageSpan]:
+        """A prompt's image spans; ImageError (a ValueError) for images it cannot take."""
+        return image_spans_for(self.vision_info, self.config.model.model, prompt_token_ids,
+                               images)
+
     def add_request(self, request: Request) -> Request:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.validate(request.prompt_token_ids)
+        if not request.image_spans:
+            request.image_spans = self.image_spans(request.prompt_token_ids, request.images)
         if request.sampling_params.n != 1:
             raise ValueError("the engine runs one sequence per request; fan out n in the caller")
         seed = request.sampling_params.seed

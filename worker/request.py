@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from lmfleet.worker.model.vision.vision_info import ImageSpan
 from lmfleet.worker.sampling_params import SamplingParams
 
 
@@ -70,7 +71,7 @@ class Request:
     # Encoded images (PNG, JPEG, ...) of a vision-language model's prompt, in the order of
     # their runs of image tokens (model/vision/vision_info.py); the engine fills `image_spans`.
     images: tuple[bytes, ...] = ()
-    image_spans: list[tuple[int, int]] = field(default_factory=list)
+    image_spans: list[ImageSpan] = field(default_factory=list)
 
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: Optional[FinishReason] = None

@@ -78,8 +78,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return PrefixHit([])
         extend_block_hashes(
-            request.block_hashes, request.token_ids, request.num_tokens, self.block_size
-        )
+            request.block_hashes, request.token_ids, request.num_tokens, self.block_size,
+            request.image_spans)
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
         block_ids = []
         for block_hash in request.block_hashes[:max_hit_blocks]:
@@ -117,8 +117,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         extend_block_hashes(
-            request.block_hashes, request.token_ids, request.num_computed_tokens, self.block_size
-        )
+            request.block_hashes, request.token_ids, request.num_computed_tokens,
+            self.block_size, request.image_spans)
         num_full = request.num_computed_tokens // self.block_size
         for index in range(request.num_registered_blocks, num_full):
             self.pool.cache_block(request.block_ids[index], request.block_hashes[index])

@@ -77,6 +77,11 @@ class SessionCache:
         # num_computed_tokens; the new turn must still compute at least its last token.
         reuse = min(common_prefix_length(parked.token_ids[: parked.num_computed_tokens],
                                          request.token_ids), request.num_tokens - 1)
+        # Equal image tokens with another image are not a shared prefix.
+        parked_images = set(parked.image_spans)
+        for span in request.image_spans:
+            if span.offset < reuse and span not in parked_images:
+                reuse = span.offset
         keep = blocks_for_tokens(reuse, self.kv.block_size)
         if reuse == 0:
             self.kv.free(parked)

@@ -66,6 +66,7 @@ class ArchConfig:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any], generation: dict[str, Any] | None = None):
+        config = language_model_config(config)
         architectures = config.get("architectures") or []
         architecture = architectures[0] if architectures else config.get("model_type", "?")
         family = SUPPORTED_ARCHITECTURES.get(architecture)
@@ -117,6 +118,28 @@ class ArchConfig:
             bos_token_id=config.get("bos_token_id"),
             quantization=quantization,
         )
+
+
+# A vision-language checkpoint's language model, by its text_config's model_type.
+_TEXT_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                     "qwen2": "Qwen2ForCausalLM"}
+
+
+def language_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A LLaVA config.json -> its language model's config (the engine runs that model, with
+    image rows in place of the image tokens' embeddings); any other config as it is."""
+    if "LlavaForConditionalGeneration" not in (config.get("architectures") or ()):
+        return config
+    text = dict(config.get("text_config") or {})
+    model_type = text.get("model_type", "llama")
+    if model_type not in _TEXT_MODEL_TYPES:
+        raise UnsupportedModelError(f"unsupported LLaVA language model {model_type!r}; "
+                                    f"supported: {', '.join(sorted(_TEXT_MODEL_TYPES))}")
+    text["architectures"] = [_TEXT_MODEL_TYPES[model_type]]
+    for key in ("quantization_config", "tie_word_embeddings"):
+        if key in config and key not in text:
+            text[key] = config[key]
+    return text
 
 
 def _token_ids(value: Any) -> tuple[int, ...]:

@@ -143,12 +143,17 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], metadata: Any, backend: AttentionBackend,
-                hidden: torch.Tensor | None = None) -> torch.Tensor:
+                hidden: torch.Tensor | None = None,
+                image_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """input_ids, positions (T,) -> final hidden states (T, H) on the last stage, else
         (2, T, H) for the next one. `hidden` (2, T, H) is the previous stage's output
-        (None on stage 0). `metadata` is the backend's own, built for this step."""
+        (None on stage 0). `metadata` is the backend's own, built for this step.
+        `image_rows` (token rows (K,), their vectors (K, H)) replace those rows' embeddings:
+        a vision-language prompt's image positions."""
         if hidden is None:
             x, delta = self.model.embed_tokens(input_ids), None  # (T, H)
+            if image_rows is not None:
+                x.index_copy_(0, image_rows[0], image_rows[1].to(x.dtype))
         else:
             x, delta = hidden[0], hidden[1]  # (T, H) each
         rope = RopeStep(self.model.rotary, positions, x.dtype)

@@ -56,7 +56,10 @@ def load_model(model_dir: Path, max_positions: int, dtype: torch.dtype,
     loaded: set[str] = set()
     for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as checkpoint:
-            for name in checkpoint.keys():
+            for stored in checkpoint.keys():
+                name = language_model_name(stored)
+                if name is None:
+                    continue  # a vision-language checkpoint's image path (model/vision/)
                 if name.endswith("rotary_emb.inv_freq"):
                     continue
                 if name == "lm_head.weight" and arch.tie_word_embeddings:
@@ -69,7 +72,7 @@ def load_model(model_dir: Path, max_positions: int, dtype: torch.dtype,
                 param = params[target]
                 weight_loader = getattr(param, "weight_loader", _default_loader)
                 try:
-                    weight_loader(param, checkpoint.get_tensor(name), shard_id)
+                    weight_loader(param, checkpoint.get_tensor(stored), shard_id)
                 except ValueError as error:  # a shape that does not fit
                     raise UnsupportedModelError(f"weight {name!r} {error}") from None
                 loaded.add(_key(target, shard_id))
@@ -79,6 +82,21 @@ def load_model(model_dir: Path, max_positions: int, dtype: torch.dtype,
     if missing:
         raise UnsupportedModelError(f"checkpoint in {model_dir} lacks weights: {missing[:5]}")
     return model.eval()
+
+
+def language_model_name(name: str) -> str | None:
+    """A checkpoint name -> the language model's name for it (`model.*`, `lm_head.*`), None
+    for a LLaVA checkpoint's vision tower and projector. LLaVA stores the language model
+    as `language_model.model.*` + `language_model.lm_head.*` (llava-hf) or
+    `model.language_model.*` + `lm_head.*` (transformers >= 4.52)."""
+    if name.startswith("language_model."):
+        return name[len("language_model."):]
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                        "model.multi_modal_projector.")):
+        return None
+    return name
 
 
 def _default_loader(param: torch.nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:

@@ -32,11 +32,13 @@ from lmfleet.worker.model.cpu_linear import transpose_linears
 from lmfleet.worker.model.cpu_ops import attach_fused_ops, load_cpu_ops
 from lmfleet.worker.model.default_model import cache_dir
 from lmfleet.worker.model.loader import load_model
+from lmfleet.worker.model.vision.vision_info import VisionInfo
 from lmfleet.worker.parallel import state as parallel_state
 from lmfleet.worker.parallel.pipeline import PipelineLink
 from lmfleet.worker.parallel.stages import pipeline_stage
 from lmfleet.worker.request import Request, TokenLogprobs
 from lmfleet.worker.runner.cuda_graphs import DecodeGraphs
+from lmfleet.worker.runner.image_rows import ImageRows
 from lmfleet.worker.runner.kv_budget import KVLayout, local_num_kv_blocks
 from lmfleet.worker.runner.sampler import PendingSample, SamplingBatch, sample_async, to_device
 from lmfleet.worker.runner.step_inputs import StepBatch, StepInputs
@@ -110,6 +112,7 @@ class ModelRunner:
             # Attention here is full-context; past the window the model would differ.
             max_len = min(max_len, self.arch.sliding_window)
         self.model = load_model(model_dir, max_len, self.dtype, self.device, self.stage)
+        self.images = self._image_rows(model_dir)
         if self.device.type == "cpu":
             transpose_linears(self.model)
         decode_kernel, fused_ops = self._load_fused_kernels()
@@ -170,6 +173,15 @@ class ModelRunner:
                                        scheduler.max_num_seqs, self.max_model_len)
             self.graphs.capture()
 
+    def _image_rows(self, model_dir: Path) -> Optional[ImageRows]:
+        """A vision-language model's image path (None for a text-only model)."""
+        if VisionInfo.from_model_dir(model_dir) is None:
+            return None
+        if self.tp_size > 1 or self.stage.size > 1:
+            raise ValueError("a vision-language model runs on one rank: tensor and pipeline "
+                             "parallelism do not take image prompts")
+        return ImageRows(model_dir, self.dtype, self.device)
+
     def _load_fused_kernels(self) -> tuple[Optional[PagedDecodeKernel], Optional[object]]:
         """The decode kernel and fused ops of this device: the C kernels for CPU float32
         with the torch backend (ModelConfig.cpu_kernels), the Triton ops with the Triton
@@ -225,6 +237,8 @@ class ModelRunner:
         """Forget per-request state (its sampling generator, its dense KV copy) once it has
         finished."""
         self._generators.pop(request_id, None)
+        if self.images is not None:
+            self.images.release(request_id)
         if self.dense_decode is not None:
             self.dense_decode.release(request_id)
 
@@ -262,8 +276,9 @@ class ModelRunner:
             return InFlightStep([], None)
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
+        image_rows = self.images.for_step(decodes + prefills) if self.images else None
         bucket = None
-        if self.graphs is not None and not prefills:
+        if self.graphs is not None and not prefills and image_rows is None:
             bucket = self.graphs.bucket_for(len(decodes))
         batch = self.inputs.prepare(decodes + prefills, len(decodes), pad_to=bucket,
                                     extra=self._dense_decode_step(decodes))
@@ -272,7 +287,7 @@ class ModelRunner:
         if bucket is not None and batch.persistent:
             hidden = self.graphs.replay(bucket)
         else:
-            hidden = self._eager_forward(batch, self._receive_hidden(batch))
+            hidden = self._eager_forward(batch, self._receive_hidden(batch), image_rows)
         if not self.stage.is_last:
             self.pipeline.send_hidden(hidden)  # (2, T, H)
         if not batch.sample_rows:
@@ -304,12 +319,13 @@ class ModelRunner:
         tokens = in_flight.pending.device_token_ids[to_device(sources, self.device)]  # (P,)
         batch.input_ids.index_copy_(0, to_device(rows, self.device), tokens.to(torch.int32))
 
-    def _eager_forward(self, batch: StepBatch,
-                       hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _eager_forward(self, batch: StepBatch, hidden: Optional[torch.Tensor] = None,
+                       image_rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                       ) -> torch.Tensor:
         metadata = self.backend.build_metadata(batch.common)
         try:
             return self.model(batch.input_ids, batch.positions, self.kv_caches, metadata,
-                              self.backend, hidden)
+                              self.backend, hidden, image_rows)
         except BaseException:
             # Some layers may have written this step's tokens and others not.
             if self.dense_decode is not None:

@@ -8,18 +8,28 @@ template renders an image content part as one image token; `expand_image_tokens`
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 VISION_ARCHITECTURES = ("LlavaForConditionalGeneration",)
 # Limits on what a request may carry (a 400 past them, naming the part).
 MAX_IMAGES_PER_REQUEST = 8
 MAX_IMAGE_BYTES = 20 << 20
 MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+class ImageSpan(NamedTuple):
+    """One image's positions in a prompt, and a digest of its bytes (what prefix caching
+    and sessions key its KV on: equal tokens with another image are not equal prompts)."""
+
+    offset: int
+    length: int
+    digest: bytes
 
 
 class ImageError(ValueError):
@@ -46,11 +56,12 @@ class VisionInfo:
             return None
         vision = config.get("vision_config") or {}
         image_size, patch_size = vision.get("image_size", 224), vision.get("patch_size", 32)
-        patches = (image_size // patch_size) ** 2
-        # "default" drops the CLS token's row (CLIP has one; SigLIP has none).
-        has_cls = vision.get("model_type", "clip_vision_model") == "clip_vision_model"
+        rows = (image_size // patch_size) ** 2
+        if vision.get("model_type", "clip_vision_model") == "clip_vision_model":
+            rows += 1  # CLIP's class token
+        # "default" drops the tower's first row (CLIP's class token; a patch under SigLIP).
         strategy = config.get("vision_feature_select_strategy", "default")
-        tokens = patches + (1 if has_cls and strategy == "full" else 0)
+        tokens = rows - 1 if strategy == "default" else rows
         token_id = config.get("image_token_index", config.get("image_token_id"))
         if token_id is None:
             raise ValueError("a LLaVA config.json needs image_token_index")
@@ -122,3 +133,18 @@ def check_image_bytes(data: bytes, where: str) -> tuple[int, int]:
 
 def text_only_model_error(model: str) -> ImageError:
     return ImageError(f"model {model!r} does not take images (it is a text-only model)")
+
+
+def image_spans_for(info: Optional[VisionInfo], model: str, prompt: Sequence[int],
+                    images: Sequence[bytes]) -> list[ImageSpan]:
+    """Check a request's images against its expanded prompt; their spans with digests.
+    A text-only model (info None) takes no images and reads no token as an image's."""
+    if info is None:
+        if images:
+            raise text_only_model_error(model)
+        return []
+    spans = info.check_prompt(prompt, len(images))
+    for index, data in enumerate(images):
+        check_image_bytes(data, f"image {index}")
+    return [ImageSpan(offset, length, hashlib.blake2b(data, digest_size=16).digest())
+            for (offset, length), data in zip(spans, images, strict=True)]
