@@ -151,3 +151,10 @@ def test_images_that_do_not_fit_the_prompt_are_refused(llava, default_model_dir,
     with pytest.raises(ImageError, match="does not take images"):
         text_only.add_request(Request("d", [1, 2, 3], GREEDY, images=(images[0],)))
     assert not engine.requests and not text_only.requests
+
+
+def test_mlfq_profiles_the_image_encoder_and_stays_exact(llava, hf, mixed):
+    engine = make_engine(llava, policy="mlfq")
+    assert engine.cost_model.image_encode_s > 0
+    assert [tokens for tokens, _ in run(engine, mixed)] == [
+        hf_greedy(hf, ids, images) for ids, images in mixed]

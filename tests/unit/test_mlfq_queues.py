@@ -37,6 +37,19 @@ def test_skip_join_counts_the_fixed_prefill_cost():
     assert scheduler.initial_level(make_request("b", 2)) == 1
 
 
+def test_skip_join_counts_the_images_still_to_encode():
+    from lmfleet.worker.model.vision.vision_info import ImageSpan
+
+    cost = CostModel(prefill_base_s=0.0, prefill_per_token_s=0.1, image_encode_s=4.0)
+    scheduler, _ = make_scheduler(cost_model=cost)
+    request = make_request("a", 10)  # 1 s of tokens: Q0
+    assert scheduler.initial_level(request) == 0
+    request.image_spans = [ImageSpan(0, 4, b"x"), ImageSpan(5, 4, b"y")]
+    assert scheduler.initial_level(request) == 2  # 1 + 2 x 4 = 9 s: past Q1's 8 s
+    request.num_computed_tokens = 6  # the first image's KV is there (a prefix hit)
+    assert scheduler.initial_level(request) == 1  # 0.4 + 4 s: past Q0's 4 s
+
+
 def test_skip_join_estimates_only_the_tokens_not_computed_yet():
     scheduler, _ = make_scheduler()
     request = make_request("a", 14)

@@ -9,6 +9,8 @@ or a session that already holds an image's KV never encodes it at all.
 
 from __future__ import annotations
 
+import io
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -56,6 +58,22 @@ class ImageRows:
         vectors = torch.cat([self._rows[d][first:first + n]
                              for _, d, first, n in pieces])  # (K, H)
         return token_rows.to(self.device), vectors
+
+    @torch.inference_mode()
+    def encode_seconds(self, repeats: int) -> float:
+        """The least time one image takes through the encoder (the cost model's share)."""
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (120, 60, 30)).save(buffer, format="PNG")
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up
+            start = time.perf_counter()
+            self.vision(self.processor([buffer.getvalue()]).to(self.device))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
 
     def release(self, request_id: str) -> None:
         """A request finished: images no other request holds are dropped."""

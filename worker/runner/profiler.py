@@ -66,6 +66,8 @@ def profile_cost_model(runner: ModelRunner, max_prefill_tokens: int = 256,
     runner.release("w")
     prefill_base, prefill_slope = fit_line(prefill_x, prefill_y)
     decode_base, decode_slope = fit_line(decode_x, decode_y)
+    images = getattr(runner, "images", None)
     return CostModel(prefill_base_s=prefill_base, prefill_per_token_s=prefill_slope,
                      decode_base_s=decode_base, decode_per_seq_s=decode_slope,
-                     decode_per_ctx_token_s=0.0)
+                     decode_per_ctx_token_s=0.0,
+                     image_encode_s=images.encode_seconds(repeats) if images else 0.0)

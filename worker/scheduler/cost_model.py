@@ -2,7 +2,7 @@
 
 A linear model fitted by least squares on a short profile run when the worker starts
 (`profile_cost_model` in worker/model/profiler.py):
-    prefill(n)            = prefill_base_s + prefill_per_token_s * n
+    prefill(n, images)    = prefill_base_s + prefill_per_token_s * n + image_encode_s * images
     decode_step(b, ctx)   = decode_base_s + decode_per_seq_s * b + decode_per_ctx_token_s * ctx
 where ctx is the total context of the batch. MLFQ uses it for skip-join (which queue a
 new job joins) and for its quanta; it is reported with the worker's load.
@@ -20,9 +20,12 @@ class CostModel:
     decode_base_s: float = 0.01
     decode_per_seq_s: float = 0.0005
     decode_per_ctx_token_s: float = 1e-7
+    # A vision-language model's image encoder (processor, tower, projector), per image.
+    image_encode_s: float = 0.0
 
-    def prefill_time(self, num_tokens: int) -> float:
-        return self.prefill_base_s + self.prefill_per_token_s * num_tokens
+    def prefill_time(self, num_tokens: int, num_images: int = 0) -> float:
+        return (self.prefill_base_s + self.prefill_per_token_s * num_tokens
+                + self.image_encode_s * num_images)
 
     def decode_step_time(self, batch_size: int, total_context: int) -> float:
         return (self.decode_base_s + self.decode_per_seq_s * batch_size

@@ -91,7 +91,9 @@ class MLFQScheduler(Scheduler):
 
     def initial_level(self, request: Request) -> int:
         """Skip-join: the first queue whose quantum covers the estimated prefill time."""
-        prefill_s = self.cost_model.prefill_time(request.num_uncomputed_tokens)
+        images = sum(span.offset + span.length > request.num_computed_tokens
+                     for span in request.image_spans)  # not yet encoded for this request
+        prefill_s = self.cost_model.prefill_time(request.num_uncomputed_tokens, images)
         level = 0
         while level < self.num_queues - 1 and self.quantum(level) < prefill_s:
             level += 1
