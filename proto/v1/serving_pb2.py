@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elmfleet/proto/v1/serving.proto\x12\nlmfleet.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.lmfleet.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x82\x04\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x17\n\nmin_tokens\x18\n \x01(\rH\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_min_tokensB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobs\"\xfe\x01\n\x16ServingGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.lmfleet.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.lmfleet.v1.ChatMessagesH\x00\x12,\n\x06params\x18\x05 \x01(\x0b\x32\x1c.lmfleet.v1.GenerationParams\x12\x17\n\nsession_id\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x08\n\x06promptB\r\n\x0b_session_id\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"M\n\x12GenerationComplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.lmfleet.v1.Usage\"\x81\x01\n\x17ServingGenerateResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.lmfleet.v1.TextDeltaH\x00\x12\x32\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1e.lmfleet.v1.GenerationCompleteH\x00\x42\n\n\x08response\"\x13\n\x11ListModelsRequest\"F\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x14\n\x0cnum_replicas\x18\x03 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.lmfleet.v1.ModelCard2\xad\x01\n\x07Serving\x12U\n\x08Generate\x12\".lmfleet.v1.ServingGenerateRequest\x1a#.lmfleet.v1.ServingGenerateResponse0\x01\x12K\n\nListModels\x12\x1d.lmfleet.v1.ListModelsRequest\x1a\x1e.lmfleet.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elmfleet/proto/v1/serving.proto\x12\nlmfleet.v1\"<\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x03(\x0c\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.lmfleet.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x82\x04\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x17\n\nmin_tokens\x18\n \x01(\rH\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_min_tokensB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobs\"\xfe\x01\n\x16ServingGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.lmfleet.v1.TokenIdsH\x00\x12(\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x18.lmfleet.v1.ChatMessagesH\x00\x12,\n\x06params\x18\x05 \x01(\x0b\x32\x1c.lmfleet.v1.GenerationParams\x12\x17\n\nsession_id\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x08priority\x18\x07 \x01(\x05\x42\x08\n\x06promptB\r\n\x0b_session_id\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"M\n\x12GenerationComplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.lmfleet.v1.Usage\"\x81\x01\n\x17ServingGenerateResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.lmfleet.v1.TextDeltaH\x00\x12\x32\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1e.lmfleet.v1.GenerationCompleteH\x00\x42\n\n\x08response\"\x13\n\x11ListModelsRequest\"F\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x14\n\x0cnum_replicas\x18\x03 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.lmfleet.v1.ModelCard2\xad\x01\n\x07Serving\x12U\n\x08Generate\x12\".lmfleet.v1.ServingGenerateRequest\x1a#.lmfleet.v1.ServingGenerateResponse0\x01\x12K\n\nListModels\x12\x1d.lmfleet.v1.ListModelsRequest\x1a\x1e.lmfleet.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lmfleet.proto.v1.serving_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHATMESSAGE']._serialized_start=46
-  _globals['_CHATMESSAGE']._serialized_end=90
-  _globals['_CHATMESSAGES']._serialized_start=92
-  _globals['_CHATMESSAGES']._serialized_end=149
-  _globals['_TOKENIDS']._serialized_start=151
-  _globals['_TOKENIDS']._serialized_end=174
-  _globals['_GENERATIONPARAMS']._serialized_start=177
-  _globals['_GENERATIONPARAMS']._serialized_end=691
-  _globals['_SERVINGGENERATEREQUEST']._serialized_start=694
-  _globals['_SERVINGGENERATEREQUEST']._serialized_end=948
-  _globals['_USAGE']._serialized_start=950
-  _globals['_USAGE']._serialized_end=1030
-  _globals['_TEXTDELTA']._serialized_start=1032
-  _globals['_TEXTDELTA']._serialized_end=1076
-  _globals['_GENERATIONCOMPLETE']._serialized_start=1078
-  _globals['_GENERATIONCOMPLETE']._serialized_end=1155
-  _globals['_SERVINGGENERATERESPONSE']._serialized_start=1158
-  _globals['_SERVINGGENERATERESPONSE']._serialized_end=1287
-  _globals['_LISTMODELSREQUEST']._serialized_start=1289
-  _globals['_LISTMODELSREQUEST']._serialized_end=1308
-  _globals['_MODELCARD']._serialized_start=1310
-  _globals['_MODELCARD']._serialized_end=1380
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1382
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1441
-  _globals['_SERVING']._serialized_start=1444
-  _globals['_SERVING']._serialized_end=1617
+  _globals['_CHATMESSAGE']._serialized_end=106
+  _globals['_CHATMESSAGES']._serialized_start=108
+  _globals['_CHATMESSAGES']._serialized_end=165
+  _globals['_TOKENIDS']._serialized_start=167
+  _globals['_TOKENIDS']._serialized_end=190
+  _globals['_GENERATIONPARAMS']._serialized_start=193
+  _globals['_GENERATIONPARAMS']._serialized_end=707
+  _globals['_SERVINGGENERATEREQUEST']._serialized_start=710
+  _globals['_SERVINGGENERATEREQUEST']._serialized_end=964
+  _globals['_USAGE']._serialized_start=966
+  _globals['_USAGE']._serialized_end=1046
+  _globals['_TEXTDELTA']._serialized_start=1048
+  _globals['_TEXTDELTA']._serialized_end=1092
+  _globals['_GENERATIONCOMPLETE']._serialized_start=1094
+  _globals['_GENERATIONCOMPLETE']._serialized_end=1171
+  _globals['_SERVINGGENERATERESPONSE']._serialized_start=1174
+  _globals['_SERVINGGENERATERESPONSE']._serialized_end=1303
+  _globals['_LISTMODELSREQUEST']._serialized_start=1305
+  _globals['_LISTMODELSREQUEST']._serialized_end=1324
+  _globals['_MODELCARD']._serialized_start=1326
+  _globals['_MODELCARD']._serialized_end=1396
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1398
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1457
+  _globals['_SERVING']._serialized_start=1460
+  _globals['_SERVING']._serialized_end=1633
 # @@protoc_insertion_point(module_scope)
