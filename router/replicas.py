@@ -41,6 +41,7 @@ from lmfleet.router.model_replicas import ModelReplicas, Replica, SessionDirecto
 from lmfleet.router.policies import make_policy
 from lmfleet.router.tokenizer import ModelTokenizer
 from lmfleet.worker.auth import WORKER_TOKEN_ENV, client_interceptors, worker_token_from_env
+from lmfleet.worker.chat_images import MAX_GENERATE_REQUEST_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ CHANNEL_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # A Generate request carries its images; the worker takes as much.
+    ("grpc.max_send_message_length", MAX_GENERATE_REQUEST_BYTES),
 )
 
 

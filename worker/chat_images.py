@@ -16,12 +16,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from lmfleet.worker.model.vision.vision_info import MAX_IMAGE_BYTES, ImageError
+from lmfleet.worker.model.vision.vision_info import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGES_PER_REQUEST,
+    ImageError,
+)
 
+# The largest Worker GenerateRequest a router sends and a worker takes: a request's images
+# at their limits, plus room for its token ids (4 bytes or less each on the wire).
+MAX_GENERATE_REQUEST_BYTES = MAX_IMAGES_PER_REQUEST * MAX_IMAGE_BYTES + (64 << 20)
 IMAGE_PART_TYPES = ("image_url", "image")
 # What a chat template is given for each image part.
 TEMPLATE_IMAGE_PART = {"type": "image"}
@@ -43,11 +50,6 @@ class ImagePart:
     where: str
     source: Any
 
-    @property
-    def is_url(self) -> bool:
-        return isinstance(self.source, str) and self.source.startswith(
-            ("data:", "http:", "https:"))
-
 
 def part_where(message_index: int, part_index: int) -> str:
     return f"messages[{message_index}].content[{part_index}]"
@@ -57,27 +59,28 @@ def _parts(content: Any) -> list:
     return content if isinstance(content, list) else []
 
 
-def image_parts(messages: Sequence[Mapping[str, Any]]) -> list[ImagePart]:
-    """Every image part of the conversation, in order. Raises ContentPartError for an image
-    part without its image."""
+def image_parts(messages: Sequence[Mapping[str, Any]],
+                where: Callable[[int, int], str] = part_where) -> list[ImagePart]:
+    """Every image part of the conversation, in order, named by `where(message index, part
+    index)`. Raises ContentPartError for an image part without its image."""
     found: list[ImagePart] = []
     for i, message in enumerate(messages):
         for j, part in enumerate(_parts(message.get("content"))):
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind not in IMAGE_PART_TYPES:
                 continue
-            where = part_where(i, j)
+            where_ = where(i, j)
             if kind == "image_url":
                 image_url = part.get("image_url")
                 url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
                 if not isinstance(url, str) or not url:
-                    raise ContentPartError(where, 'an image_url part needs '
+                    raise ContentPartError(where_, 'an image_url part needs '
                                            '"image_url": {"url": "data:image/png;base64,..."}')
-                found.append(ImagePart(where, url))
+                found.append(ImagePart(where_, url))
             else:
                 if part.get("image") is None:
-                    raise ContentPartError(where, 'an image part needs its "image"')
-                found.append(ImagePart(where, part["image"]))
+                    raise ContentPartError(where_, 'an image part needs its "image"')
+                found.append(ImagePart(where_, part["image"]))
     return found
 
 

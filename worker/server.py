@@ -4,7 +4,9 @@
 Generate contract: a stream of `chunk` events (the tokens of each engine step, with their
 logprobs when asked for), then exactly one `complete`, or else exactly one `error`:
 - INVALID_ARGUMENT: the request can never run (empty or too-long prompt, token id outside
-  the vocabulary, bad sampling value, missing or in-use request id); the message says why.
+  the vocabulary, bad sampling value, missing or in-use request id, images that do not
+  match the prompt's image tokens or are not images, images for a text-only model); the
+  message says why.
 - UNAVAILABLE: the worker is draining or shutting down; retry on another replica.
 - INTERNAL: an engine step failed while the request ran (the request was aborted).
 Cancelling the call (client cancel, deadline or disconnect) aborts the engine request at
@@ -36,6 +38,7 @@ from lmfleet.worker.auth import (
     worker_listen_warning,
     worker_token_from_env,
 )
+from lmfleet.worker.chat_images import MAX_GENERATE_REQUEST_BYTES
 from lmfleet.worker.request import RequestOutput
 from lmfleet.worker.sampling_params import SamplingParams
 
@@ -137,10 +140,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # A coroutine handler with context.write (not an async-generator handler): when
         # the call is cancelled, CancelledError lands in this frame wherever it waits, and
         # the `finally` below closes the engine stream, which aborts the request.
+        # An image the engine cannot use (ImageError, a ValueError) is INVALID_ARGUMENT below.
         outputs = self._engine.generate(
             request.request_id, list(request.prompt_token_ids), params,
             priority=request.priority,
-            session_id=request.session_id if request.HasField("session_id") else None)
+            session_id=request.session_id if request.HasField("session_id") else None,
+            images=tuple(request.images))
         try:
             async for output in outputs:
                 if output.new_token_ids:
@@ -242,8 +247,11 @@ class WorkerServer:
         interceptors = [WorkerTokenInterceptor(self.token)] if self.token else None
         # Without so_reuseport 0, grpc sets SO_REUSEPORT and a second worker given the
         # same port would silently share it instead of failing to start.
-        self._server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
-                                       interceptors=interceptors)
+        self._server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 0),
+            # A request carries its images (gRPC's default limit is 4 MiB a message).
+            ("grpc.max_receive_message_length", MAX_GENERATE_REQUEST_BYTES),
+        ], interceptors=interceptors)
         worker_pb2_grpc.add_WorkerServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
