@@ -21,13 +21,28 @@ IMAGE_SIZE, PATCH_SIZE = 32, 8  # 16 image tokens an image
 TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH_SIZE) ** 2
 
 
-def make_tiny_llava(directory: Path, tokenizer_dir: Path, seed: int = 0,
+def word_tokenizer(vocab_size: int):
+    """A whitespace word-level tokenizer over made-up words "t0".."t{n-1}" (no model files
+    needed: the GPU machines lack the default model)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0",
+                                   bos_token="t1", eos_token="t2")
+
+
+def make_tiny_llava(directory: Path, tokenizer_dir: Path | None = None, seed: int = 0,
                     vision_model: str = "clip") -> Path:
-    """Weights, config, tokenizer (the default model's plus <image>) and image processor."""
+    """Weights, config, tokenizer (the default model's, else a word-level one, plus
+    <image>) and image processor."""
     import transformers
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = (AutoTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir
+                 else word_tokenizer(600))
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.chat_template = CHAT_TEMPLATE
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
