@@ -33,6 +33,7 @@ from lmfleet.router.drain import Drain
 from lmfleet.router.errors import OverloadedError, RouterError
 from lmfleet.router.generation import Generation, GenerationJob
 from lmfleet.router.http_gate import DEFAULT_BODY_TIMEOUT_S, HttpGate
+from lmfleet.router.images import ImageOptions, chat_inputs
 from lmfleet.router.metrics import CONTENT_TYPE, RouterMetrics
 from lmfleet.router.openai_api import (
     ChatCompletionChunk,
@@ -50,7 +51,6 @@ from lmfleet.router.openai_api import (
 )
 from lmfleet.router.openai_serving import OpenAIFormatter
 from lmfleet.router.replicas import ReplicaRegistry
-from lmfleet.router.tokenizer import chat_messages_for_template
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -92,6 +92,8 @@ class HttpContext:
     drain: Drain = field(default_factory=Drain)
     # Serve the chat page (router/webui/index.html) at /.
     webui: bool = True
+    # Which image URLs chat requests may use (router/images.py).
+    images: ImageOptions = field(default_factory=ImageOptions)
 
 
 def webui_page() -> str:
@@ -166,14 +168,15 @@ async def _chat(ctx: HttpContext, body: ChatCompletionRequest, request: Request,
     model = ctx.registry.get(body.model)
     outcome.model = model.name
     params = body.to_params()
-    messages = chat_messages_for_template(body.messages)
-    prompt = await ctx.generation.tokenize_chat(model, messages,
-                                                body.add_generation_prompt is not False)
+    inputs = await chat_inputs(body.messages, model, ctx.images)
+    prompt = await ctx.generation.tokenize_chat(model, inputs.messages,
+                                                body.add_generation_prompt is not False,
+                                                num_images=len(inputs.images))
     formatter = OpenAIFormatter(
         chat=True, request_id=new_id("chatcmpl"), created=now(), model=model.name,
         tokenizer=model.tokenizer, logprobs=params.logprobs is not None,
         include_usage=body.include_usage_chunk)
-    job = _job(ctx, model, [prompt], params, body)
+    job = _job(ctx, model, [prompt], params, body, inputs.images)
     return await _respond(ctx, request, job, formatter, bool(body.stream))
 
 
@@ -216,12 +219,13 @@ class _Outcome:
             self.metrics.record_request(self.model, "http", "500")
 
 
-def _job(ctx: HttpContext, model, prompts, params, body) -> GenerationJob:
+def _job(ctx: HttpContext, model, prompts, params, body,
+         images: tuple[bytes, ...] = ()) -> GenerationJob:
     deadline = (asyncio.get_running_loop().time() + ctx.request_timeout
                 if ctx.request_timeout else None)
     return GenerationJob(model=model, prompts=prompts, params=params,
                          priority=body.priority or 0, session_id=body.session_id,
-                         deadline=deadline)
+                         deadline=deadline, images=images)
 
 
 async def _respond(ctx: HttpContext, request: Request, job: GenerationJob,

@@ -11,11 +11,12 @@ when a seed is given), and per completion:
   skipped and the next one is tried, up to `max_attempts` replicas; an UNAVAILABLE one
   is marked unhealthy until its next good load poll. A completion that had already
   produced tokens resumes on the next replica: prompt + the tokens produced so far become
-  the new prompt, with the budget left (max_tokens, min_tokens) and the same stop rules,
-  so the client sees one uninterrupted completion; greedy output is token-identical to an
-  undisturbed run (a seeded sampler restarts its random stream, and presence/frequency
-  penalties then count only the tokens after the resume). Only when no replica is left
-  does it end with StreamInterruptedError;
+  the new prompt (sent with the request's images, if any), with the budget left
+  (max_tokens, min_tokens) and the same stop rules, so the client sees one uninterrupted
+  completion; greedy output is token-identical to an undisturbed run (a seeded sampler
+  restarts its random stream, and presence/frequency penalties then count only the tokens
+  after the resume). Only when no replica is left does it end with
+  StreamInterruptedError;
 - while no replica can take an attempt (the only one died and its replacement is starting,
   all are unhealthy), waits for one up to `replica_wait_s` (and the request's deadline)
   instead of failing at once, so a client's retries are not spent before the replacement
@@ -57,6 +58,7 @@ from lmfleet.router.model_replicas import ModelReplicas, Replica
 from lmfleet.router.params import GenerationParams
 from lmfleet.router.policies import RouteRequest
 from lmfleet.router.replicas import ReplicaRegistry
+from lmfleet.worker.model.vision.vision_info import ImageError
 
 # Replicas tried per completion before giving up with NoReplicaError.
 DEFAULT_MAX_ATTEMPTS = 3
@@ -82,6 +84,13 @@ class GenerationJob:
     session_id: Optional[str] = None
     deadline: Optional[float] = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Encoded images of a vision model's (one) prompt, in the order of its image-token
+    # runs; every attempt of every completion sends them (a resumed one too).
+    images: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.images and len(self.prompts) != 1:
+            raise ValueError("images go with exactly one prompt")
 
 
 class Generation:
@@ -109,15 +118,30 @@ class Generation:
         return self.check_prompt(model, ids)
 
     async def tokenize_chat(self, model: ModelReplicas, messages: list[dict[str, Any]],
-                            add_generation_prompt: bool = True) -> list[int]:
+                            add_generation_prompt: bool = True, num_images: int = 0
+                            ) -> list[int]:
+        """The rendered conversation's ids; a vision model's image tokens are expanded to
+        each image's full run, and checked against the `num_images` that go with it."""
         ids = await asyncio.to_thread(model.tokenizer.apply_chat_template, messages,
                                       add_generation_prompt)
-        return self.check_prompt(model, ids)
+        vision = model.tokenizer.vision
+        if vision is not None:
+            ids = vision.expand_image_tokens(ids)
+        return self.check_prompt(model, ids, num_images)
 
     @staticmethod
-    def check_prompt(model: ModelReplicas, ids: list[int]) -> list[int]:
+    def check_prompt(model: ModelReplicas, ids: list[int], num_images: int = 0) -> list[int]:
+        """`ids` if they can run: not empty, in the vocabulary, shorter than the context,
+        and (vision models) with places for exactly `num_images` whole images."""
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
+        vision = model.tokenizer.vision
+        if vision is not None:
+            try:
+                vision.check_prompt(ids, num_images)
+            except ImageError as error:  # e.g. "<image>" typed into a text prompt
+                raise InvalidRequestError(str(error), param="messages" if num_images
+                                          else "prompt") from None
         if model.vocab_size and any(not 0 <= t < model.vocab_size for t in ids):
             raise InvalidRequestError(
                 f"prompt token ids must be in [0, {model.vocab_size})", param="prompt")
@@ -206,12 +230,8 @@ class Generation:
             worker_params = params.to_worker(sample, max_tokens - len(done))
             if done and params.min_tokens:
                 worker_params.min_tokens = max(params.min_tokens - len(done), 0)
-            request = worker_pb2.GenerateRequest(
-                request_id=f"{job.request_id}-{index}-{attempt}",
-                prompt_token_ids=prompt + done, sampling_params=worker_params,
-                priority=job.priority)
-            if job.session_id is not None:
-                request.session_id = job.session_id
+            request = worker_request(job, f"{job.request_id}-{index}-{attempt}",
+                                     prompt + done, worker_params)
             try:
                 if await self._attempt(job, replica, request, stream):
                     return
@@ -289,6 +309,18 @@ class Generation:
         if required and left <= 0:
             raise DeadlineExceededError("the request deadline passed")
         return max(left, 0.0)
+
+
+def worker_request(job: GenerationJob, request_id: str, prompt_token_ids: list[int],
+                   params: worker_pb2.SamplingParams) -> worker_pb2.GenerateRequest:
+    """One attempt's Worker request: a resumed one's prompt holds the tokens produced so
+    far, and its images are the job's, as for the first attempt."""
+    request = worker_pb2.GenerateRequest(
+        request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
+        priority=job.priority, images=job.images)
+    if job.session_id is not None:
+        request.session_id = job.session_id
+    return request
 
 
 class _RetryableError(Exception):

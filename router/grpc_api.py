@@ -1,7 +1,9 @@
 """The public gRPC API: lmfleet.v1.Serving (serving.proto), grpc.health.v1 and reflection.
 
 `Generate` takes text (no template), token ids, or chat messages (the model's chat
-template is applied) and streams `TextDelta`s, then one `GenerationComplete` with usage.
+template is applied; a vision model's messages may carry encoded images, `ChatMessage.
+images`, seen by the template after the message's text) and streams `TextDelta`s, then
+one `GenerationComplete` with usage.
 It runs the same generation path as the HTTP API. Status codes: INVALID_ARGUMENT (bad
 input, prompt too long), NOT_FOUND (unknown model), RESOURCE_EXHAUSTED (admission),
 UNAVAILABLE (no healthy replica after retries, or the replica failed mid-stream),
@@ -31,10 +33,10 @@ from lmfleet.router.auth import ApiKeyAuth
 from lmfleet.router.choice_stream import ChoiceEnd, TextChunk, Usage
 from lmfleet.router.errors import InvalidRequestError, RouterError
 from lmfleet.router.generation import Generation, GenerationJob
+from lmfleet.router.images import ImageOptions, chat_inputs
 from lmfleet.router.model_replicas import ModelReplicas
 from lmfleet.router.params import GenerationParams
 from lmfleet.router.replicas import ReplicaRegistry
-from lmfleet.router.tokenizer import chat_messages_for_template
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,20 @@ def params_from_proto(proto: serving_pb2.GenerationParams) -> GenerationParams:
         raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
     return GenerationParams(stop=tuple(proto.stop), stop_token_ids=tuple(proto.stop_token_ids),
                             ignore_eos=proto.ignore_eos, **values)
+
+
+def _chat_message(message: serving_pb2.ChatMessage) -> dict[str, Any]:
+    """A message as the OpenAI door has it: its images are image parts after its text."""
+    if not message.images:
+        return {"role": message.role, "content": message.content}
+    return {"role": message.role, "content": [
+        {"type": "text", "text": message.content},
+        *({"type": "image", "image": image} for image in message.images)]}
+
+
+def _image_where(message_index: int, part_index: int) -> str:
+    # Part 0 of a message with images is its text (_chat_message).
+    return f"messages[{message_index}].images[{part_index - 1}]"
 
 
 class UndecodableRequest:
@@ -148,15 +164,18 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
     async def _job(self, model: ModelReplicas, request: serving_pb2.ServingGenerateRequest,
                    context: grpc.aio.ServicerContext) -> GenerationJob:
         params = params_from_proto(request.params)
+        images: tuple[bytes, ...] = ()
         kind = request.WhichOneof("prompt")
         if kind == "text":
             prompt = await self.generation.tokenize(model, request.text)
         elif kind == "token_ids":
             prompt = await self.generation.tokenize(model, list(request.token_ids.ids))
         elif kind == "chat":
-            messages = chat_messages_for_template(
-                [{"role": m.role, "content": m.content} for m in request.chat.messages])
-            prompt = await self.generation.tokenize_chat(model, messages)
+            inputs = await chat_inputs([_chat_message(m) for m in request.chat.messages],
+                                       model, ImageOptions(), where=_image_where)
+            images = inputs.images
+            prompt = await self.generation.tokenize_chat(model, inputs.messages,
+                                                         num_images=len(images))
         else:
             raise InvalidRequestError("a prompt is required (text, token_ids or chat)",
                                       param="prompt")
@@ -167,7 +186,7 @@ class ServingServicer(serving_pb2_grpc.ServingServicer):
                              priority=request.priority,
                              session_id=(request.session_id
                                          if request.HasField("session_id") else None),
-                             deadline=deadline)
+                             deadline=deadline, images=images)
 
     async def ListModels(self, request: serving_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> serving_pb2.ListModelsResponse:

@@ -117,9 +117,18 @@ class _SamplingFields(_Request):
 # ---- /v1/chat/completions ---------------------------------------------------------------
 
 
+class ImageURL(_Request):
+    url: str = Field(description="A base64 data URL (data:image/png;base64,...); http(s) "
+                     "only where the router fetches them (--allow-image-urls).")
+    detail: Optional[str] = Field(None, description="Accepted and ignored.")
+
+
 class ContentPart(_Request):
+    """A text part, or (vision models) an image part: router/images.py."""
+
     type: str
     text: Optional[str] = None
+    image_url: Optional[ImageURL] = None
 
 
 class ChatMessage(_Request):

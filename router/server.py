@@ -45,6 +45,7 @@ from lmfleet.router.generation import DEFAULT_MAX_ATTEMPTS, DEFAULT_REPLICA_WAIT
 from lmfleet.router.grpc_api import ServingServicer, add_grpc_services
 from lmfleet.router.http_gate import DEFAULT_BODY_TIMEOUT_S, MAX_HEADER_BYTES
 from lmfleet.router.http_protocol import DEFAULT_HEADER_TIMEOUT_S, protocol_with_header_timeout
+from lmfleet.router.images import ImageOptions
 from lmfleet.router.metrics import RouterMetrics
 from lmfleet.router.policies import DEFAULT_POLICY, make_policy
 from lmfleet.router.replicas import ReplicaRegistry, TokenizerLoader
@@ -76,6 +77,8 @@ class RouterConfig:
     body_timeout_s: seconds an HTTP request body may stall between reads (then 408).
     header_timeout_s: seconds an HTTP request's line and headers may take (then 408).
     webui: serve the built-in chat page at / (router/webui/index.html).
+    allow_image_urls: fetch http(s) image URLs of chat requests (router/images.py);
+        otherwise images come inline only (data URLs, gRPC bytes).
     drain_timeout: on stop, seconds running requests may take to finish (router/drain.py).
     max_attempts: replicas tried per completion before UNAVAILABLE / 503.
     replica_wait_s: while no replica of the model can take a request (its replacement is
@@ -99,6 +102,7 @@ class RouterConfig:
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     webui: bool = True
+    allow_image_urls: bool = False
     drain_timeout: float = 30.0
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     replica_wait_s: float = DEFAULT_REPLICA_WAIT_S
@@ -265,7 +269,8 @@ class Router:
             auth=self.auth, max_body_bytes=self.config.max_body_bytes,
             request_timeout=self.config.request_timeout,
             body_timeout_s=self.config.body_timeout_s, drain=self.drain,
-            webui=self.config.webui))
+            webui=self.config.webui,
+            images=ImageOptions(allow_urls=self.config.allow_image_urls)))
         # IPPROTO_TCP, so that asyncio sets TCP_NODELAY on every accepted connection.
         sock = tcp_listener(self.config.host, self.config.http_port, "HTTP port")
         self.http_port = sock.getsockname()[1]

@@ -5,7 +5,8 @@ The worker speaks token ids only; everything about text lives here:
 - `ModelTokenizer`: one model's Hugging Face tokenizer with prompt encoding and chat
   template application (loaded from the worker's `ModelInfo.model_path`, which the router
   can read because workers and router share a filesystem in the all-in-one setup; if it
-  cannot, the model name is resolved through lmfleet's model cache instead).
+  cannot, the model name is resolved through lmfleet's model cache instead), and, for a
+  vision-language model, its image prompt layout (`vision`, read from the same directory).
 - `IncrementalDetokenizer`: streamed token ids -> text deltas that never contain broken
   UTF-8, using the prefix/read-offset technique of vLLM and TGI.
 - `StopStringMatcher`: cuts the text at the first stop string and holds back any tail
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, get_args
 
 from lmfleet.router.errors import InvalidRequestError
+from lmfleet.worker.chat_images import ContentPartError, template_content
+from lmfleet.worker.model.vision.vision_info import VisionInfo
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +42,12 @@ CHAT_ROLES: tuple[str, ...] = get_args(ChatRole)
 class ModelTokenizer:
     """A model's tokenizer as the router uses it. Thread-safe for encode/decode."""
 
-    def __init__(self, hf_tokenizer: Any, model_name: str) -> None:
+    def __init__(self, hf_tokenizer: Any, model_name: str,
+                 vision: Optional[VisionInfo] = None) -> None:
         self.hf = hf_tokenizer
         self.model_name = model_name
+        # None for a text-only model: image parts are refused (router/images.py).
+        self.vision = vision
 
     def encode(self, text: str) -> list[int]:
         """Token ids of raw text, with the tokenizer's default special tokens (as `LLM`)."""
@@ -101,7 +107,8 @@ def load_model_tokenizer(model_path: str, model_name: str) -> ModelTokenizer:
             logger.warning("cannot resolve model %r locally: %s", model_name, error)
     for directory in candidates:
         try:
-            return ModelTokenizer(AutoTokenizer.from_pretrained(str(directory)), model_name)
+            return ModelTokenizer(AutoTokenizer.from_pretrained(str(directory)), model_name,
+                                  vision=VisionInfo.from_model_dir(directory))
         except (OSError, ValueError) as error:
             logger.warning("cannot load a tokenizer from %s: %s", directory, error)
     raise ValueError(f"no tokenizer for model {model_name!r} (worker path {model_path!r} "
@@ -207,7 +214,8 @@ class StopStringMatcher:
 
 
 def flatten_message_content(content: Any, index: int) -> str:
-    """OpenAI message content (a string or a list of text parts) as one string."""
+    """OpenAI message content (a string or a list of text parts) as one string: what a
+    text-only model's chat template is given."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -223,20 +231,33 @@ def flatten_message_content(content: Any, index: int) -> str:
     return "".join(parts)
 
 
-def chat_messages_for_template(messages: Sequence[Any]) -> list[dict[str, Any]]:
-    """Plain dicts for the chat template from OpenAI-style message objects or dicts.
+def message_dicts(messages: Sequence[Any]) -> list[dict[str, Any]]:
+    """Plain dicts from OpenAI-style message objects (pydantic models) or dicts."""
+    return [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in messages]
+
+
+def chat_messages_for_template(messages: Sequence[Any],
+                               vision: bool = False) -> list[dict[str, Any]]:
+    """Plain dicts for the chat template from OpenAI-style message objects or dicts. A
+    text-only model's content is one string; a vision model's (`vision`) a list of text
+    and `{"type": "image"}` parts (worker/chat_images.py).
 
     Raises InvalidRequestError for a role outside CHAT_ROLES (the HTTP models already
-    refuse one; gRPC messages arrive here unchecked)."""
+    refuse one; gRPC messages arrive here unchecked) or an unsupported content part."""
     result: list[dict[str, Any]] = []
-    for index, message in enumerate(messages):
-        data = message if isinstance(message, dict) else message.model_dump(exclude_none=True)
+    for index, data in enumerate(message_dicts(messages)):
         if data.get("role") not in CHAT_ROLES:
             raise InvalidRequestError(
                 f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)}, got "
                 f"{data.get('role')!r}", param=f"messages[{index}].role")
-        entry: dict[str, Any] = {"role": data.get("role"),
-                                 "content": flatten_message_content(data.get("content"), index)}
+        if vision:
+            try:
+                content: Any = template_content(data.get("content"), index)
+            except ContentPartError as error:
+                raise InvalidRequestError(str(error), param=error.where) from None
+        else:
+            content = flatten_message_content(data.get("content"), index)
+        entry: dict[str, Any] = {"role": data.get("role"), "content": content}
         if data.get("name"):
             entry["name"] = data["name"]
         result.append(entry)

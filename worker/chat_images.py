@@ -122,10 +122,15 @@ def decode_data_url(url: str, where: str) -> bytes:
                          "(data:image/png;base64,...)")
     if media_type and not media_type.lower().startswith("image/"):
         raise ImageError(f"{where}: the data URL holds {media_type!r}, not an image")
-    # Checked before decoding, so an oversized payload is never decoded (4 chars: 3 bytes).
-    if len(payload) > (MAX_IMAGE_BYTES + 2) // 3 * 4 + 4:
-        raise ImageError(f"{where}: the image is over {MAX_IMAGE_BYTES} bytes")
-    payload = "".join(payload.split())  # some encoders wrap lines
+    # Checked before decoding, so an oversized payload is never decoded (4 chars: 3 bytes;
+    # the first check leaves room for line breaks, which some encoders add).
+    limit = (MAX_IMAGE_BYTES + 2) // 3 * 4
+    too_large = ImageError(f"{where}: the image is over {MAX_IMAGE_BYTES} bytes")
+    if len(payload) > limit + limit // 32 + 64:
+        raise too_large
+    payload = "".join(payload.split())
+    if len(payload) > limit:
+        raise too_large
     try:
         return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
     except (binascii.Error, ValueError):
