@@ -66,6 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "event and [DONE]; others: a JSON 503)")
     add_replica_wait_flag(p)
     add_webui_flag(p)
+    add_image_urls_flag(p)
     p.add_argument("--discovery-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="how long start-up waits for workers to report their model")
     p.add_argument("--poll-interval", type=float, default=0.5, metavar="SECONDS",
@@ -87,6 +88,14 @@ def add_webui_flag(p: argparse.ArgumentParser) -> None:
     """--no-webui, shared with `lmfleet serve`."""
     p.add_argument("--no-webui", action="store_true",
                    help="do not serve the built-in chat page at /")
+
+
+def add_image_urls_flag(p: argparse.ArgumentParser) -> None:
+    """--allow-image-urls, shared with `lmfleet serve`."""
+    p.add_argument("--allow-image-urls", action="store_true",
+                   help="fetch http(s) image URLs in chat requests (at most 20 MiB, 10 s "
+                   "each; the router's network is then reachable through it). Default: "
+                   "images only inline, as data URLs")
 
 
 def replica_wait(args: argparse.Namespace) -> dict:
@@ -131,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         model_policies=model_policies, max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout, discovery_timeout=args.discovery_timeout,
         drain_timeout=args.drain_timeout, **replica_wait(args), webui=not args.no_webui,
-        poll_interval=args.poll_interval)
+        allow_image_urls=args.allow_image_urls, poll_interval=args.poll_interval)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

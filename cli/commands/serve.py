@@ -76,6 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="how long a replica being removed may finish its requests")
     router_command.add_replica_wait_flag(p)
     router_command.add_webui_flag(p)
+    router_command.add_image_urls_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address the router listens on")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free port)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (0: a free port)")
@@ -208,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port, api_key=api_key_from_env(args.api_key),
         max_in_flight=args.max_in_flight, max_queued=args.max_queued, policy=args.policy,
         discovery_timeout=0.0, drain_timeout=max(args.drain_timeout, 0.0),
-        **router_command.replica_wait(args), webui=not args.no_webui)
+        **router_command.replica_wait(args), webui=not args.no_webui,
+        allow_image_urls=args.allow_image_urls)
     # Ports are checked before Ray and the replicas start (tens of seconds), so a taken
     # one is reported at once, by number (ListenError: `error: cannot listen on ...`).
     check_port_free(config.host, config.http_port, "HTTP port, --port")
