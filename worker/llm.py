@@ -3,18 +3,38 @@
 It owns the tokenizer (the engine speaks token ids only), fans out `n` completions as
 separate engine requests, validates everything before admitting anything (so a bad
 prompt in a list leaves the engine untouched) and drives `step()` until all finish.
+
+`LLM.chat` takes images for a vision-language (LLaVA) model as content parts, as the
+router does (worker/chat_images.py): `{"type": "image", "image": X}` with X a PIL image
+(sent as PNG), a file path or encoded bytes, or `{"type": "image_url", "image_url":
+{"url": "data:image/png;base64,..."}}`.
 """
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Optional, Union
 
 from tqdm.auto import tqdm
 
+from lmfleet.worker.chat_images import (
+    ImagePart,
+    decode_data_url,
+    image_parts,
+    template_content,
+    url_scheme,
+)
 from lmfleet.worker.config import EngineConfig
 from lmfleet.worker.engine import LLMEngine
+from lmfleet.worker.model.vision.vision_info import (
+    ImageError,
+    VisionInfo,
+    check_image_bytes,
+    text_only_model_error,
+)
 from lmfleet.worker.request import CompletionOutput, Request, RequestOutput
 from lmfleet.worker.sampling_params import SamplingParams
 from lmfleet.worker.tokenizer import decode_output, load_tokenizer
@@ -40,6 +60,9 @@ class LLM:
             self.engine.close()
             raise
         self._ids = itertools.count()
+        self._model_name = model
+        # None for a text-only model (then image parts are a ValueError).
+        self.vision_info = VisionInfo.from_model_dir(self.engine.model_dir)
 
     def close(self) -> None:
         """Stop the engine's other ranks (tensor parallelism); idempotent."""
@@ -65,19 +88,27 @@ class LLM:
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        prompt_list = self._normalize_prompts(prompts)
+        return self._generate(self._normalize_prompts(prompts), sampling_params, use_tqdm)
+
+    def _generate(self, prompt_list: list[Prompt], sampling_params: Any, use_tqdm: bool,
+                  images: Optional[Sequence[tuple[bytes, ...]]] = None
+                  ) -> list[RequestOutput]:
+        """`generate`, each prompt with its images (`images[i]`: prompt i's, in order)."""
         params_list = self._normalize_params(sampling_params, len(prompt_list))
+        image_list = list(images) if images is not None else [()] * len(prompt_list)
         encoded = [self._encode(p) for p in prompt_list]
         for token_ids in encoded:
             self.engine.validate(token_ids)
         groups: list[list[str]] = []
-        for prompt_ids, params in zip(encoded, params_list, strict=True):
+        for prompt_ids, params, prompt_images in zip(encoded, params_list, image_list,
+                                                     strict=True):
             base_id = str(next(self._ids))
             child_ids = []
             for index in range(params.n):
                 child_params = _replace(params, n=1, seed=_child_seed(params.seed, index))
                 request_id = base_id if params.n == 1 else f"{base_id}-{index}"
-                self.engine.add_request(Request(request_id, list(prompt_ids), child_params))
+                self.engine.add_request(Request(request_id, list(prompt_ids), child_params,
+                                                images=prompt_images))
                 child_ids.append(request_id)
             groups.append(child_ids)
         finished = self._run(sum(len(g) for g in groups), use_tqdm)
@@ -104,17 +135,46 @@ class LLM:
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them."""
+        """Apply the model's chat template to one conversation or a list of them. A vision
+        model's messages may hold image parts (see the module doc); a text-only model
+        given one raises ValueError naming it (messages[0].content[1])."""
         if not messages:
             raise ValueError("messages is empty")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
-        prompts = [self.apply_chat_template(c) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        prompts: list[Prompt] = []
+        images: list[tuple[bytes, ...]] = []
+        for conversation in conversations:
+            prompt, conversation_images = self._chat_prompt(conversation)
+            prompts.append(prompt)
+            images.append(conversation_images)
+        return self._generate(prompts, sampling_params, use_tqdm, images)
 
     def apply_chat_template(self, conversation: Sequence[Message]) -> list[int]:
+        """The prompt ids of a conversation: for a vision model, each image expanded to its
+        run of image tokens (the images themselves are not read here)."""
+        return self._chat_prompt(conversation, read_images=False)[0]
+
+    def _chat_prompt(self, conversation: Sequence[Message], read_images: bool = True
+                     ) -> tuple[list[int], tuple[bytes, ...]]:
         for message in conversation:
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise ValueError("each chat message must be a dict with 'role' and 'content'")
+        parts = image_parts(conversation)
+        vision = self.vision_info
+        if vision is None:
+            if parts:
+                raise ImageError(f"{parts[0].where}: {text_only_model_error(self._model_name)}")
+            return self._render(conversation), ()
+        ids = vision.expand_image_tokens(self._render([
+            {**message, "content": template_content(message["content"], index)}
+            for index, message in enumerate(conversation)]))
+        if not read_images:
+            return ids, ()
+        images = tuple(_image_bytes(part) for part in parts)
+        vision.check_prompt(ids, len(images))
+        return ids, images
+
+    def _render(self, conversation: Sequence[Message]) -> list[int]:
         encoded = self.tokenizer.apply_chat_template(
             list(conversation), add_generation_prompt=True, tokenize=True)
         # transformers 5 returns a BatchEncoding here; 4.x returns the list of ids.
@@ -176,6 +236,33 @@ class LLM:
         if len(params) != count or not all(isinstance(p, SamplingParams) for p in params):
             raise ValueError(f"sampling_params must be one SamplingParams or {count} of them")
         return params
+
+
+def _image_bytes(part: ImagePart) -> bytes:
+    """The encoded bytes of an image part (a PIL image is encoded as PNG), checked to be an
+    image. Raises ImageError (a ValueError) naming the part."""
+    source, where = part.source, part.where
+    if isinstance(source, str) and url_scheme(source) == "data":
+        data = decode_data_url(source, where)
+    elif isinstance(source, str) and url_scheme(source) in ("http", "https"):
+        raise ImageError(f"{where}: LLM.chat does not fetch URLs; pass the image's bytes, a "
+                         "file path or a PIL image")
+    elif isinstance(source, (str, Path)):
+        try:
+            data = Path(source).read_bytes()
+        except OSError as error:
+            raise ImageError(f"{where}: cannot read {str(source)!r}: {error.strerror}") from None
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif hasattr(source, "save") and hasattr(source, "mode"):  # a PIL image
+        buffer = io.BytesIO()
+        source.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    else:
+        raise ImageError(f"{where}: an image must be a PIL image, a file path, bytes or a "
+                         f"data URL, not {type(source).__name__}")
+    check_image_bytes(data, where)
+    return data
 
 
 def _replace(params: SamplingParams, **changes: Any) -> SamplingParams:
