@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from lmfleet.worker.model.vision.vision_info import is_vision_config
 from lmfleet.worker.quant.config import WeightQuantization
 
 SUPPORTED_ARCHITECTURES = {
@@ -128,7 +129,7 @@ _TEXT_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM
 def language_model_config(config: dict[str, Any]) -> dict[str, Any]:
     """A LLaVA config.json -> its language model's config (the engine runs that model, with
     image rows in place of the image tokens' embeddings); any other config as it is."""
-    if "LlavaForConditionalGeneration" not in (config.get("architectures") or ()):
+    if not is_vision_config(config):
         return config
     text = dict(config.get("text_config") or {})
     model_type = text.get("model_type", "llama")

@@ -23,6 +23,14 @@ MAX_IMAGE_BYTES = 20 << 20
 MAX_IMAGE_PIXELS = 8192 * 8192
 
 
+def is_vision_config(config: dict) -> bool:
+    """A LLaVA config.json (by its architectures, else its model_type)."""
+    architectures = config.get("architectures") or ()
+    if architectures:
+        return bool(set(architectures) & set(VISION_ARCHITECTURES))
+    return config.get("model_type") == "llava"
+
+
 class ImageSpan(NamedTuple):
     """One image's positions in a prompt, and a digest of its bytes (what prefix caching
     and sessions key its KV on: equal tokens with another image are not equal prompts)."""
@@ -52,7 +60,7 @@ class VisionInfo:
 
     @classmethod
     def from_config(cls, config: dict) -> Optional[VisionInfo]:
-        if not set(config.get("architectures") or ()) & set(VISION_ARCHITECTURES):
+        if not is_vision_config(config):
             return None
         vision = config.get("vision_config") or {}
         image_size, patch_size = vision.get("image_size", 224), vision.get("patch_size", 32)
