@@ -127,12 +127,14 @@ class Generation:
         vision = model.tokenizer.vision
         if vision is not None:
             ids = vision.expand_image_tokens(ids)
-        return self.check_prompt(model, ids, num_images)
+        return self.check_prompt(model, ids, num_images, param="messages")
 
     @staticmethod
-    def check_prompt(model: ModelReplicas, ids: list[int], num_images: int = 0) -> list[int]:
+    def check_prompt(model: ModelReplicas, ids: list[int], num_images: int = 0,
+                     param: str = "prompt") -> list[int]:
         """`ids` if they can run: not empty, in the vocabulary, shorter than the context,
-        and (vision models) with places for exactly `num_images` whole images."""
+        and (vision models) with places for exactly `num_images` whole images. `param`
+        names the request field they came from."""
         if not ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         vision = model.tokenizer.vision
@@ -140,8 +142,7 @@ class Generation:
             try:
                 vision.check_prompt(ids, num_images)
             except ImageError as error:  # e.g. "<image>" typed into a text prompt
-                raise InvalidRequestError(str(error), param="messages" if num_images
-                                          else "prompt") from None
+                raise InvalidRequestError(str(error), param=param) from None
         if model.vocab_size and any(not 0 <= t < model.vocab_size for t in ids):
             raise InvalidRequestError(
                 f"prompt token ids must be in [0, {model.vocab_size})", param="prompt")
