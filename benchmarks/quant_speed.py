@@ -23,6 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BF16_DIR = "/tmp/anchor_llama3_8b_random"
 AWQ_DIR = "/tmp/anchor_llama3_8b_awq"
+LMFLEET_RUNS = {"lmfleet-bf16": (BF16_DIR, []), "lmfleet-awq": (AWQ_DIR, []),
+                "lmfleet-kv-int8": (BF16_DIR, ["kv_cache_dtype=int8"]),
+                "lmfleet-kv-fp8": (BF16_DIR, ["kv_cache_dtype=fp8"])}
+ENGINES = (*LMFLEET_RUNS, "lmdeploy-awq")
 
 
 def run(cmd: list[str], limit: float) -> str:
@@ -39,7 +43,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--peer-bench", default=None)
     parser.add_argument("--limit-s", type=float, default=150.0, help="per engine run")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help=f"comma-separated, of: {', '.join(ENGINES)}")
     args = parser.parse_args()
+    engines = args.engines.split(",")
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown:
+        parser.error(f"unknown engines {unknown}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict = {"benchmark": "quant_speed", "runs": {}, "status": {}}
@@ -58,10 +68,9 @@ def main() -> None:
         write_awq_checkpoint(Path(BF16_DIR), Path(AWQ_DIR), 128, device="cuda")
     result["quantize_s"] = time.time() - start
     print(f"quantized in {result['quantize_s']:.1f} s", flush=True)
-    for name, model_dir, options in (("lmfleet-bf16", BF16_DIR, []),
-                                     ("lmfleet-awq", AWQ_DIR, []),
-                                     ("lmfleet-kv-int8", BF16_DIR, ["kv_cache_dtype=int8"]),
-                                     ("lmfleet-kv-fp8", BF16_DIR, ["kv_cache_dtype=fp8"])):
+    for name, (model_dir, options) in LMFLEET_RUNS.items():
+        if name not in engines:
+            continue
         result_file = out / f"{name}.json"
         flags = [flag for option in options for flag in ("--option", option)]
         result["status"][name] = run(
@@ -70,7 +79,7 @@ def main() -> None:
              str(result_file), *flags], args.limit_s)
         if result_file.is_file():
             result["runs"][name] = json.loads(result_file.read_text())
-    if args.peer_bench:
+    if args.peer_bench and "lmdeploy-awq" in engines:
         peer_out = out / "peer-awq"
         result["status"]["lmdeploy-awq"] = run(
             [sys.executable, args.peer_bench, "lmdeploy", "--model-dir", AWQ_DIR, "--out",
