@@ -102,7 +102,7 @@ def test_mixed_batch_equals_hf_whole_and_in_chunks(llava, hf, mixed):
     chunked = make_engine(llava, max_num_batched_tokens=12, max_num_seqs=3)
     assert [tokens for tokens, _ in run(chunked, mixed)] == expected
     assert whole.runner.images.num_images_encoded == 2  # cat and dog, each once
-    assert not whole.runner.images._rows, "finished requests' image rows are dropped"
+    assert not whole.runner.images._rows, "rows are dropped once their KV exists"
 
 
 def test_repeated_image_hits_the_prefix_cache_and_another_image_does_not(llava, hf, mixed):

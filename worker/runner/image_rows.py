@@ -2,9 +2,10 @@
 
 An image is encoded (processor, vision tower, projector) the first time a step computes one
 of its positions, batched with every other image that step needs, and kept, keyed on its
-digest, while a request that holds it lives: a chunk boundary inside an image, a preemption
-that recomputes, or a second request with the same image reads the kept rows. A prefix hit
-or a session that already holds an image's KV never encodes it at all.
+digest, until every request holding it has its KV: a chunk boundary inside an image or a
+second request with the same image reads the kept rows (a request preempted after that
+encodes it again). A prefix hit or a session that already holds an image's KV never
+encodes it at all.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class ImageRows:
             start = request.num_computed_tokens
             end = start + item.num_new_tokens
             for span in request.image_spans:
+                if span.offset + span.length <= start:  # its KV exists: the rows can go
+                    self._let_go(span.digest, request.request_id)
+                    continue
                 low, high = max(start, span.offset), min(end, span.offset + span.length)
                 if low < high:
                     pieces.append((row + low - start, span.digest, low - span.offset,
@@ -78,10 +82,15 @@ class ImageRows:
     def release(self, request_id: str) -> None:
         """A request finished: images no other request holds are dropped."""
         for digest in [d for d, ids in self._holders.items() if request_id in ids]:
-            holders = self._holders[digest]
-            holders.discard(request_id)
-            if not holders:
-                del self._holders[digest], self._rows[digest]
+            self._let_go(digest, request_id)
+
+    def _let_go(self, digest: bytes, request_id: str) -> None:
+        holders = self._holders.get(digest)
+        if holders is None or request_id not in holders:
+            return
+        holders.discard(request_id)
+        if not holders:
+            del self._holders[digest], self._rows[digest]
 
     def _hold(self, digest: bytes, request_id: str) -> None:
         self._holders.setdefault(digest, set()).add(request_id)
