@@ -3,8 +3,13 @@
 Each line you type is a user turn; the answer streams as it arrives (POST
 /v1/chat/completions, `stream: true`). The whole conversation is sent each turn with a
 `session_id`, so the worker keeps the conversation's KV between turns and prefills only
-the new tokens. Commands: `/reset` (forget the conversation; new session id), `/exit`
-or `/quit` (also Ctrl-D), `/help`.
+the new tokens. Commands: `/reset` (forget the conversation; new session id), `/image
+FILE` (attach an image to your next message), `/exit` or `/quit` (also Ctrl-D), `/help`.
+
+Images (for a vision-language model): `--image FILE` (repeatable) goes with the first
+message, `/image FILE` with the next one; each is sent as a data URL content part and
+stays in the conversation. A turn that fails or is interrupted drops its images (a
+text-only model's refusal is shown, and the chat goes on).
 
 Ctrl-C while an answer streams stops that answer: the stream is closed, which aborts the
 generation on the server, and the interrupted turn is left out of the history. Ctrl-C at
@@ -20,10 +25,11 @@ import json
 import os
 import sys
 import uuid
-from typing import Optional
+from typing import Any, Optional
 
 PROMPT = ">>> "
-HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops an answer"
+HELP = ("/reset clears the conversation, /image FILE attaches an image to your next "
+        "message, /exit (or Ctrl-D) quits, Ctrl-C stops an answer")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None,
                    help="API key (default: $LMFLEET_API_KEY; none: no key)")
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message")
+    p.add_argument("--image", action="append", default=None, metavar="FILE",
+                   help="an image (PNG, JPEG, ...) sent with your first message, for a "
+                   "vision-language model (repeatable)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--max-tokens", type=int, default=512, metavar="N",
                    help="longest answer in tokens (default 512)")
@@ -55,16 +64,45 @@ class ChatError(Exception):
 
 
 class ChatSession:
-    """The conversation so far and its session id."""
+    """The conversation so far, its session id and the images waiting for the next
+    message (content parts)."""
 
     def __init__(self, system: Optional[str]) -> None:
         self.system = system
+        self.pending_images: list[dict[str, Any]] = []
         self.reset()
 
     def reset(self) -> None:
+        """A new conversation (images attached for the next message stay attached)."""
         self.session_id = f"chat-{uuid.uuid4().hex}"
-        self.messages: list[dict[str, str]] = (
+        self.messages: list[dict[str, Any]] = (
             [{"role": "system", "content": self.system}] if self.system else [])
+
+    def user_message(self, text: str) -> dict[str, Any]:
+        """The next user turn, with the pending images after its text (taken from the
+        pending list: a turn that fails does not resend them)."""
+        images, self.pending_images = self.pending_images, []
+        if not images:
+            return {"role": "user", "content": text}
+        return {"role": "user", "content": [{"type": "text", "text": text}, *images]}
+
+
+def image_part(path: str) -> dict[str, Any]:
+    """An OpenAI image content part holding the file as a data URL. Raises ChatError when
+    the file cannot be read (the server checks that it is an image)."""
+    import base64
+    import mimetypes
+
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise ChatError(f"cannot read the image {path!r}: {error.strerror}") from None
+    media_type = mimetypes.guess_type(path)[0] or ""
+    if not media_type.startswith("image/"):
+        media_type = "image/png"  # a guess only: the server reads the bytes themselves
+    url = f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def _error_message(response) -> str:
@@ -137,6 +175,19 @@ def _usage_line(usage: Optional[dict], session_id: str) -> str:
             f"completion_tokens={usage.get('completion_tokens')} session_id={session_id}]")
 
 
+def _attach(session: ChatSession, path: str) -> None:
+    if not path:
+        print("usage: /image FILE", file=sys.stderr, flush=True)
+        return
+    try:
+        session.pending_images.append(image_part(path))
+    except ChatError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return
+    print(f"[image attached: {path}; it goes with your next message]", file=sys.stderr,
+          flush=True)
+
+
 def _read_line() -> Optional[str]:
     """The next input line; None at end of input. Ctrl-C discards the line."""
     while True:
@@ -171,6 +222,11 @@ def run(args: argparse.Namespace) -> int:
         return httpx.Client(base_url=args.url.rstrip("/"), headers=headers,
                             timeout=httpx.Timeout(None, connect=args.timeout))
 
+    try:  # a file that cannot be read is reported before the server is asked anything
+        images = [image_part(path) for path in args.image or ()]
+    except ChatError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     client = new_client()
     try:
         model = _check_server(client, args.model)
@@ -180,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"chatting with {model} at {args.url} ({HELP})", file=sys.stderr, flush=True)
     session = ChatSession(args.system)
+    session.pending_images = images
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -200,7 +257,10 @@ def run(args: argparse.Namespace) -> int:
             if line == "/help":
                 print(HELP, file=sys.stderr, flush=True)
                 continue
-            messages = [*session.messages, {"role": "user", "content": line}]
+            if line.startswith("/image ") or line == "/image":
+                _attach(session, line[len("/image"):].strip())
+                continue
+            messages = [*session.messages, session.user_message(line)]
             body = {"model": model, "messages": messages, "stream": True,
                     "stream_options": {"include_usage": True}, "session_id": session.session_id,
                     "temperature": args.temperature, "max_tokens": args.max_tokens}
