@@ -186,18 +186,20 @@ class LoadReport(_message.Message):
     def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_swapped: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., generation_tokens_per_second: _Optional[float] = ..., num_preemptions: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., draining: _Optional[bool] = ..., queues: _Optional[_Iterable[_Union[QueueLoad, _Mapping]]] = ..., num_swap_out_blocks: _Optional[int] = ..., num_swap_in_blocks: _Optional[int] = ..., swap_out_bytes: _Optional[int] = ..., swap_in_bytes: _Optional[int] = ..., host_kv_cache_usage: _Optional[float] = ..., num_total_host_blocks: _Optional[int] = ..., num_sessions: _Optional[int] = ..., scheduler: _Optional[str] = ..., cost_model: _Optional[_Union[CostModel, _Mapping]] = ...) -> None: ...
 
 class CostModel(_message.Message):
-    __slots__ = ("prefill_base_s", "prefill_per_token_s", "decode_base_s", "decode_per_seq_s", "decode_per_ctx_token_s")
+    __slots__ = ("prefill_base_s", "prefill_per_token_s", "decode_base_s", "decode_per_seq_s", "decode_per_ctx_token_s", "image_encode_s")
     PREFILL_BASE_S_FIELD_NUMBER: _ClassVar[int]
     PREFILL_PER_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_BASE_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_PER_SEQ_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_PER_CTX_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ENCODE_S_FIELD_NUMBER: _ClassVar[int]
     prefill_base_s: float
     prefill_per_token_s: float
     decode_base_s: float
     decode_per_seq_s: float
     decode_per_ctx_token_s: float
-    def __init__(self, prefill_base_s: _Optional[float] = ..., prefill_per_token_s: _Optional[float] = ..., decode_base_s: _Optional[float] = ..., decode_per_seq_s: _Optional[float] = ..., decode_per_ctx_token_s: _Optional[float] = ...) -> None: ...
+    image_encode_s: float
+    def __init__(self, prefill_base_s: _Optional[float] = ..., prefill_per_token_s: _Optional[float] = ..., decode_base_s: _Optional[float] = ..., decode_per_seq_s: _Optional[float] = ..., decode_per_ctx_token_s: _Optional[float] = ..., image_encode_s: _Optional[float] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("timeout_seconds",)
