@@ -63,19 +63,23 @@ def _load_kv_tile(head_ptr, tok, offs_d, n_mask, HEAD_DIM: tl.constexpr,
                   KV_CODEC: tl.constexpr):
     """(BLOCK_N, HEAD_DIM) keys or values of the tokens at offsets `tok`. KV_CODEC 1 (int8)
     and 2 (fp8) rows are decoded to float32 by their codec's formula: (code + 128) * scale
-    + zero, code * scale."""
+    + zero, code * scale. (if/else, not early returns: the compiler builds the code after a
+    returning constexpr branch for every KV_CODEC.)"""
     if KV_CODEC == 0:
-        return tl.load(head_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None],
+        tile = tl.load(head_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None],
                        other=0.0)
-    codes = tl.load(head_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None],
-                    other=0)  # (BLOCK_N, HEAD_DIM) raw bytes
-    params = (head_ptr + tok + HEAD_DIM).to(tl.pointer_type(tl.float32))  # (BLOCK_N,)
-    scale = tl.load(params, mask=n_mask, other=0.0)  # (BLOCK_N,)
-    if KV_CODEC == 1:
-        zero = tl.load(params + 1, mask=n_mask, other=0.0)  # (BLOCK_N,)
-        return (codes.to(tl.float32) + 128.0) * scale[:, None] + zero[:, None]
-    values = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)  # (BLOCK_N, HEAD_DIM)
-    return values * scale[:, None]
+    else:
+        codes = tl.load(head_ptr + tok[:, None] + offs_d[None, :], mask=n_mask[:, None],
+                        other=0)  # (BLOCK_N, HEAD_DIM) raw bytes
+        params = (head_ptr + tok + HEAD_DIM).to(tl.pointer_type(tl.float32))  # (BLOCK_N,)
+        scale = tl.load(params, mask=n_mask, other=0.0)  # (BLOCK_N,)
+        if KV_CODEC == 1:
+            zero = tl.load(params + 1, mask=n_mask, other=0.0)  # (BLOCK_N,)
+            tile = (codes.to(tl.float32) + 128.0) * scale[:, None] + zero[:, None]
+        else:
+            values = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)  # (BLOCK_N, D)
+            tile = values * scale[:, None]
+    return tile
 
 
 @triton.jit
