@@ -1,6 +1,7 @@
 """The whole engine on the Triton backend (paged attention and fused kernels), run on
-CPU under the Triton interpreter: greedy tokens equal the torch backend's and Hugging
-Face's, with chunked prefill, prefix-cache hits and small blocks."""
+CPU under the Triton interpreter (on the GPU where there is one): greedy tokens equal the
+torch backend's and Hugging Face's, with chunked prefill, prefix-cache hits and small
+blocks."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.conftest import hf_greedy, make_tiny_model
 pytest.importorskip("triton")
 
 VOCAB = 256
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,7 @@ def model_dir(tmp_path_factory):
 
 
 def greedy(model_dir, prompts, **options) -> tuple[list[list[int]], LLMEngine]:
+    options = {"device": DEVICE, "dtype": "float32", **options}
     engine = LLMEngine(EngineConfig.from_options(str(model_dir), **options),
                        model_dir=model_dir)
     params = SamplingParams(max_tokens=6, min_tokens=6, temperature=0)
