@@ -45,3 +45,16 @@ def test_shapes_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="scales must be"):
         w4a16_matmul(torch.randn(2, 64, device=DEVICE), qweight.to(DEVICE), qzeros.to(DEVICE),
                      scales.to(DEVICE), 32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_every_split_of_k_gives_the_same_product(num_splits):
+    """Split-K (partials summed in order) against one pass: 8 groups of 32 cut 1, 3 (3 + 3 +
+    2 groups) and 8 ways."""
+    generator = torch.Generator().manual_seed(7)
+    qweight, qzeros, scales = quantize_rtn(torch.randn(48, 256, generator=generator), 32)
+    x = torch.randn(3, 256, generator=generator)
+    expected = x @ dequantize(qweight, qzeros, scales, 32).float()
+    got = w4a16_matmul(x.to(DEVICE), qweight.to(DEVICE), qzeros.to(DEVICE),
+                       scales.float().to(DEVICE), 32, num_splits=num_splits)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
