@@ -319,6 +319,8 @@ def worker_request(job: GenerationJob, request_id: str, prompt_token_ids: list[i
     request = worker_pb2.GenerateRequest(
         request_id=request_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
         priority=job.priority, images=job.images)
+    if job.images:  # what the model generates is text, even an image token
+        request.image_positions_end = len(job.prompts[0])
     if job.session_id is not None:
         request.session_id = job.session_id
     return request

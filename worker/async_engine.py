@@ -132,6 +132,7 @@ class AsyncEngine:
         priority: int = 0,
         session_id: Optional[str] = None,
         images: Sequence[bytes] = (),
+        image_positions_end: Optional[int] = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the outputs of one request; the last one has `finish_reason` set.
 
@@ -145,7 +146,7 @@ class AsyncEngine:
             raise ValueError("the engine runs one sequence per request; fan out n in the caller")
         images = tuple(images)
         # Checked here so a bad image fails this call, not the engine thread.
-        spans = self._engine.image_spans(list(prompt_token_ids), images)
+        spans = self._engine.image_spans(list(prompt_token_ids), images, image_positions_end)
         request = Request(request_id, list(prompt_token_ids), sampling_params,
                           priority=priority, session_id=session_id, images=images,
                           image_spans=spans)

@@ -139,11 +139,12 @@ class LLMEngine:
         """Raise ValueError if this prompt can never run (checked before admission)."""
         validate_prompt(prompt_token_ids, self.max_model_len, self.arch.vocab_size)
 
-    def image_spans(self, prompt_token_ids: list[int], images: tuple[bytes, ...]
-                    ) -> list[ImageSpan]:
-        """A prompt's image spans; ImageError (a ValueError) for images it cannot take."""
+    def image_spans(self, prompt_token_ids: list[int], images: tuple[bytes, ...],
+                    end: Optional[int] = None) -> list[ImageSpan]:
+        """A prompt's image spans (image tokens from `end` on are text); ImageError (a
+        ValueError) for images it cannot take."""
         return image_spans_for(self.vision_info, self.config.model.model, prompt_token_ids,
-                               images)
+                               images, end)
 
     def add_request(self, request: Request) -> Request:
         if request.request_id in self.requests:

@@ -145,7 +145,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             request.request_id, list(request.prompt_token_ids), params,
             priority=request.priority,
             session_id=request.session_id if request.HasField("session_id") else None,
-            images=tuple(request.images))
+            images=tuple(request.images),
+            image_positions_end=(request.image_positions_end
+                                 if request.HasField("image_positions_end") else None))
         try:
             async for output in outputs:
                 if output.new_token_ids:

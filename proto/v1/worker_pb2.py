@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dlmfleet/proto/v1/worker.proto\x12\nlmfleet.v1\"\xf2\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x17\n\nmin_tokens\x18\t \x01(\rH\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_min_tokensB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobs\"\xbe\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x33\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1a.lmfleet.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x17\n\nsession_id\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06images\x18\x06 \x03(\x0c\x42\r\n\x0b_session_id\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"N\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.lmfleet.v1.TokenLogprob\"r\n\x10GenerateComplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xa1\x01\n\rGenerateError\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.lmfleet.v1.GenerateError.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\"Q\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\x0f\n\x0bUNAVAILABLE\x10\x02\x12\x0c\n\x08INTERNAL\x10\x03\"\xa8\x01\n\x10GenerateResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.lmfleet.v1.GenerateChunkH\x00\x12\x30\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1c.lmfleet.v1.GenerateCompleteH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.lmfleet.v1.GenerateErrorH\x00\x42\n\n\x08response\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0bnum_aborted\x18\x01 \x01(\r\"\x10\n\x0eGetLoadRequest\"C\n\tQueueLoad\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\"\xbf\x04\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x13\n\x0bnum_swapped\x18\x03 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x02\x12\x17\n\x0fnum_free_blocks\x18\x05 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x06 \x01(\r\x12$\n\x1cgeneration_tokens_per_second\x18\x07 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\t \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\n \x01(\x04\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12%\n\x06queues\x18\x0c \x03(\x0b\x32\x15.lmfleet.v1.QueueLoad\x12\x1b\n\x13num_swap_out_blocks\x18\r \x01(\x04\x12\x1a\n\x12num_swap_in_blocks\x18\x0e \x01(\x04\x12\x16\n\x0eswap_out_bytes\x18\x0f \x01(\x04\x12\x15\n\rswap_in_bytes\x18\x10 \x01(\x04\x12\x1b\n\x13host_kv_cache_usage\x18\x11 \x01(\x02\x12\x1d\n\x15num_total_host_blocks\x18\x12 \x01(\r\x12\x14\n\x0cnum_sessions\x18\x13 \x01(\r\x12\x11\n\tscheduler\x18\x14 \x01(\t\x12)\n\ncost_model\x18\x15 \x01(\x0b\x32\x15.lmfleet.v1.CostModel\"\xa9\x01\n\tCostModel\x12\x16\n\x0eprefill_base_s\x18\x01 \x01(\x01\x12\x1b\n\x13prefill_per_token_s\x18\x02 \x01(\x01\x12\x15\n\rdecode_base_s\x18\x03 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_per_seq_s\x18\x04 \x01(\x01\x12\x1e\n\x16\x64\x65\x63ode_per_ctx_token_s\x18\x05 \x01(\x01\x12\x16\n\x0eimage_encode_s\x18\x06 \x01(\x01\"@\n\x0c\x44rainRequest\x12\x1c\n\x0ftimeout_seconds\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\x12\n\x10_timeout_seconds\"\'\n\rDrainResponse\x12\x16\n\x0enum_unfinished\x18\x01 \x01(\r\"\x15\n\x13GetModelInfoRequest\"u\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r2\xd4\x02\n\x06Worker\x12G\n\x08Generate\x12\x1b.lmfleet.v1.GenerateRequest\x1a\x1c.lmfleet.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.lmfleet.v1.AbortRequest\x1a\x19.lmfleet.v1.AbortResponse\x12=\n\x07GetLoad\x12\x1a.lmfleet.v1.GetLoadRequest\x1a\x16.lmfleet.v1.LoadReport\x12<\n\x05\x44rain\x12\x18.lmfleet.v1.DrainRequest\x1a\x19.lmfleet.v1.DrainResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.lmfleet.v1.GetModelInfoRequest\x1a\x15.lmfleet.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dlmfleet/proto/v1/worker.proto\x12\nlmfleet.v1\"\xf2\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x17\n\nmin_tokens\x18\t \x01(\rH\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0c \x01(\x02H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_min_tokensB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobs\"\xf8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x33\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1a.lmfleet.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x17\n\nsession_id\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06images\x18\x06 \x03(\x0c\x12 \n\x13image_positions_end\x18\x07 \x01(\rH\x01\x88\x01\x01\x42\r\n\x0b_session_idB\x16\n\x14_image_positions_end\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"N\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.lmfleet.v1.TokenLogprob\"r\n\x10GenerateComplete\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\"\xa1\x01\n\rGenerateError\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.lmfleet.v1.GenerateError.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\"Q\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\x0f\n\x0bUNAVAILABLE\x10\x02\x12\x0c\n\x08INTERNAL\x10\x03\"\xa8\x01\n\x10GenerateResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.lmfleet.v1.GenerateChunkH\x00\x12\x30\n\x08\x63omplete\x18\x02 \x01(\x0b\x32\x1c.lmfleet.v1.GenerateCompleteH\x00\x12*\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.lmfleet.v1.GenerateErrorH\x00\x42\n\n\x08response\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"$\n\rAbortResponse\x12\x13\n\x0bnum_aborted\x18\x01 \x01(\r\"\x10\n\x0eGetLoadRequest\"C\n\tQueueLoad\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\"\xbf\x04\n\nLoadReport\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x13\n\x0bnum_swapped\x18\x03 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x02\x12\x17\n\x0fnum_free_blocks\x18\x05 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x06 \x01(\r\x12$\n\x1cgeneration_tokens_per_second\x18\x07 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x08 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\t \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\n \x01(\x04\x12\x10\n\x08\x64raining\x18\x0b \x01(\x08\x12%\n\x06queues\x18\x0c \x03(\x0b\x32\x15.lmfleet.v1.QueueLoad\x12\x1b\n\x13num_swap_out_blocks\x18\r \x01(\x04\x12\x1a\n\x12num_swap_in_blocks\x18\x0e \x01(\x04\x12\x16\n\x0eswap_out_bytes\x18\x0f \x01(\x04\x12\x15\n\rswap_in_bytes\x18\x10 \x01(\x04\x12\x1b\n\x13host_kv_cache_usage\x18\x11 \x01(\x02\x12\x1d\n\x15num_total_host_blocks\x18\x12 \x01(\r\x12\x14\n\x0cnum_sessions\x18\x13 \x01(\r\x12\x11\n\tscheduler\x18\x14 \x01(\t\x12)\n\ncost_model\x18\x15 \x01(\x0b\x32\x15.lmfleet.v1.CostModel\"\xa9\x01\n\tCostModel\x12\x16\n\x0eprefill_base_s\x18\x01 \x01(\x01\x12\x1b\n\x13prefill_per_token_s\x18\x02 \x01(\x01\x12\x15\n\rdecode_base_s\x18\x03 \x01(\x01\x12\x18\n\x10\x64\x65\x63ode_per_seq_s\x18\x04 \x01(\x01\x12\x1e\n\x16\x64\x65\x63ode_per_ctx_token_s\x18\x05 \x01(\x01\x12\x16\n\x0eimage_encode_s\x18\x06 \x01(\x01\"@\n\x0c\x44rainRequest\x12\x1c\n\x0ftimeout_seconds\x18\x01 \x01(\x02H\x00\x88\x01\x01\x42\x12\n\x10_timeout_seconds\"\'\n\rDrainResponse\x12\x16\n\x0enum_unfinished\x18\x01 \x01(\r\"\x15\n\x13GetModelInfoRequest\"u\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x15\n\rmax_model_len\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x15\n\reos_token_ids\x18\x05 \x03(\r2\xd4\x02\n\x06Worker\x12G\n\x08Generate\x12\x1b.lmfleet.v1.GenerateRequest\x1a\x1c.lmfleet.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.lmfleet.v1.AbortRequest\x1a\x19.lmfleet.v1.AbortResponse\x12=\n\x07GetLoad\x12\x1a.lmfleet.v1.GetLoadRequest\x1a\x16.lmfleet.v1.LoadReport\x12<\n\x05\x44rain\x12\x18.lmfleet.v1.DrainRequest\x1a\x19.lmfleet.v1.DrainResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.lmfleet.v1.GetModelInfoRequest\x1a\x15.lmfleet.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,39 +34,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=46
   _globals['_SAMPLINGPARAMS']._serialized_end=544
   _globals['_GENERATEREQUEST']._serialized_start=547
-  _globals['_GENERATEREQUEST']._serialized_end=737
-  _globals['_TOKENLOGPROB']._serialized_start=739
-  _globals['_TOKENLOGPROB']._serialized_end=833
-  _globals['_GENERATECHUNK']._serialized_start=835
-  _globals['_GENERATECHUNK']._serialized_end=913
-  _globals['_GENERATECOMPLETE']._serialized_start=915
-  _globals['_GENERATECOMPLETE']._serialized_end=1029
-  _globals['_GENERATEERROR']._serialized_start=1032
-  _globals['_GENERATEERROR']._serialized_end=1193
-  _globals['_GENERATEERROR_KIND']._serialized_start=1112
-  _globals['_GENERATEERROR_KIND']._serialized_end=1193
-  _globals['_GENERATERESPONSE']._serialized_start=1196
-  _globals['_GENERATERESPONSE']._serialized_end=1364
-  _globals['_ABORTREQUEST']._serialized_start=1366
-  _globals['_ABORTREQUEST']._serialized_end=1401
-  _globals['_ABORTRESPONSE']._serialized_start=1403
-  _globals['_ABORTRESPONSE']._serialized_end=1439
-  _globals['_GETLOADREQUEST']._serialized_start=1441
-  _globals['_GETLOADREQUEST']._serialized_end=1457
-  _globals['_QUEUELOAD']._serialized_start=1459
-  _globals['_QUEUELOAD']._serialized_end=1526
-  _globals['_LOADREPORT']._serialized_start=1529
-  _globals['_LOADREPORT']._serialized_end=2104
-  _globals['_COSTMODEL']._serialized_start=2107
-  _globals['_COSTMODEL']._serialized_end=2276
-  _globals['_DRAINREQUEST']._serialized_start=2278
-  _globals['_DRAINREQUEST']._serialized_end=2342
-  _globals['_DRAINRESPONSE']._serialized_start=2344
-  _globals['_DRAINRESPONSE']._serialized_end=2383
-  _globals['_GETMODELINFOREQUEST']._serialized_start=2385
-  _globals['_GETMODELINFOREQUEST']._serialized_end=2406
-  _globals['_MODELINFO']._serialized_start=2408
-  _globals['_MODELINFO']._serialized_end=2525
-  _globals['_WORKER']._serialized_start=2528
-  _globals['_WORKER']._serialized_end=2868
+  _globals['_GENERATEREQUEST']._serialized_end=795
+  _globals['_TOKENLOGPROB']._serialized_start=797
+  _globals['_TOKENLOGPROB']._serialized_end=891
+  _globals['_GENERATECHUNK']._serialized_start=893
+  _globals['_GENERATECHUNK']._serialized_end=971
+  _globals['_GENERATECOMPLETE']._serialized_start=973
+  _globals['_GENERATECOMPLETE']._serialized_end=1087
+  _globals['_GENERATEERROR']._serialized_start=1090
+  _globals['_GENERATEERROR']._serialized_end=1251
+  _globals['_GENERATEERROR_KIND']._serialized_start=1170
+  _globals['_GENERATEERROR_KIND']._serialized_end=1251
+  _globals['_GENERATERESPONSE']._serialized_start=1254
+  _globals['_GENERATERESPONSE']._serialized_end=1422
+  _globals['_ABORTREQUEST']._serialized_start=1424
+  _globals['_ABORTREQUEST']._serialized_end=1459
+  _globals['_ABORTRESPONSE']._serialized_start=1461
+  _globals['_ABORTRESPONSE']._serialized_end=1497
+  _globals['_GETLOADREQUEST']._serialized_start=1499
+  _globals['_GETLOADREQUEST']._serialized_end=1515
+  _globals['_QUEUELOAD']._serialized_start=1517
+  _globals['_QUEUELOAD']._serialized_end=1584
+  _globals['_LOADREPORT']._serialized_start=1587
+  _globals['_LOADREPORT']._serialized_end=2162
+  _globals['_COSTMODEL']._serialized_start=2165
+  _globals['_COSTMODEL']._serialized_end=2334
+  _globals['_DRAINREQUEST']._serialized_start=2336
+  _globals['_DRAINREQUEST']._serialized_end=2400
+  _globals['_DRAINRESPONSE']._serialized_start=2402
+  _globals['_DRAINRESPONSE']._serialized_end=2441
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2443
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2464
+  _globals['_MODELINFO']._serialized_start=2466
+  _globals['_MODELINFO']._serialized_end=2583
+  _globals['_WORKER']._serialized_start=2586
+  _globals['_WORKER']._serialized_end=2926
 # @@protoc_insertion_point(module_scope)

@@ -158,3 +158,19 @@ def test_mlfq_profiles_the_image_encoder_and_stays_exact(llava, hf, mixed):
     assert engine.cost_model.image_encode_s > 0
     assert [tokens for tokens, _ in run(engine, mixed)] == [
         hf_greedy(hf, ids, images) for ids, images in mixed]
+
+
+def test_a_resumed_prompt_reads_generated_image_tokens_as_text(llava, mixed):
+    """A replica died after the model generated the image token: the resumed prompt (prompt
+    + tokens so far) has image places only up to the original prompt's end."""
+    engine = make_engine(llava)
+    ids, images = mixed[0]
+    token = engine.vision_info.image_token_id
+    resumed = ids + [token, 5]
+    with pytest.raises(ImageError, match="not a multiple"):
+        engine.image_spans(resumed, tuple(images))
+    spans = engine.image_spans(resumed, tuple(images), end=len(ids))
+    assert spans == engine.image_spans(ids, tuple(images))
+    engine.add_request(Request("r", resumed, GREEDY, images=tuple(images), image_spans=spans))
+    outputs = [o for _ in range(MAX_NEW + 2) for o in engine.step() if o.finished]
+    assert len(outputs[0].output_token_ids) == MAX_NEW

@@ -222,6 +222,8 @@ def test_a_resumed_attempt_sends_the_tokens_so_far_and_the_same_images():
                              worker_pb2.SamplingParams(max_tokens=5))
     assert tuple(first.images) == tuple(resumed.images) == images
     assert list(resumed.prompt_token_ids) == [1, 7, 7, 7, 7, 2, 30, 31]
+    # Image places end with the original prompt: a generated image token is text.
+    assert first.image_positions_end == resumed.image_positions_end == 6
     assert resumed.session_id == "s"
 
 

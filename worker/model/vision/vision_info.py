@@ -105,11 +105,14 @@ class VisionInfo:
                 start = None
         return spans
 
-    def check_prompt(self, token_ids: Sequence[int], num_images: int) -> list[tuple[int, int]]:
-        """The image spans of an expanded prompt, checked against the images it carries."""
+    def check_prompt(self, token_ids: Sequence[int], num_images: int,
+                     end: Optional[int] = None) -> list[tuple[int, int]]:
+        """The image spans of an expanded prompt, checked against the images it carries.
+        Image tokens at or past `end` are not places for images (a resumed request's
+        generated tokens)."""
         if num_images > MAX_IMAGES_PER_REQUEST:
             raise ImageError(f"{num_images} images; at most {MAX_IMAGES_PER_REQUEST} a request")
-        spans = self.image_spans(token_ids)
+        spans = self.image_spans(token_ids[:end])
         if len(spans) != num_images:
             raise ImageError(f"the prompt has places for {len(spans)} images but "
                              f"{num_images} were given")
@@ -144,14 +147,15 @@ def text_only_model_error(model: str) -> ImageError:
 
 
 def image_spans_for(info: Optional[VisionInfo], model: str, prompt: Sequence[int],
-                    images: Sequence[bytes]) -> list[ImageSpan]:
-    """Check a request's images against its expanded prompt; their spans with digests.
-    A text-only model (info None) takes no images and reads no token as an image's."""
+                    images: Sequence[bytes], end: Optional[int] = None) -> list[ImageSpan]:
+    """Check a request's images against its expanded prompt (up to `end`); their spans with
+    digests. A text-only model (info None) takes no images and reads no token as an
+    image's."""
     if info is None:
         if images:
             raise text_only_model_error(model)
         return []
-    spans = info.check_prompt(prompt, len(images))
+    spans = info.check_prompt(prompt, len(images), end)
     for index, data in enumerate(images):
         check_image_bytes(data, f"image {index}")
     return [ImageSpan(offset, length, hashlib.blake2b(data, digest_size=16).digest())
