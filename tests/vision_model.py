@@ -4,7 +4,11 @@ and small test images."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -84,3 +88,56 @@ def image_bytes(seed: int, size: tuple[int, int] = (40, 28), fmt: str = "PNG") -
     buffer = io.BytesIO()
     Image.fromarray(pixels.numpy()).save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def image_server(image: bytes):
+    """A local HTTP server of image URLs, yielding its base URL: /cat.png serves `image`,
+    /moved redirects there, /text is not an image, /declared-huge declares and /endless
+    streams more than MAX_IMAGE_BYTES, /slow answers after 2 s; anything else is a 404."""
+    from lmfleet.worker.model.vision.vision_info import MAX_IMAGE_BYTES
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/cat.png":
+                self._send(200, image)
+            elif self.path == "/moved":
+                self.send_response(302)
+                self.send_header("Location", "/cat.png")
+                self.end_headers()
+            elif self.path == "/text":
+                self._send(200, b"hello")
+            elif self.path == "/declared-huge":
+                self.send_response(200)
+                self.send_header("Content-Length", str(MAX_IMAGE_BYTES + 1))
+                self.end_headers()
+                self.wfile.write(image)
+            elif self.path == "/endless":  # no length: the download itself must stop
+                self.send_response(200)
+                self.end_headers()
+                with contextlib.suppress(OSError):
+                    for _ in range(MAX_IMAGE_BYTES // 65536 + 2):
+                        self.wfile.write(b"\x00" * 65536)
+            elif self.path == "/slow":
+                time.sleep(2)
+                self._send(200, image)
+            else:
+                self._send(404, b"no")
+
+        def _send(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

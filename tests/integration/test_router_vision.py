@@ -7,9 +7,6 @@ tests/model/test_llava.py checks)."""
 from __future__ import annotations
 
 import base64
-import contextlib
-import http.server
-import threading
 
 import grpc
 import openai
@@ -21,7 +18,7 @@ from lmfleet.worker import LLM, SamplingParams
 from lmfleet.worker.model.vision.vision_info import MAX_IMAGES_PER_REQUEST
 from tests.integration.test_router_helpers import openai_client, start_router
 from tests.integration.worker_process import start_worker
-from tests.vision_model import TOKENS_PER_IMAGE, image_bytes, make_tiny_llava
+from tests.vision_model import TOKENS_PER_IMAGE, image_bytes, image_server, make_tiny_llava
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -237,31 +234,8 @@ def test_grpc_bad_images_are_invalid_argument_naming_the_image(stub, model, imag
 # ---- image URLs, where the operator allows them ------------------------------------------------
 
 
-class _Images(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body, status = (CAT, 200) if self.path == "/cat.png" else (b"missing", 404)
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def image_server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
 def test_allowed_image_urls_are_fetched(workers, offline):
-    with image_server() as images, start_router(workers[:1], ["--allow-image-urls"]) as router:
+    with image_server(CAT) as images, start_router(workers[:1], ["--allow-image-urls"]) as router:
         client = openai_client(router)
         response = chat(client, ask(image_part(f"{images}/cat.png")))
         assert response.choices[0].message.content == offline(ONE_IMAGE).text

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import http.server
-import threading
 import time
 
 import pytest
@@ -28,7 +25,7 @@ from lmfleet.worker.model.vision.vision_info import (
     MAX_IMAGES_PER_REQUEST,
     VisionInfo,
 )
-from tests.vision_model import image_bytes
+from tests.vision_model import image_bytes, image_server
 
 PNG = image_bytes(0)
 WHERE = "messages[1].content[0]"
@@ -134,52 +131,10 @@ def test_good_images_pass_as_they_are():
 # ---- fetching URLs -----------------------------------------------------------------------
 
 
-class _Images(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        if self.path == "/cat.png":
-            self._send(200, PNG)
-        elif self.path == "/moved":
-            self.send_response(302)
-            self.send_header("Location", "/cat.png")
-            self.end_headers()
-        elif self.path == "/text":
-            self._send(200, b"hello")
-        elif self.path == "/declared-huge":
-            self.send_response(200)
-            self.send_header("Content-Length", str(MAX_IMAGE_BYTES + 1))
-            self.end_headers()
-            self.wfile.write(PNG)
-        elif self.path == "/endless":  # no length: the download itself must stop
-            self.send_response(200)
-            self.end_headers()
-            with contextlib.suppress(OSError):
-                for _ in range(MAX_IMAGE_BYTES // 65536 + 2):
-                    self.wfile.write(b"\x00" * 65536)
-        elif self.path == "/slow":
-            time.sleep(2)
-            self._send(200, PNG)
-        else:
-            self._send(404, b"no")
-
-    def _send(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with image_server(PNG) as url:
+        yield url
 
 
 FETCH = ImageOptions(allow_urls=True, fetch_timeout_s=1.0)
