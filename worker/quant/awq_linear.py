@@ -8,12 +8,11 @@ axis (axis 1, in packed elements for qweight and qzeros), row-parallel ones alon
 input axis (axis 0, in groups for qzeros and scales); so a rank's slice must hold whole
 packed elements and whole groups.
 
-The matmul: on CUDA, for steps of up to FUSED_MAX_TOKENS tokens (decodes, small
-prefills), the Triton kernel that reads the 4-bit codes and dequantizes in registers
-(kernels/triton_w4a16.py); otherwise this rank's weight is dequantized to the
-activations' dtype and multiplied, where a large prefill's matmul outweighs reading the
-weight once. Both use exactly the checkpoint's W, so outputs match an unquantized model
-holding the dequantized weights.
+The matmul: on CUDA, the Triton W4A16 kernels (kernels/triton_w4a16.py), which read the
+4-bit codes and dequantize in registers for decodes and small prefills, and dequantize
+the weight once into a dense matrix for large prefills. On the CPU this rank's weight is
+dequantized to the activations' dtype and multiplied. All use exactly the checkpoint's
+W, so outputs match an unquantized model holding the dequantized weights.
 """
 
 from __future__ import annotations
@@ -26,9 +25,6 @@ from torch import nn
 from lmfleet.worker.quant.awq_format import PACK, dequantize
 from lmfleet.worker.quant.config import WeightQuantization
 from lmfleet.worker.quant.layout import ParamLayout
-
-# Steps with more tokens than this dequantize and use the dense matmul instead.
-FUSED_MAX_TOKENS = 256
 
 
 def check_output_parts(local_sizes: list[int]) -> None:
@@ -64,7 +60,7 @@ def create_parameters(layer: nn.Module, in_features: int, out_features: int,
 def apply(layer: Any, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x (T, in) -> (T, out)."""
     group = layer.quant.group_size
-    if x.is_cuda and x.shape[0] <= FUSED_MAX_TOKENS:
+    if x.is_cuda:
         from lmfleet.worker.kernels.triton_w4a16 import w4a16_matmul
 
         out = w4a16_matmul(x, layer.qweight, layer.qzeros, layer.scales, group)  # (T, out)
