@@ -37,17 +37,18 @@ def candidates(rows: int, quick: bool):
     from lmfleet.worker.kernels.triton_w4a16 import W4A16Launch
 
     if rows <= 8:
-        block_m = 1 << (rows - 1).bit_length()
         for bn, bk, warps, pps in itertools.product(
-                (128, 256, 512), (16, 32, 64), (2, 4, 8), (2, 4, 8)):
-            if block_m * bk * bn > 128 * 32 * warps:
-                continue  # over 128 float32 registers a thread for the product: spills
-            if not quick or (bk, warps, pps) == (32, 4, 4):
+                (128, 256, 512), (8, 16, 32), (2, 4, 8), (4, 8, 16)):
+            if 2 * bk * bn > 128 * 32 * warps:
+                continue  # two accumulators over 128 float32 registers a thread: spills
+            if not quick or (bk, warps, pps) == (16, 4, 8):
                 yield W4A16Launch("gemv", bn, bk, warps, programs_per_sm=pps)
     if 4 < rows <= 1024:
-        for bn, bk, warps in itertools.product((64, 128), (64, 128), (4, 8)):
-            if not quick or (bk, warps) == (64, 4):
-                yield W4A16Launch("dot", bn, bk, warps, num_stages=3)
+        for bn, bk, warps, bm in itertools.product((64, 128), (64, 128), (4, 8), (0, 128)):
+            if bm and rows < 256:
+                continue
+            if not quick or (bk, warps, bm) == (64, 4, 0):
+                yield W4A16Launch("dot", bn, bk, warps, num_stages=3, block_m=bm)
     if rows >= 256:
         for bn, bk in itertools.product((128, 256), (32, 64)):
             if not quick or bk == 64:
@@ -118,7 +119,7 @@ def measure_shape(torch, n: int, k: int, rows_list: list[int], quick: bool,
         best = entry["best"]
         print(f"{n}x{k} M={rows}: bf16 {entry['bf16_us']:.1f} us, best {best['path']} "
               f"{best['us']:.1f} us ({best['block_n']}/{best['block_k']}/"
-              f"{best['num_warps']}w/{best['programs_per_sm']}pps), "
+              f"{best['num_warps']}w/{best['programs_per_sm']}pps/bm{best['block_m']}), "
               f"floor {shape['floor_us'] or 0:.1f} us", flush=True)
     return shape
 

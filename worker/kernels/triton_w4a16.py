@@ -7,15 +7,18 @@
   nibble (n % 8 // 2) + 4 * (n % 2);
 - returns x @ W^T (M, N) in x's dtype, W^T[k, n] = (code - zero) * scale of k's group.
 
-Every path dequantizes a (BLOCK_K, BLOCK_N) tile the same way (`_dequant_tile`): one load
-per packed int32, the eight nibbles unpacked in registers, the slice's group zero and
-scale applied, rounded to x's dtype (what dequantizing and then multiplying would give).
-BLOCK_K divides the group size, so a slice has one zero and one scale per column. The
-weights are read as 4-bit codes, a quarter of a 16-bit weight's bytes: what makes decode
-faster. Three paths, by the number of rows M:
-- "gemv" (M <= GEMV_MAX_ROWS, decode): no tensor cores; each program multiplies its rows
-  by its tile with float32 FMAs and sums over K. A tl.dot would pad M to 16 rows and move
-  the tile through shared memory for nothing.
+The weights are read as 4-bit codes, a quarter of a 16-bit weight's bytes: what makes
+decode faster. Each packed int32 is loaded once and its eight nibbles unpacked in
+registers; BLOCK_K divides the group size, so a slice of K has one zero and one scale per
+column. Three paths, by the number of rows M:
+- "gemv" (M <= GEMV_MAX_ROWS, decode): no tensor cores; a program per row and column
+  tile multiplies with float32 FMAs, applies each group's scale to the group's sums, and
+  sums over K once at the end (`_w4a16_gemv_kernel`). A tl.dot would pad M to 16 rows and
+  move the tile through shared memory for nothing. Exact codes minus zeros, float32
+  products: as exact as the dequantize-then-multiply below, though rounded differently.
+- The other two dequantize a (BLOCK_K, BLOCK_N) tile (`_dequant_tile`): the group zero
+  and scale applied and the weight rounded to x's dtype, what dequantizing and then
+  multiplying would give.
 - "dot" (up to DOT_MAX_ROWS): tl.dot per tile, float32 accumulation.
 - "dequant" (more rows, large prefills): the weight is dequantized once into a dense
   (K, N) matrix by a Triton kernel and multiplied by torch.matmul; with many rows the
@@ -53,6 +56,7 @@ class W4A16Launch:
     num_stages: int = 2
     splits: int | None = None
     programs_per_sm: int = 4  # split-K aims at this many programs per multiprocessor
+    block_m: int = 0  # rows per dot tile; 0 = 16, 32 or 64 by the step's rows
 
 
 @triton.jit
@@ -65,16 +69,17 @@ def _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, k0, packs, cols, pack_mas
     shifts = ((nibble // 2) + (nibble % 2) * 4) * 4  # (8,) AWQ's nibble order
     packed = tl.load(qweight_ptr + ks[:, None] * stride_qk + packs[None, :],
                      mask=pack_mask[None, :], other=0)  # (BK, BN / 8)
-    codes = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # (BK, BN / 8, 8)
-    codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))  # (BK, BN) column = pack * 8 + nibble
+    bits = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000  # (BK, BN/8, 8)
+    bits = tl.reshape(bits, (BLOCK_K, BLOCK_N))  # (BK, BN) column = pack * 8 + nibble
     group = k0 // GROUP
     packed_zeros = tl.load(qzeros_ptr + group * stride_zg + packs, mask=pack_mask,
                            other=0)  # (BN / 8,)
     zeros = tl.reshape((packed_zeros[:, None] >> shifts[None, :]) & 0xF, (BLOCK_N,))  # (BN,)
     scales = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask,
                      other=0.0)  # (BN,)
-    return ((codes - zeros[None, :]).to(tl.float32)
-            * scales[None, :].to(tl.float32)).to(OUT_DTYPE)  # (BK, BN)
+    # 2^23 + code as a float (no int-to-float conversion), minus 2^23 + zero: code - zero.
+    codes = bits.to(tl.float32, bitcast=True) - (zeros.to(tl.float32) + 8388608.0)[None, :]
+    return (codes * scales[None, :].to(tl.float32)).to(OUT_DTYPE)  # (BK, BN)
 
 
 @triton.jit
@@ -85,29 +90,50 @@ def _tile_columns(pid_n, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N, K,
+def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, K,
                        k_per_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_os,
-                       stride_om, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)  # (BM,) all of M
-    row_mask = rows < M
-    cols, packs, col_mask, pack_mask = _tile_columns(pid_n, N, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(K, k_start + k_per_split)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None],
-                    other=0.0)  # (BM, BK)
-        weight = _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, k0, packs, cols, pack_mask,
-                               col_mask, stride_qk, stride_zg, stride_sg, GROUP, BLOCK_K,
-                               BLOCK_N, x.dtype)  # (BK, BN)
-        acc += tl.sum(x.to(tl.float32)[:, :, None] * weight.to(tl.float32)[None, :, :],
-                      axis=1)  # (BM, BN)
-    tl.store(out_ptr + pid_k * stride_os + rows[:, None] * stride_om + cols[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+                       stride_om, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """One row of x by a (BLOCK_N)-column tile over one split of K, without tensor cores.
+
+    The tile stays packed-shaped, (BLOCK_K, BLOCK_N / 8, 8) with column pack * 8 + j in
+    [., pack, j], so nothing is reshaped across threads. A nibble becomes a float without an
+    int-to-float conversion (slow on the GPU): OR-ed into the mantissa of 2^23 it is the
+    float 2^23 + code, and subtracting 2^23 + zero leaves code - zero exactly. Products
+    accumulate per element over a group, the group's scale multiplies the sums once, and
+    the sum over K across threads happens once, at the end.
+    """
+    row = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    packs = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # (BN / 8,)
+    pack_mask = packs < N // 8
+    nibble = tl.arange(0, 8)
+    shifts = ((nibble // 2) + (nibble % 2) * 4) * 4  # (8,) AWQ's nibble order
+    cols = packs[:, None] * 8 + nibble[None, :]  # (BN / 8, 8)
+    acc = tl.zeros((BLOCK_K, BLOCK_N // 8, 8), dtype=tl.float32)
+    group_start = pid_k * (k_per_split // GROUP)
+    group_end = tl.minimum(K // GROUP, group_start + k_per_split // GROUP)
+    for group in range(group_start, group_end):
+        packed_zeros = tl.load(qzeros_ptr + group * stride_zg + packs, mask=pack_mask,
+                               other=0)  # (BN / 8,)
+        zeros = ((packed_zeros[:, None] >> shifts[None, :]) & 0xF).to(tl.float32)  # (BN/8, 8)
+        offsets = zeros + 8388608.0  # (BN / 8, 8) 2^23 + zero
+        scales = tl.load(scales_ptr + group * stride_sg + cols, mask=pack_mask[:, None],
+                         other=0.0).to(tl.float32)  # (BN / 8, 8)
+        part = tl.zeros((BLOCK_K, BLOCK_N // 8, 8), dtype=tl.float32)
+        for k0 in range(group * GROUP, group * GROUP + GROUP, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
+            x = tl.load(x_ptr + row * stride_xm + ks).to(tl.float32)  # (BK,)
+            packed = tl.load(qweight_ptr + ks[:, None] * stride_qk + packs[None, :],
+                             mask=pack_mask[None, :], other=0)  # (BK, BN / 8)
+            bits = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000
+            weight = bits.to(tl.float32, bitcast=True) - offsets[None, :, :]  # (BK, BN/8, 8)
+            part += x[:, None, None] * weight
+        acc += part * scales[None, :, :]
+    total = tl.sum(acc, axis=0)  # (BN / 8, 8)
+    tl.store(out_ptr + pid_k * stride_os + row * stride_om + cols,
+             total.to(out_ptr.dtype.element_ty), mask=pack_mask[:, None])
 
 
 @triton.jit
@@ -160,13 +186,14 @@ def default_launch(rows: int) -> W4A16Launch:
     return W4A16Launch("dequant", block_n=128, block_k=32, num_warps=4)
 
 
-def _block_k(group_size: int, wanted: int) -> int:
+def _block_k(group_size: int, wanted: int, smallest: int = 16) -> int:
+    """The largest power-of-two divisor of the group size up to `wanted`."""
     block = wanted
-    while block >= 16:
+    while block >= smallest:
         if group_size % block == 0:
             return block
         block //= 2
-    raise ValueError(f"group size {group_size} is not a multiple of 16")
+    raise ValueError(f"group size {group_size} is not a multiple of {smallest}")
 
 
 def _num_splits(launch: W4A16Launch, tiles: int, num_groups: int, device: torch.device) -> int:
@@ -223,9 +250,9 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
     if launch.path == "gemv":
         if M > 16:
             raise ValueError(f"the gemv path takes at most 16 rows, got {M}")
-        kernel, block_m = _w4a16_gemv_kernel, triton.next_power_of_2(M)
+        block_m = 1  # a program per row: a tile's rows run side by side and share L2
     elif launch.path == "dot":
-        kernel, block_m = _w4a16_dot_kernel, 16 if M <= 16 else (32 if M <= 32 else 64)
+        block_m = launch.block_m or (16 if M <= 16 else (32 if M <= 32 else 64))
     else:
         raise ValueError(f"unknown W4A16 path {launch.path!r}")
     row_tiles = triton.cdiv(M, block_m)
@@ -238,15 +265,20 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     else:
         out = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(N, launch.block_n), splits)
-    if launch.path == "dot":
-        grid = (row_tiles, *grid)
-    kernel[grid](x, qweight, qzeros, scales, out, M, N, K, groups_per_split * group_size,
-                 x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0),
-                 out.stride(0) if splits > 1 else 0, out.stride(-2), GROUP=group_size,
-                 BLOCK_M=block_m, BLOCK_N=launch.block_n,
-                 BLOCK_K=_block_k(group_size, launch.block_k), num_warps=launch.num_warps,
-                 num_stages=launch.num_stages)
+    grid = (row_tiles, triton.cdiv(N, launch.block_n), splits)
+    strides = (x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0),
+               out.stride(0) if splits > 1 else 0, out.stride(-2))
+    block_k = _block_k(group_size, launch.block_k, 8 if launch.path == "gemv" else 16)
+    if launch.path == "gemv":
+        _w4a16_gemv_kernel[grid](x, qweight, qzeros, scales, out, N, K,
+                                 groups_per_split * group_size, *strides, GROUP=group_size,
+                                 BLOCK_N=launch.block_n, BLOCK_K=block_k,
+                                 num_warps=launch.num_warps, num_stages=launch.num_stages)
+    else:
+        _w4a16_dot_kernel[grid](x, qweight, qzeros, scales, out, M, N, K,
+                                groups_per_split * group_size, *strides, GROUP=group_size,
+                                BLOCK_M=block_m, BLOCK_N=launch.block_n, BLOCK_K=block_k,
+                                num_warps=launch.num_warps, num_stages=launch.num_stages)
     if splits == 1:
         return out
     return out.sum(dim=0).to(x.dtype)  # (M, N): the partials in split order
