@@ -37,12 +37,13 @@ def candidates(rows: int, quick: bool):
     from lmfleet.worker.kernels.triton_w4a16 import W4A16Launch
 
     if rows <= 8:
-        for bn, bk, warps, pps in itertools.product(
-                (128, 256, 512), (8, 16, 32), (2, 4, 8), (4, 8, 16)):
-            if 2 * bk * bn > 128 * 32 * warps:
-                continue  # two accumulators over 128 float32 registers a thread: spills
-            if not quick or (bk, warps, pps) == (16, 4, 8):
-                yield W4A16Launch("gemv", bn, bk, warps, programs_per_sm=pps)
+        for bn, warps, pps, stages in itertools.product(
+                (32, 64, 128, 256), (2, 4, 8), (4, 8, 16), (2, 3)):
+            if 2 * bn * GROUP // 8 > 128 * 32 * warps:
+                continue  # two (BN, G / 8) tiles over 128 registers a thread: spills
+            if not quick or (warps, pps, stages) == (4, 8, 2):
+                yield W4A16Launch("gemv", bn, GROUP, warps, num_stages=stages,
+                                  programs_per_sm=pps)
     if 4 < rows <= 1024:
         for bn, bk, warps, bm in itertools.product((64, 128), (64, 128), (4, 8), (0, 128)):
             if bm and rows < 256:
@@ -81,13 +82,13 @@ def measure_shape(torch, n: int, k: int, rows_list: list[int], quick: bool,
                   peak: float | None, l2_bytes: int) -> dict:
     from lmfleet.worker.kernels.triton_w4a16 import w4a16_matmul
 
-    packed_bytes = k * n // 2 + (k // GROUP) * n * 2 + (k // GROUP) * n // 2
+    packed_bytes = k * n // 2 + 2 * (k // GROUP) * n * 2  # codes, bf16 zeros and scales
     copies = max(2, -(-4 * l2_bytes // packed_bytes))  # 4-bit copies past 2 x L2 twice
     gen = torch.Generator(device="cuda").manual_seed(0)
-    qweights = [torch.randint(-2**31, 2**31 - 1, (k, n // 8), device="cuda", dtype=torch.int32,
-                              generator=gen) for _ in range(copies)]
-    qzeros = [torch.randint(-2**31, 2**31 - 1, (k // GROUP, n // 8), device="cuda",
-                            dtype=torch.int32, generator=gen) for _ in range(copies)]
+    qweights = [torch.randint(-2**31, 2**31 - 1, (n, k // 8), device="cuda", dtype=torch.int32,
+                              generator=gen) for _ in range(copies)]  # the GPU layout
+    qzeros = [torch.randint(0, 16, (k // GROUP, n), device="cuda", generator=gen).to(
+        torch.bfloat16) for _ in range(copies)]
     scales = [torch.rand(k // GROUP, n, device="cuda", dtype=torch.bfloat16,
                          generator=gen) / 64 for _ in range(copies)]
     dense_copies = max(2, -(-2 * l2_bytes // (k * n * 2)))

@@ -1,33 +1,34 @@
-"""4-bit-weight x 16/32-bit-activation matmul for AWQ checkpoints, in Triton.
+"""4-bit-weight x 16/32-bit-activation matmul for AWQ checkpoints on the GPU, in Triton.
 
-`w4a16_matmul(x, qweight, qzeros, scales, group_size)`:
+`w4a16_matmul(x, packed, zeros, scales, group_size)`, on the weights as the GPU holds them
+(worker/quant/w4_layout.py repacks AutoAWQ's tensors once, at load):
 - x (M, K) float16, bfloat16 or float32, rows contiguous;
-- qweight int32 (K, N / 8), qzeros int32 (K / G, N / 8), scales (K / G, N) in x's dtype:
-  AutoAWQ's GEMM layout (worker/quant/awq_format.py): column n of a packed int32 sits in
-  nibble (n % 8 // 2) + 4 * (n % 2);
-- returns x @ W^T (M, N) in x's dtype, W^T[k, n] = (code - zero) * scale of k's group.
+- packed int32 (N, K / 8): nibble j (bits 4j .. 4j + 3) of [n, p] is the code of
+  W[n, 8p + j], so one int32 holds eight consecutive k of one output column;
+- zeros, scales (K / G, N) in x's dtype: W[n, k] = (code - zero) * scale of k's group;
+- returns x @ W^T (M, N) in x's dtype.
 
 The weights are read as 4-bit codes, a quarter of a 16-bit weight's bytes: what makes
-decode faster. Each packed int32 is loaded once and its eight nibbles unpacked in
-registers; BLOCK_K divides the group size, so a slice of K has one zero and one scale per
-column. Three paths, by the number of rows M:
-- "gemv" (M <= GEMV_MAX_ROWS, decode): no tensor cores; a program per row and column
-  tile multiplies with float32 FMAs, applies each group's scale to the group's sums, and
-  sums over K once at the end (`_w4a16_gemv_kernel`). A tl.dot would pad M to 16 rows and
-  move the tile through shared memory for nothing. Exact codes minus zeros, float32
-  products: as exact as the dequantize-then-multiply below, though rounded differently.
-- The other two dequantize a (BLOCK_K, BLOCK_N) tile (`_dequant_tile`): the group zero
-  and scale applied and the weight rounded to x's dtype, what dequantizing and then
-  multiplying would give.
-- "dot" (up to DOT_MAX_ROWS): tl.dot per tile, float32 accumulation.
-- "dequant" (more rows, large prefills): the weight is dequantized once into a dense
-  (K, N) matrix by a Triton kernel and multiplied by torch.matmul; with many rows the
-  matmul's compute outweighs reading the weight twice.
+decode faster. A nibble becomes a float without an int-to-float conversion (slow on the
+GPU): OR-ed into the mantissa of 2^23, code * 16^i (the nibble left where it sits in its
+16-bit half) is the float 2^23 + code * 16^i, and subtracting 2^23 leaves it exactly.
+Three paths, by the number of rows M (default_launch, or a tuned table: w4a16_tuning.py):
+- "gemv" (decode): no tensor cores. A program per row and column tile walks its groups of
+  K; per group it loads (BLOCK_N, G / 8) packed words, multiplies each half-word's nibbles
+  by x pre-divided by 16^i, and applies the group as s * (sum(x * code) - z * sum(x)):
+  three instructions a weight, the zero and scale once a group.
+- "dot": each (BLOCK_N, BLOCK_K) tile dequantized, rounded to x's dtype (what
+  dequantizing and then multiplying gives) and multiplied by tl.dot.
+- "dequant" (large prefills): the weight dequantized once into a dense (N, K) matrix and
+  multiplied by torch.matmul; with many rows the matmul's compute outweighs reading the
+  weight twice.
 
-Split-K (gemv and dot): with few rows, tiles over M and N alone leave most of the GPU idle
-(one row of a 4096 x 14336 layer is 112 tiles of 128 columns). K is cut into splits of
-whole groups until there are enough programs, each writes its float32 partial sum, and the
-partials are summed in a fixed order (deterministic, unlike atomics).
+Split-K (gemv and dot): with few rows, tiles over M and N alone leave most of the GPU idle.
+K is cut into splits of whole groups; each program writes its float32 partial sum, and the
+last program of a tile to finish (a counter per tile, taken with an acquire-release atomic)
+adds the partials in split order and writes the output: deterministic, in one kernel. It
+resets the counter, so the counters are zero between launches, and launches on one stream
+share them (kernels on a stream run one after another).
 """
 
 from __future__ import annotations
@@ -41,8 +42,7 @@ import triton.language as tl
 from lmfleet.worker.kernels.triton_rounding import check_device, check_float
 
 _PACK = 8
-GEMV_MAX_ROWS = 4
-DOT_MAX_ROWS = 256
+_MAX_TILES = 1 << 16  # split-K counters per stream
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class W4A16Launch:
 
     path: str  # "gemv" | "dot" | "dequant"
     block_n: int
-    block_k: int
+    block_k: int  # dot and dequant; gemv takes a whole group per step
     num_warps: int
     num_stages: int = 2
     splits: int | None = None
@@ -60,93 +60,103 @@ class W4A16Launch:
 
 
 @triton.jit
-def _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, k0, packs, cols, pack_mask, col_mask,
-                  stride_qk, stride_zg, stride_sg, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BLOCK_N: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """W^T[k0 : k0 + BLOCK_K, cols] (BK, BN) in OUT_DTYPE; k0 is a multiple of BLOCK_K."""
-    ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
-    nibble = tl.arange(0, 8)
-    shifts = ((nibble // 2) + (nibble % 2) * 4) * 4  # (8,) AWQ's nibble order
-    packed = tl.load(qweight_ptr + ks[:, None] * stride_qk + packs[None, :],
-                     mask=pack_mask[None, :], other=0)  # (BK, BN / 8)
-    bits = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000  # (BK, BN/8, 8)
-    bits = tl.reshape(bits, (BLOCK_K, BLOCK_N))  # (BK, BN) column = pack * 8 + nibble
-    group = k0 // GROUP
-    packed_zeros = tl.load(qzeros_ptr + group * stride_zg + packs, mask=pack_mask,
-                           other=0)  # (BN / 8,)
-    zeros = tl.reshape((packed_zeros[:, None] >> shifts[None, :]) & 0xF, (BLOCK_N,))  # (BN,)
-    scales = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask,
-                     other=0.0)  # (BN,)
-    # 2^23 + code as a float (no int-to-float conversion), minus 2^23 + zero: code - zero.
-    codes = bits.to(tl.float32, bitcast=True) - (zeros.to(tl.float32) + 8388608.0)[None, :]
-    return (codes * scales[None, :].to(tl.float32)).to(OUT_DTYPE)  # (BK, BN)
+def _nibble_value(words, HALF_SHIFT: tl.constexpr):
+    """code * 16^(HALF_SHIFT / 4) as float32, exactly, for the nibble at bits HALF_SHIFT of
+    each word's low half."""
+    bits = (words & (0xF << HALF_SHIFT)) | 0x4B000000  # the float 2^23 + code * 16^i
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
-def _tile_columns(pid_n, N, BLOCK_N: tl.constexpr):
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    packs = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # (BN / 8,) packed columns
-    return cols, packs, cols < N, packs < N // 8
+def _finish(acc, rows, cols, row_mask, col_mask, partial_ptr, out_ptr, counter_ptr, tile,
+            pid_k, splits, stride_ps, stride_om, SPLIT_K: tl.constexpr):
+    """Store acc (BM, BN), or under split-K its partial, the last program the total."""
+    offsets = rows[:, None] * stride_om + cols[None, :]  # (BM, BN)
+    mask = row_mask[:, None] & col_mask[None, :]
+    if SPLIT_K:
+        tl.store(partial_ptr + pid_k * stride_ps + offsets, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial stored before the count
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
+        if arrived == splits - 1:
+            total = tl.zeros(acc.shape, dtype=tl.float32)
+            for split in range(0, splits):
+                total += tl.load(partial_ptr + split * stride_ps + offsets, mask=mask,
+                                 other=0.0, cache_modifier=".cg")  # from L2, not a stale L1
+            tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(counter_ptr + tile, 0)
+    else:
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, K,
-                       k_per_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_os,
-                       stride_om, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    """One row of x by a (BLOCK_N)-column tile over one split of K, without tensor cores.
-
-    The tile stays packed-shaped, (BLOCK_K, BLOCK_N / 8, 8) with column pack * 8 + j in
-    [., pack, j], so nothing is reshaped across threads. A nibble becomes a float without an
-    int-to-float conversion (slow on the GPU): OR-ed into the mantissa of 2^23 it is the
-    float 2^23 + code, and subtracting 2^23 + zero leaves code - zero exactly. Products
-    accumulate per element over a group, the group's scale multiplies the sums once, and
-    the sum over K across threads happens once, at the end.
-    """
+def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
+                       N, K, groups_per_split, splits, stride_xm, stride_wn, stride_zg,
+                       stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
+                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    packs = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # (BN / 8,)
-    pack_mask = packs < N // 8
-    nibble = tl.arange(0, 8)
-    shifts = ((nibble // 2) + (nibble % 2) * 4) * 4  # (8,) AWQ's nibble order
-    cols = packs[:, None] * 8 + nibble[None, :]  # (BN / 8, 8)
-    acc = tl.zeros((BLOCK_K, BLOCK_N // 8, 8), dtype=tl.float32)
-    group_start = pid_k * (k_per_split // GROUP)
-    group_end = tl.minimum(K // GROUP, group_start + k_per_split // GROUP)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    col_mask = cols < N
+    words = tl.arange(0, GROUP // 8)  # (G / 8,) packed words of a group
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    group_start = pid_k * groups_per_split
+    group_end = tl.minimum(K // GROUP, group_start + groups_per_split)
     for group in range(group_start, group_end):
-        packed_zeros = tl.load(qzeros_ptr + group * stride_zg + packs, mask=pack_mask,
-                               other=0)  # (BN / 8,)
-        zeros = ((packed_zeros[:, None] >> shifts[None, :]) & 0xF).to(tl.float32)  # (BN/8, 8)
-        offsets = zeros + 8388608.0  # (BN / 8, 8) 2^23 + zero
-        scales = tl.load(scales_ptr + group * stride_sg + cols, mask=pack_mask[:, None],
-                         other=0.0).to(tl.float32)  # (BN / 8, 8)
-        part = tl.zeros((BLOCK_K, BLOCK_N // 8, 8), dtype=tl.float32)
-        for k0 in range(group * GROUP, group * GROUP + GROUP, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
-            x = tl.load(x_ptr + row * stride_xm + ks).to(tl.float32)  # (BK,)
-            packed = tl.load(qweight_ptr + ks[:, None] * stride_qk + packs[None, :],
-                             mask=pack_mask[None, :], other=0)  # (BK, BN / 8)
-            bits = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000
-            weight = bits.to(tl.float32, bitcast=True) - offsets[None, :, :]  # (BK, BN/8, 8)
-            part += x[:, None, None] * weight
-        acc += part * scales[None, :, :]
-    total = tl.sum(acc, axis=0)  # (BN / 8, 8)
-    tl.store(out_ptr + pid_k * stride_os + row * stride_om + cols,
-             total.to(out_ptr.dtype.element_ty), mask=pack_mask[:, None])
+        packed = tl.load(w_ptr + cols[:, None] * stride_wn + group * (GROUP // 8)
+                         + words[None, :], mask=col_mask[:, None], other=0)  # (BN, G / 8)
+        high = packed >> 16  # nibbles 4..7 in the low half
+        x_at = x_ptr + row * stride_xm + group * GROUP + words * 8  # (G / 8,) k = 8 p
+        part = tl.zeros((BLOCK_N, GROUP // 8), dtype=tl.float32)
+        x_sum = tl.zeros((GROUP // 8,), dtype=tl.float32)
+        for i in tl.static_range(4):
+            x_low = tl.load(x_at + i).to(tl.float32)  # (G / 8,) x[8 p + i]
+            x_high = tl.load(x_at + 4 + i).to(tl.float32)  # (G / 8,) x[8 p + 4 + i]
+            x_sum += x_low + x_high
+            unit = 1.0 / (1 << (4 * i))  # 16^-i, exact
+            part += _nibble_value(packed, 4 * i) * (x_low * unit)[None, :]
+            part += _nibble_value(high, 4 * i) * (x_high * unit)[None, :]
+        zero = tl.load(zeros_ptr + group * stride_zg + cols, mask=col_mask,
+                       other=0.0).to(tl.float32)  # (BN,)
+        scale = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask,
+                        other=0.0).to(tl.float32)  # (BN,)
+        acc += scale * (tl.sum(part, axis=1) - zero * tl.sum(x_sum, axis=0))
+    rows = row + tl.arange(0, 1)  # (1,)
+    _finish(acc[None, :], rows, cols, rows >= 0, col_mask, partial_ptr, out_ptr, counter_ptr,
+            row * tl.num_programs(1) + pid_n, pid_k, splits, stride_ps, stride_om, SPLIT_K)
 
 
 @triton.jit
-def _w4a16_dot_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N, K,
-                      k_per_split, stride_xm, stride_qk, stride_zg, stride_sg, stride_os,
-                      stride_om, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, stride_wn, stride_zg,
+                  stride_sg, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """W[cols, k0 : k0 + BLOCK_K] (BN, BK) in OUT_DTYPE; BLOCK_K divides the group."""
+    words = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # (BK / 8,)
+    packed = tl.load(w_ptr + cols[:, None] * stride_wn + words[None, :],
+                     mask=col_mask[:, None], other=0)  # (BN, BK / 8)
+    shifts = tl.arange(0, 8) * 4  # (8,)
+    bits = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000  # (BN, BK/8, 8)
+    codes = tl.reshape(bits, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True) - 8388608.0
+    group = k0 // GROUP
+    zero = tl.load(zeros_ptr + group * stride_zg + cols, mask=col_mask,
+                   other=0.0).to(tl.float32)  # (BN,)
+    scale = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask,
+                    other=0.0).to(tl.float32)  # (BN,)
+    return ((codes - zero[:, None]) * scale[:, None]).to(OUT_DTYPE)  # (BN, BK)
+
+
+@triton.jit
+def _w4a16_dot_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
+                      M, N, K, k_per_split, splits, stride_xm, stride_wn, stride_zg, stride_sg,
+                      stride_ps, stride_om, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     row_mask = rows < M
-    cols, packs, col_mask, pack_mask = _tile_columns(pid_n, N, BLOCK_N)
+    col_mask = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(K, k_start + k_per_split)
@@ -154,131 +164,151 @@ def _w4a16_dot_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N,
         ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None],
                     other=0.0)  # (BM, BK)
-        weight = _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, k0, packs, cols, pack_mask,
-                               col_mask, stride_qk, stride_zg, stride_sg, GROUP, BLOCK_K,
-                               BLOCK_N, x.dtype)  # (BK, BN)
-        acc += tl.dot(x, weight, input_precision="ieee" if x.dtype == tl.float32 else None)
-    tl.store(out_ptr + pid_k * stride_os + rows[:, None] * stride_om + cols[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+        weight = _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, stride_wn,
+                               stride_zg, stride_sg, GROUP, BLOCK_N, BLOCK_K,
+                               x.dtype)  # (BN, BK)
+        acc += tl.dot(x, tl.trans(weight),
+                      input_precision="ieee" if x.dtype == tl.float32 else None)
+    _finish(acc, rows, cols, row_mask, col_mask, partial_ptr, out_ptr, counter_ptr,
+            pid_m * tl.num_programs(1) + pid_n, pid_k, splits, stride_ps, stride_om, SPLIT_K)
 
 
 @triton.jit
-def _awq_dequant_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, stride_qk, stride_zg,
-                        stride_sg, stride_ok, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    cols, packs, col_mask, pack_mask = _tile_columns(pid_n, N, BLOCK_N)
-    k0 = pid_k * BLOCK_K
+def _w4_dequant_kernel(w_ptr, zeros_ptr, scales_ptr, out_ptr, N, stride_wn, stride_zg,
+                       stride_sg, stride_on, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    k0 = tl.program_id(1) * BLOCK_K
+    col_mask = cols < N
+    weight = _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, stride_wn,
+                           stride_zg, stride_sg, GROUP, BLOCK_N, BLOCK_K,
+                           out_ptr.dtype.element_ty)  # (BN, BK)
     ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
-    weight = _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, k0, packs, cols, pack_mask,
-                           col_mask, stride_qk, stride_zg, stride_sg, GROUP, BLOCK_K, BLOCK_N,
-                           out_ptr.dtype.element_ty)  # (BK, BN)
-    tl.store(out_ptr + ks[:, None] * stride_ok + cols[None, :], weight, mask=col_mask[None, :])
+    tl.store(out_ptr + cols[:, None] * stride_on + ks[None, :], weight, mask=col_mask[:, None])
 
 
 def default_launch(rows: int) -> W4A16Launch:
-    """The launch for a step of `rows` rows (tuned on an H100: docs/quantization.md)."""
-    if rows <= GEMV_MAX_ROWS:
-        return W4A16Launch("gemv", block_n=128, block_k=32, num_warps=4)
-    if rows <= DOT_MAX_ROWS:
+    """The launch for a step of `rows` rows where no tuned table applies."""
+    if rows <= 4:
+        return W4A16Launch("gemv", block_n=128, block_k=128, num_warps=4, programs_per_sm=8)
+    if rows <= 256:
         return W4A16Launch("dot", block_n=64, block_k=64, num_warps=2 if rows <= 16 else 4)
     return W4A16Launch("dequant", block_n=128, block_k=32, num_warps=4)
 
 
-def _block_k(group_size: int, wanted: int, smallest: int = 16) -> int:
-    """The largest power-of-two divisor of the group size up to `wanted`."""
+def _block_k(group_size: int, wanted: int) -> int:
+    """The largest power-of-two divisor of the group size up to `wanted` (>= 16)."""
     block = wanted
-    while block >= smallest:
+    while block >= 16:
         if group_size % block == 0:
             return block
         block //= 2
-    raise ValueError(f"group size {group_size} is not a multiple of {smallest}")
+    raise ValueError(f"group size {group_size} is not a multiple of 16")
 
 
-def _num_splits(launch: W4A16Launch, tiles: int, num_groups: int, device: torch.device) -> int:
-    """Splits of K (each whole groups) so that tiles x splits fill the multiprocessors."""
-    if launch.splits is not None:
-        return max(1, min(num_groups, launch.splits))
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    """Zeroed split-K counters, one set per stream (launches on a stream run in order)."""
     if device.type != "cuda":
-        return min(num_groups, 2) if tiles < 4 else 1  # the interpreter: exercise splitting
+        key = (str(device), 0)
+    else:
+        key = (str(device), torch.cuda.current_stream(device).cuda_stream)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+def _num_splits(launch: W4A16Launch, tiles: int, chunks: int, device: torch.device) -> int:
+    """Splits of K (each whole chunks) so that tiles x splits fill the multiprocessors."""
+    if launch.splits is not None:
+        return max(1, min(chunks, launch.splits))
+    if tiles > _MAX_TILES:
+        return 1
+    if device.type != "cuda":
+        return min(chunks, 2) if tiles < 4 else 1  # the interpreter: exercise splitting
     wanted = launch.programs_per_sm * torch.cuda.get_device_properties(
         device).multi_processor_count
-    return max(1, min(num_groups, triton.cdiv(wanted, tiles)))
+    return max(1, min(chunks, triton.cdiv(wanted, tiles)))
 
 
-def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                   group_size: int, launch: W4A16Launch | None = None) -> torch.Tensor:
-    """-> W^T (K, N) in scales' dtype, on the tensors' device."""
-    launch = launch or default_launch(DOT_MAX_ROWS + 1)
-    K, N = qweight.shape[0], qweight.shape[1] * _PACK
+def w4_dequantize(packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                  group_size: int, launch: W4A16Launch | None = None) -> torch.Tensor:
+    """-> W (N, K) in scales' dtype, on the tensors' device."""
+    launch = launch or default_launch(1 << 30)
+    N, K = packed.shape[0], packed.shape[1] * _PACK
     block_k = _block_k(group_size, launch.block_k)
-    out = torch.empty((K, N), dtype=scales.dtype, device=qweight.device)
-    grid = (K // block_k, triton.cdiv(N, launch.block_n))
-    _awq_dequant_kernel[grid](qweight, qzeros, scales, out, N, qweight.stride(0),
-                              qzeros.stride(0), scales.stride(0), out.stride(0),
-                              GROUP=group_size, BLOCK_N=launch.block_n, BLOCK_K=block_k,
-                              num_warps=launch.num_warps)
+    out = torch.empty((N, K), dtype=scales.dtype, device=packed.device)
+    grid = (triton.cdiv(N, launch.block_n), K // block_k)
+    _w4_dequant_kernel[grid](packed, zeros, scales, out, N, packed.stride(0), zeros.stride(0),
+                             scales.stride(0), out.stride(0), GROUP=group_size,
+                             BLOCK_N=launch.block_n, BLOCK_K=block_k,
+                             num_warps=launch.num_warps)
     return out
 
 
-def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
-                 scales: torch.Tensor, group_size: int,
-                 launch: W4A16Launch | None = None) -> torch.Tensor:
-    """x (M, K) -> (M, N); see the module doc. `launch` overrides the GPU's tuned table
-    (w4a16_tuning.py) and default_launch."""
-    check_device(x, qweight, qzeros, scales)
+def _check(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+           group_size: int) -> None:
+    check_device(x, packed, zeros, scales)
     check_float("x", x)
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be (M, K) with contiguous rows, got {tuple(x.shape)}")
     M, K = x.shape
-    N = qweight.shape[1] * _PACK
-    if (group_size <= 0 or K % group_size or qweight.shape[0] != K
-            or scales.shape != (K // group_size, N)
-            or qzeros.shape != (K // group_size, qweight.shape[1])):
-        raise ValueError(f"qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)} and "
+    N = packed.shape[0]
+    if (group_size <= 0 or group_size % 16 or K % group_size
+            or packed.shape != (N, K // _PACK) or packed.stride(1) != 1
+            or scales.shape != (K // group_size, N) or zeros.shape != scales.shape):
+        raise ValueError(f"packed {tuple(packed.shape)}, zeros {tuple(zeros.shape)} and "
                          f"scales {tuple(scales.shape)} do not fit x {tuple(x.shape)} with "
                          f"group size {group_size}")
-    if scales.dtype != x.dtype:
-        raise ValueError(f"scales must be {x.dtype}, got {scales.dtype}")
+    if scales.dtype != x.dtype or zeros.dtype != x.dtype:
+        raise ValueError(f"scales and zeros must be {x.dtype}, got {scales.dtype} and "
+                         f"{zeros.dtype}")
+
+
+def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
+                 scales: torch.Tensor, group_size: int,
+                 launch: W4A16Launch | None = None) -> torch.Tensor:
+    """x (M, K) -> (M, N); see the module doc. `launch` overrides the GPU's tuned table
+    (w4a16_tuning.py) and default_launch."""
+    _check(x, packed, zeros, scales, group_size)
+    M, K = x.shape
+    N = packed.shape[0]
     if launch is None:
         from lmfleet.worker.kernels.w4a16_tuning import tuned_launch
 
         launch = tuned_launch(x.device, M, N, K, group_size) or default_launch(M)
     if launch.path == "dequant":
-        return torch.matmul(x, awq_dequantize(qweight, qzeros, scales, group_size, launch))
+        return torch.matmul(x, w4_dequantize(packed, zeros, scales, group_size, launch).t())
     if launch.path == "gemv":
         if M > 16:
             raise ValueError(f"the gemv path takes at most 16 rows, got {M}")
-        block_m = 1  # a program per row: a tile's rows run side by side and share L2
+        block_m, chunk = 1, group_size  # a program per row: a tile's rows share L2
     elif launch.path == "dot":
         block_m = launch.block_m or (16 if M <= 16 else (32 if M <= 32 else 64))
+        chunk = _block_k(group_size, launch.block_k)
     else:
         raise ValueError(f"unknown W4A16 path {launch.path!r}")
-    row_tiles = triton.cdiv(M, block_m)
-    tiles = row_tiles * triton.cdiv(N, launch.block_n)
-    num_groups = K // group_size
-    groups_per_split = triton.cdiv(num_groups, _num_splits(launch, tiles, num_groups,
-                                                           x.device))
-    splits = triton.cdiv(num_groups, groups_per_split)  # none empty
-    if splits == 1:
-        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
-    grid = (row_tiles, triton.cdiv(N, launch.block_n), splits)
-    strides = (x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0),
-               out.stride(0) if splits > 1 else 0, out.stride(-2))
-    block_k = _block_k(group_size, launch.block_k, 8 if launch.path == "gemv" else 16)
+    grid_mn = (triton.cdiv(M, block_m), triton.cdiv(N, launch.block_n))
+    chunks = K // chunk
+    per_split = triton.cdiv(chunks, _num_splits(launch, grid_mn[0] * grid_mn[1], chunks,
+                                                x.device))
+    splits = triton.cdiv(chunks, per_split)  # none empty
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    partial = (torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
+               if splits > 1 else out)
+    counters = _counters(x.device) if splits > 1 else out
+    args = (x, packed, zeros, scales, partial, out, counters)
+    strides = (x.stride(0), packed.stride(0), zeros.stride(0), scales.stride(0),
+               partial.stride(0) if splits > 1 else 0, out.stride(0))
+    options = dict(GROUP=group_size, BLOCK_N=launch.block_n, SPLIT_K=splits > 1,
+                   num_warps=launch.num_warps, num_stages=launch.num_stages)
     if launch.path == "gemv":
-        _w4a16_gemv_kernel[grid](x, qweight, qzeros, scales, out, N, K,
-                                 groups_per_split * group_size, *strides, GROUP=group_size,
-                                 BLOCK_N=launch.block_n, BLOCK_K=block_k,
-                                 num_warps=launch.num_warps, num_stages=launch.num_stages)
+        _w4a16_gemv_kernel[(M, grid_mn[1], splits)](*args, N, K, per_split, splits, *strides,
+                                                    **options)
     else:
-        _w4a16_dot_kernel[grid](x, qweight, qzeros, scales, out, M, N, K,
-                                groups_per_split * group_size, *strides, GROUP=group_size,
-                                BLOCK_M=block_m, BLOCK_N=launch.block_n, BLOCK_K=block_k,
-                                num_warps=launch.num_warps, num_stages=launch.num_stages)
-    if splits == 1:
-        return out
-    return out.sum(dim=0).to(x.dtype)  # (M, N): the partials in split order
+        _w4a16_dot_kernel[(*grid_mn, splits)](*args, M, N, K, per_split * chunk, splits,
+                                              *strides, BLOCK_M=block_m, BLOCK_K=chunk,
+                                              **options)
+    return out

@@ -17,6 +17,7 @@ from lmfleet.worker.model.arch import ArchConfig, UnsupportedModelError
 from lmfleet.worker.model.llama import LlamaForCausalLM
 from lmfleet.worker.model.parallel_linear import MergedColumnParallelLinear, QKVParallelLinear
 from lmfleet.worker.parallel.stages import PipelineStage
+from lmfleet.worker.quant import methods
 
 # checkpoint suffix -> (fused parameter suffix, shard id)
 _FUSED = {
@@ -81,6 +82,9 @@ def load_model(model_dir: Path, max_positions: int, dtype: torch.dtype,
     missing = sorted(expected - loaded)
     if missing:
         raise UnsupportedModelError(f"checkpoint in {model_dir} lacks weights: {missing[:5]}")
+    for module in model.modules():
+        if getattr(module, "quant", None) is not None:
+            methods.finalize(module, dtype)  # e.g. AWQ's GPU layout
     return model.eval()
 
 

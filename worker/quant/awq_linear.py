@@ -8,11 +8,12 @@ axis (axis 1, in packed elements for qweight and qzeros), row-parallel ones alon
 input axis (axis 0, in groups for qzeros and scales); so a rank's slice must hold whole
 packed elements and whole groups.
 
-The matmul: on CUDA, the Triton W4A16 kernels (kernels/triton_w4a16.py), which read the
-4-bit codes and dequantize in registers for decodes and small prefills, and dequantize
-the weight once into a dense matrix for large prefills. On the CPU this rank's weight is
-dequantized to the activations' dtype and multiplied. All use exactly the checkpoint's
-W, so outputs match an unquantized model holding the dequantized weights.
+The matmul: on CUDA, `finalize` (after loading) repacks the tensors into the layout the
+Triton W4A16 kernels read (w4_layout.py, kernels/triton_w4a16.py): 4-bit codes
+dequantized in registers for decodes and small prefills, the weight dequantized once into
+a dense matrix for large prefills. On the CPU this rank's weight is dequantized to the
+activations' dtype and multiplied. All use exactly the checkpoint's W, so outputs match an
+unquantized model holding the dequantized weights.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from lmfleet.worker.quant.awq_format import PACK, dequantize
 from lmfleet.worker.quant.config import WeightQuantization
 from lmfleet.worker.quant.layout import ParamLayout
+from lmfleet.worker.quant.w4_layout import repack_for_gpu
 
 
 def check_output_parts(local_sizes: list[int]) -> None:
@@ -57,13 +59,28 @@ def create_parameters(layer: nn.Module, in_features: int, out_features: int,
         ParamLayout(out_dim=1, in_dim=0))
 
 
+def finalize(layer: nn.Module, dtype: torch.dtype) -> None:
+    """On CUDA, after loading: AutoAWQ's tensors -> the GPU kernels' layout (w4_layout.py).
+    The AutoAWQ qweight and qzeros are dropped; the same bytes live on as `w4_packed`."""
+    if not layer.qweight.is_cuda:
+        return
+    packed, zeros, scales = repack_for_gpu(layer.qweight.data, layer.qzeros.data,
+                                           layer.scales.data, dtype)
+    for name in ("qweight", "qzeros", "scales"):
+        del layer._parameters[name]
+    layer.register_buffer("w4_packed", packed, persistent=False)  # (out, in / 8)
+    layer.register_buffer("w4_zeros", zeros, persistent=False)  # (in / g, out)
+    layer.register_buffer("w4_scales", scales, persistent=False)  # (in / g, out)
+
+
 def apply(layer: Any, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x (T, in) -> (T, out)."""
     group = layer.quant.group_size
-    if x.is_cuda:
+    if hasattr(layer, "w4_packed"):
         from lmfleet.worker.kernels.triton_w4a16 import w4a16_matmul
 
-        out = w4a16_matmul(x, layer.qweight, layer.qzeros, layer.scales, group)  # (T, out)
+        out = w4a16_matmul(x, layer.w4_packed, layer.w4_zeros, layer.w4_scales,
+                           group)  # (T, out)
     else:
         weight_t = dequantize(layer.qweight, layer.qzeros, layer.scales, group,
                               x.dtype)  # (in, out)

@@ -25,5 +25,12 @@ def check_output_parts(quant: WeightQuantization, local_sizes: list[int]) -> Non
         awq_linear.check_output_parts(local_sizes)
 
 
+def finalize(layer: nn.Module, dtype: torch.dtype) -> None:
+    """After loading: what the method's kernels need that the checkpoint does not hold."""
+    finish = getattr(_METHODS[layer.quant.method], "finalize", None)
+    if finish is not None:
+        finish(layer, dtype)
+
+
 def apply(layer: Any, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return _METHODS[layer.quant.method].apply(layer, x, bias)
