@@ -8,7 +8,7 @@ default`): Test A (256 x 512 -> 256 tokens, throughput) and Test B (batch 1, TPO
 Target: W4A16 batch-1 TPOT <= 0.45 x bf16 (4-bit weights are a quarter of the bytes).
 
   python3 benchmarks/quant_speed.py --out $OUT [--peer-bench .peer/peer_bench.py]
-Writes OUT/quant_speed.json; prints a table.
+Writes OUT/quant_speed.json; prints a table. `--plot JSON PNG` draws it (no GPU needed).
 """
 
 from __future__ import annotations
@@ -38,14 +38,55 @@ def run(cmd: list[str], limit: float) -> str:
         return f"timeout after {limit:.0f} s"
 
 
+def lmdeploy_numbers(records: list[dict]) -> dict:
+    """The peer's results.jsonl records -> the lmfleet run's keys, where it has them."""
+    numbers = {}
+    for record in records:
+        if record.get("step") == "lmdeploy-A":
+            numbers["test_a_out_tok_s"] = record["out_tok_s"]
+        if record.get("step") == "lmdeploy-B":
+            numbers["test_b_tpot_ms"] = record["tpot_ms"]
+            numbers["test_b_ttft_ms"] = record["ttft_ms"]
+    return numbers
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {name: (lmdeploy_numbers(run) if isinstance(run, list) else run)
+            for name, run in result["runs"].items()}
+    names = list(runs)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for axis, key, label in ((left, "test_a_out_tok_s", "Test A output tokens/s"),
+                             (right, "test_b_tpot_ms", "Test B batch-1 TPOT ms")):
+        values = [runs[name].get(key, 0.0) for name in names]
+        bars = axis.bar(range(len(names)), values, color="tab:blue")
+        axis.bar_label(bars, fmt="%.4g", fontsize=8)
+        axis.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        axis.set_title(label)
+    device = next((run.get("device") for run in runs.values() if run.get("device")), "GPU")
+    figure.suptitle(f"Quantization speed, Llama-3-8B-shaped random weights, {device}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
+    parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"))
     parser.add_argument("--peer-bench", default=None)
     parser.add_argument("--limit-s", type=float, default=150.0, help="per engine run")
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help=f"comma-separated, of: {', '.join(ENGINES)}")
     args = parser.parse_args()
+    if args.plot:
+        plot(json.loads(Path(args.plot[0]).read_text()), Path(args.plot[1]))
+        return
+    if not args.out:
+        parser.error("--out is needed to run the engines")
     engines = args.engines.split(",")
     unknown = sorted(set(engines) - set(ENGINES))
     if unknown:
@@ -94,8 +135,9 @@ def main() -> None:
     (out / "quant_speed.json").write_text(json.dumps(result, indent=1, default=str))
     print("| engine | Test A out tok/s | Test B TPOT ms | TTFT ms | status |")
     print("| --- | ---: | ---: | ---: | --- |")
-    for name in ("lmfleet-bf16", "lmfleet-awq", "lmfleet-kv-int8", "lmfleet-kv-fp8"):
+    for name in ENGINES:
         r = result["runs"].get(name, {})
+        r = lmdeploy_numbers(r) if isinstance(r, list) else r
         print(f"| {name} | {r.get('test_a_out_tok_s', float('nan')):.0f} | "
               f"{r.get('test_b_tpot_ms', float('nan')):.2f} | "
               f"{r.get('test_b_ttft_ms', float('nan')):.1f} | {result['status'].get(name)} |")
