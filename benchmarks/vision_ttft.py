@@ -10,6 +10,7 @@ as the engine runs it: the checkpoint's image processor (CPU) and the tower + pr
   python3 benchmarks/vision_ttft.py --out $OUT            # make-model, lmfleet, lmdeploy
   python3 benchmarks/vision_ttft.py --step lmfleet ...    # one step (each runs in its own
                                                           # process; the script calls itself)
+  python3 benchmarks/vision_ttft.py --plot OUT/vision_ttft.json chart.png
 Writes OUT/vision_ttft.json and prints a table. LMDeploy's wheels must be importable in the
 `lmdeploy` step (PYTHONPATH set by the caller with --peer-path).
 """
@@ -225,14 +226,63 @@ def bench_lmdeploy() -> dict:
     return result
 
 
+def plot(json_path: str, png_path: str) -> None:
+    """TTFT with an image and text-only per engine, beside lmfleet's encoder time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = json.loads(Path(json_path).read_text())
+    ours = result.get("lmfleet", {})
+    names = [n for n in ("lmfleet", "lmdeploy") if "ttft_image_ms" in result.get(n, {})]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    width = 0.27
+    encoder = "tower_ms" in ours and "lmfleet" in names
+    for i, name in enumerate(names):
+        r = result[name]
+        left = i - width if name == "lmfleet" and encoder else i - width / 2
+        bars = [(left, r["ttft_image_ms"], "with image", "tab:blue"),
+                (left + width, r.get("ttft_text_ms", float("nan")), "text only", "tab:gray")]
+        for x, value, label, color in bars:
+            ax.bar(x, value, width, color=color, label=label if i == 0 else None)
+            ax.text(x, value, f"{value:.0f}", ha="center", va="bottom", fontsize=8)
+    if encoder:
+        x, pre, tower = width, ours["preprocess_ms"], ours["tower_ms"]
+        ax.bar(x, pre, width, color="tab:orange", label="lmfleet image processor (CPU)")
+        ax.bar(x, tower, width, bottom=pre, color="tab:green",
+               label="lmfleet tower + projector")
+        share = ours.get("encoder_share_of_ttft", (pre + tower) / ours["ttft_image_ms"])
+        ax.text(x, pre + tower, f"{pre + tower:.0f}\n({share:.0%})", ha="center",
+                va="bottom", fontsize=8)
+    skipped = [f"{n}: {s}" for n, s in result.get("status", {}).items() if s != "ok"]
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("ms (median of 5, one request alone)")
+    ax.set_title(f"LLaVA-1.5-7B-shaped TTFT, 576 image + 80 text positions\n"
+                 f"{ours.get('device', '?')}" + (f"; {', '.join(skipped)}" if skipped else ""),
+                 fontsize=10)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)
+    ax.legend(fontsize=8, ncol=2, loc="upper center")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="folder for the results (required unless --plot)")
+    parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"),
+                        help="draw OUT/vision_ttft.json as a bar chart and stop")
     parser.add_argument("--step", choices=["make-model", "lmfleet", "lmdeploy"])
     parser.add_argument("--peer-path", default=None, help="PYTHONPATH for the lmdeploy step")
     parser.add_argument("--limit-s", type=float, default=240.0)
     parser.add_argument("--tiny", action="store_true", help="a small model (CPU smoke run)")
     args = parser.parse_args()
+    if args.plot:
+        plot(*args.plot)
+        return
+    if not args.out:
+        parser.error("--out is required (unless --plot is given)")
     if args.tiny:
         use_tiny()
     out = Path(args.out)
