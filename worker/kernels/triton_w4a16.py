@@ -190,8 +190,8 @@ def _w4_dequant_kernel(w_ptr, zeros_ptr, scales_ptr, out_ptr, N, stride_wn, stri
 def default_launch(rows: int) -> W4A16Launch:
     """The launch for a step of `rows` rows where no tuned table applies."""
     if rows <= 4:
-        return W4A16Launch("gemv", block_n=128, block_k=128, num_warps=4, programs_per_sm=8)
-    if rows <= 256:
+        return W4A16Launch("gemv", block_n=256, block_k=128, num_warps=4, programs_per_sm=4)
+    if rows <= 64:
         return W4A16Launch("dot", block_n=64, block_k=64, num_warps=2 if rows <= 16 else 4)
     return W4A16Launch("dequant", block_n=128, block_k=32, num_warps=4)
 
