@@ -91,6 +91,9 @@ def make_model() -> dict:
         image_seq_length=IMAGE_POSITIONS, vision_feature_layer=-2,
         vision_feature_select_strategy="default", projector_hidden_act="gelu")
     config.architectures = ["LlavaForConditionalGeneration"]
+    # llava-hf checkpoints name their language model's class too; LMDeploy picks its model
+    # by it and fails on a text_config without one.
+    config.text_config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(str(MODEL_DIR))
     with torch.device("meta"):
         shapes = {checkpoint_name(k): v.shape for k, v in
