@@ -79,7 +79,8 @@ def time_us(torch, make_call, copies: int) -> float:
 
 
 def measure_shape(torch, n: int, k: int, rows_list: list[int], quick: bool,
-                  peak: float | None, l2_bytes: int) -> dict:
+                  peak: float | None, l2_bytes: int, on_entry) -> dict:
+    """Times every launch at each M; `on_entry(shape)` after each M (partial saves)."""
     from lmfleet.worker.kernels.triton_w4a16 import w4a16_matmul
 
     packed_bytes = k * n // 2 + 2 * (k // GROUP) * n * 2  # codes, bf16 zeros and scales
@@ -117,6 +118,7 @@ def measure_shape(torch, n: int, k: int, rows_list: list[int], quick: bool,
         timed = [launch for launch in entry["launches"] if "us" in launch]
         entry["best"] = min(timed, key=lambda launch: launch["us"])
         shape["rows"][str(rows)] = entry
+        on_entry(shape)
         best = entry["best"]
         print(f"{n}x{k} M={rows}: bf16 {entry['bf16_us']:.1f} us, best {best['path']} "
               f"{best['us']:.1f} us ({best['block_n']}/{best['block_k']}/"
@@ -134,10 +136,12 @@ def sweep(args) -> dict:
     result = {"benchmark": "w4a16_kernels", "device": device_name, "group_size": GROUP,
               "peak_bytes_per_s": peak, "torch": torch.__version__, "shapes": {}}
     for name, (n, k) in SHAPES.items():
-        result["shapes"][name] = measure_shape(torch, n, k, args.rows, args.quick, peak,
-                                               l2_bytes)
+        def keep(shape, name=name):  # partial results survive a timeout
+            result["shapes"][name] = shape
+            save(result, Path(args.out), args.write_table)
+
+        measure_shape(torch, n, k, args.rows, args.quick, peak, l2_bytes, keep)
         torch.cuda.empty_cache()
-        save(result, Path(args.out), args.write_table)  # partial results survive a timeout
     return result
 
 
