@@ -16,7 +16,8 @@ Three paths, by the number of rows M (default_launch, or a tuned table: w4a16_tu
 - "gemv" (decode): no tensor cores. A program per row and column tile walks its groups of
   K; per group it loads (BLOCK_N, G / 8) packed words, multiplies each half-word's nibbles
   by x pre-divided by 16^i, and applies the group as s * (sum(x * code) - z * sum(x)):
-  three instructions a weight, the zero and scale once a group.
+  three instructions a weight, the zero and scale once a group. With block_m > 1 a
+  program takes that many rows, turning each nibble into a float once for all of them.
 - "dot": each (BLOCK_N, BLOCK_K) tile dequantized, rounded to x's dtype (what
   dequantizing and then multiplying gives) and multiplied by tl.dot.
 - "dequant" (large prefills): the weight dequantized once into a dense (N, K) matrix and
@@ -56,7 +57,7 @@ class W4A16Launch:
     num_stages: int = 2
     splits: int | None = None
     programs_per_sm: int = 4  # split-K aims at this many programs per multiprocessor
-    block_m: int = 0  # rows per dot tile; 0 = 16, 32 or 64 by the step's rows
+    block_m: int = 0  # rows per program: dot 0 = 16, 32 or 64 by the rows; gemv 0 = 1
 
 
 @triton.jit
@@ -124,6 +125,50 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
     rows = row + tl.arange(0, 1)  # (1,)
     _finish(acc[None, :], rows, cols, rows >= 0, col_mask, partial_ptr, out_ptr, counter_ptr,
             row * tl.num_programs(1) + pid_n, pid_k, splits, stride_ps, stride_om, SPLIT_K)
+
+
+@triton.jit
+def _w4a16_rows_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
+                       M, N, K, groups_per_split, splits, stride_xm, stride_wn, stride_zg,
+                       stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """_w4a16_gemv_kernel for BLOCK_M rows at once: the words are loaded and their nibbles
+    turned into floats once for all the rows, then one FMA a weight and row."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
+    row_mask = rows < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    col_mask = cols < N
+    words = tl.arange(0, GROUP // 8)  # (G / 8,)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    group_start = pid_k * groups_per_split
+    group_end = tl.minimum(K // GROUP, group_start + groups_per_split)
+    for group in range(group_start, group_end):
+        packed = tl.load(w_ptr + cols[:, None] * stride_wn + group * (GROUP // 8)
+                         + words[None, :], mask=col_mask[:, None], other=0)  # (BN, G / 8)
+        high = packed >> 16
+        x_at = (x_ptr + rows[:, None] * stride_xm + group * GROUP
+                + words[None, :] * 8)  # (BM, G / 8) k = 8 p
+        part = tl.zeros((BLOCK_M, BLOCK_N, GROUP // 8), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M, GROUP // 8), dtype=tl.float32)
+        for i in tl.static_range(4):
+            x_low = tl.load(x_at + i, mask=row_mask[:, None], other=0.0).to(tl.float32)
+            x_high = tl.load(x_at + 4 + i, mask=row_mask[:, None], other=0.0).to(tl.float32)
+            x_sum += x_low + x_high  # (BM, G / 8)
+            unit = 1.0 / (1 << (4 * i))  # 16^-i, exact
+            part += (_nibble_value(packed, 4 * i)[None, :, :]
+                     * (x_low * unit)[:, None, :])  # (BM, BN, G / 8)
+            part += _nibble_value(high, 4 * i)[None, :, :] * (x_high * unit)[:, None, :]
+        zero = tl.load(zeros_ptr + group * stride_zg + cols, mask=col_mask,
+                       other=0.0).to(tl.float32)  # (BN,)
+        scale = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask,
+                        other=0.0).to(tl.float32)  # (BN,)
+        acc += scale[None, :] * (tl.sum(part, axis=2)
+                                 - zero[None, :] * tl.sum(x_sum, axis=1)[:, None])  # (BM, BN)
+    _finish(acc, rows, cols, row_mask, col_mask, partial_ptr, out_ptr, counter_ptr,
+            pid_m * tl.num_programs(1) + pid_n, pid_k, splits, stride_ps, stride_om, SPLIT_K)
 
 
 @triton.jit
@@ -284,7 +329,8 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
     if launch.path == "gemv":
         if M > 16:
             raise ValueError(f"the gemv path takes at most 16 rows, got {M}")
-        block_m, chunk = 1, group_size  # a program per row: a tile's rows share L2
+        # block_m 0 or 1: a program per row (a tile's rows share L2); more: rows together
+        block_m, chunk = max(1, launch.block_m), group_size
     elif launch.path == "dot":
         block_m = launch.block_m or (16 if M <= 16 else (32 if M <= 32 else 64))
         chunk = _block_k(group_size, launch.block_k)
@@ -304,9 +350,12 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
                partial.stride(0) if splits > 1 else 0, out.stride(0))
     options = dict(GROUP=group_size, BLOCK_N=launch.block_n, SPLIT_K=splits > 1,
                    num_warps=launch.num_warps, num_stages=launch.num_stages)
-    if launch.path == "gemv":
+    if launch.path == "gemv" and block_m == 1:
         _w4a16_gemv_kernel[(M, grid_mn[1], splits)](*args, N, K, per_split, splits, *strides,
                                                     **options)
+    elif launch.path == "gemv":
+        _w4a16_rows_kernel[(*grid_mn, splits)](*args, M, N, K, per_split, splits, *strides,
+                                               BLOCK_M=block_m, **options)
     else:
         _w4a16_dot_kernel[(*grid_mn, splits)](*args, M, N, K, per_split * chunk, splits,
                                               *strides, BLOCK_M=block_m, BLOCK_K=chunk,
