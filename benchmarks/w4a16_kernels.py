@@ -165,7 +165,9 @@ def save(result: dict, out: Path, write_table: bool) -> None:
 
 def table(result: dict) -> dict:
     """The tuned-launch table w4a16_tuning.py reads."""
-    fields = {field.name for field in dataclasses.fields(_launch_type())}
+    from lmfleet.worker.kernels.triton_w4a16 import W4A16Launch
+
+    fields = {field.name for field in dataclasses.fields(W4A16Launch)}
     launches = {}
     for shape in result["shapes"].values():
         launches[f"{shape['n']}x{shape['k']}"] = {
@@ -173,12 +175,6 @@ def table(result: dict) -> dict:
             for rows, entry in shape["rows"].items()}
     return {"device": result["device"], "group_size": result["group_size"],
             "measured_by": "benchmarks/w4a16_kernels.py", "launches": launches}
-
-
-def _launch_type():
-    from lmfleet.worker.kernels.triton_w4a16 import W4A16Launch
-
-    return W4A16Launch
 
 
 def plot(result: dict, path: Path) -> None:

@@ -109,3 +109,13 @@ def test_unknown_path_and_too_many_gemv_rows_are_refused():
     with pytest.raises(ValueError, match="at most 16 rows"):
         w4a16_matmul(torch.randn(17, 64, device=DEVICE), packed, zeros, scales, 32,
                      launch=W4A16Launch("gemv", block_n=16, block_k=16, num_warps=2))
+
+
+def test_more_tiles_than_split_k_counters_run_unsplit():
+    """A launch asking for splits still gets one split where the tiles outnumber the
+    counters (a counter per tile), instead of writing past them."""
+    from lmfleet.worker.kernels.triton_w4a16 import _MAX_TILES, _num_splits
+
+    launch = W4A16Launch("dot", block_n=16, block_k=16, num_warps=2, splits=4)
+    assert _num_splits(launch, _MAX_TILES, 8, torch.device(DEVICE)) == 4
+    assert _num_splits(launch, _MAX_TILES + 1, 8, torch.device(DEVICE)) == 1

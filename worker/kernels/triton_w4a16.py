@@ -34,6 +34,7 @@ share them (kernels on a stream run one after another).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -266,16 +267,21 @@ def _counters(device: torch.device) -> torch.Tensor:
 
 
 def _num_splits(launch: W4A16Launch, tiles: int, chunks: int, device: torch.device) -> int:
-    """Splits of K (each whole chunks) so that tiles x splits fill the multiprocessors."""
-    if launch.splits is not None:
-        return max(1, min(chunks, launch.splits))
+    """Splits of K (each whole chunks) so that tiles x splits fill the multiprocessors; one
+    where the tiles outnumber the split-K counters, whatever the launch asks."""
     if tiles > _MAX_TILES:
         return 1
+    if launch.splits is not None:
+        return max(1, min(chunks, launch.splits))
     if device.type != "cuda":
         return min(chunks, 2) if tiles < 4 else 1  # the interpreter: exercise splitting
-    wanted = launch.programs_per_sm * torch.cuda.get_device_properties(
-        device).multi_processor_count
+    wanted = launch.programs_per_sm * _multiprocessors(device.index)
     return max(1, min(chunks, triton.cdiv(wanted, tiles)))
+
+
+@functools.cache
+def _multiprocessors(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def w4_dequantize(packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,

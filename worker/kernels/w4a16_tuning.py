@@ -44,8 +44,12 @@ def tuned_launch(device: torch.device, rows: int, n: int, k: int,
     """The measured launch for this GPU and shape, or None where nothing was measured."""
     if device.type != "cuda":
         return None
-    return launch_from_table(table_path(torch.cuda.get_device_name(device)), rows, n, k,
-                             group_size)
+    return launch_from_table(_device_table_path(device.index), rows, n, k, group_size)
+
+
+@functools.cache
+def _device_table_path(device_index: int | None) -> Path:
+    return table_path(torch.cuda.get_device_name(device_index))
 
 
 def launch_from_table(path: Path, rows: int, n: int, k: int,
