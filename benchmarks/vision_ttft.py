@@ -199,6 +199,7 @@ def bench_lmfleet() -> dict:
         "tower_ms": median_ms(tower, REPEATS),
         "device": torch.cuda.get_device_name() if device() == "cuda" else "cpu",
         "versions": {"torch": torch.__version__},
+        "image_processor": type(images.processor.processor).__name__,
     }
 
 
@@ -206,25 +207,44 @@ def bench_lmdeploy() -> dict:
     import lmdeploy
     from lmdeploy import GenerationConfig, PytorchEngineConfig, pipeline
     from PIL import Image
+    from transformers.models.auto import image_processing_auto
 
+    # LMDeploy 0.18's LLaVA preprocessor passes PIL images with input_data_format=
+    # "channels_last", which only transformers' PIL image processors accept; transformers 5
+    # picks the torchvision one where torchvision is installed, and every image then fails.
+    image_processing_auto.is_torchvision_available = lambda: False
     start = time.time()
     pipe = pipeline(str(MODEL_DIR), backend_config=PytorchEngineConfig(
         session_len=2048, cache_max_entry_count=0.5, enable_prefix_caching=False),
         log_level="WARNING")
     startup_s = time.time() - start
     once = GenerationConfig(max_new_tokens=1, ignore_eos=True)
-    words = " ".join(f"t{(7 * i) % 31000 + 3}" for i in range(2 * TEXT_EACH_SIDE))
-    long_words = " ".join(f"t{(7 * i) % 31000 + 3}" for i in range(656))
-
+    with_image, text = prompts()
+    # The same token ids as lmfleet's (no chat template on either side): LMDeploy takes ids
+    # as a message's text and widens one image token id into the image's 576 positions.
+    one_image = with_image[:TEXT_EACH_SIDE + 1] + with_image[TEXT_EACH_SIDE + IMAGE_POSITIONS:]
     fresh = [Image.open(io.BytesIO(image(100 + i))).convert("RGB")
              for i in range(WARMUP + REPEATS)]
 
-    def with_image(index):
-        pipe((words, fresh[index]), gen_config=once)
+    def ask(content: list, positions: int) -> None:
+        answer = pipe([{"role": "user", "content": content}], gen_config=once)
+        answer = answer[0] if isinstance(answer, list) else answer
+        if answer.generate_token_len != 1 or answer.input_token_len != positions:
+            raise RuntimeError(f"LMDeploy did not answer a {positions}-position prompt as "
+                               f"one: {answer}")
 
+    def with_image_run(index):
+        ask([{"type": "text", "text": one_image},
+             {"type": "image_data", "image_data": {"data": fresh[index]}}], len(with_image))
+
+    def text_run(_):
+        ask([{"type": "text", "text": text}], len(text))
+
+    encoder = getattr(getattr(pipe, "vl_encoder", None), "model", None)
     result = {"startup_s": startup_s, "version": lmdeploy.__version__,
-              "ttft_image_ms": median_ms(with_image, REPEATS),
-              "ttft_text_ms": median_ms(lambda i: pipe(long_words, gen_config=once), REPEATS)}
+              "image_processor": type(getattr(encoder, "processor", None)).__name__,
+              "ttft_image_ms": median_ms(with_image_run, REPEATS),
+              "ttft_text_ms": median_ms(text_run, REPEATS)}
     pipe.close()
     return result
 

@@ -37,12 +37,12 @@ def candidates(rows: int, quick: bool):
     from lmfleet.worker.kernels.triton_w4a16 import W4A16Launch
 
     if rows <= 8:
-        for bn, warps, pps, stages in itertools.product(
-                (32, 64, 128, 256), (2, 4, 8), (4, 8, 16), (2, 3)):
-            if 2 * bn * GROUP // 8 > 128 * 32 * warps:
-                continue  # two (BN, G / 8) tiles over 128 registers a thread: spills
-            if not quick or (warps, pps, stages) == (4, 8, 2):
-                yield W4A16Launch("gemv", bn, GROUP, warps, num_stages=stages,
+        for bn, warps, pps, bk, stages in itertools.product(
+                (64, 128, 256), (2, 4), (4, 8), (GROUP, 2 * GROUP), (1, 2)):
+            if (2 + (stages > 1)) * bn * bk // 8 > 128 * 32 * warps:
+                continue  # (BN, BK / 8) tiles (2, or 3 prefetching) over 128 registers a thread
+            if not quick or (warps, pps, bk, stages) == (2, 8, GROUP, 1):
+                yield W4A16Launch("gemv", bn, bk, warps, num_stages=stages,
                                   programs_per_sm=pps)
     if 2 <= rows <= 16:
         for bm, bn, warps, pps in itertools.product((2, 4, 8, 16), (32, 64, 128), (4, 8), (4, 8)):

@@ -74,18 +74,22 @@ def test_shapes_that_do_not_fit_are_refused():
         w4a16_matmul(torch.randn(2, 64, device=DEVICE), packed, zeros, scales.half(), 32)
 
 
-@pytest.mark.parametrize("path,block_m", [("gemv", 0), ("gemv", 2), ("gemv", 4), ("dot", 0)])
+@pytest.mark.parametrize("path,block_m,block_k,stages", [
+    ("gemv", 0, 16, 2), ("gemv", 0, 16, 1), ("gemv", 0, 64, 2), ("gemv", 2, 16, 2),
+    ("gemv", 4, 16, 2), ("dot", 0, 16, 2)])
 @pytest.mark.parametrize("splits", [1, 3, 8])
-def test_every_path_and_split_of_k_gives_the_same_product(path, block_m, splits):
+def test_every_path_and_split_of_k_gives_the_same_product(path, block_m, block_k, stages,
+                                                         splits):
     """Split-K (partials added in order by the tile's last program) against one pass: 8
     groups of 32 cut 1, 3 (3 + 3 + 2 groups) and 8 ways, twice in a row (the counters
-    reset themselves); the decode kernel a row per program, 2 rows (the last program's
-    second row past M) and 4 rows together."""
+    reset themselves); the decode kernel a row per program with one group a step or two
+    (4 steps cut 1, 3 and 4 ways), 2 rows (the last program's second row past M) and 4
+    rows together; the one-row kernel with and without prefetching the next step."""
     weight_t, packed, zeros, scales = gpu_tensors(48, 256, 32, torch.float32, 7)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(7))
     expected = x @ weight_t
-    launch = W4A16Launch(path, block_n=16, block_k=16, num_warps=2, splits=splits,
-                         block_m=block_m)
+    launch = W4A16Launch(path, block_n=16, block_k=block_k, num_warps=2, num_stages=stages,
+                         splits=splits, block_m=block_m)
     first = w4a16_matmul(x.to(DEVICE), packed, zeros, scales, 32, launch=launch)
     again = w4a16_matmul(x.to(DEVICE), packed, zeros, scales, 32, launch=launch)
     torch.testing.assert_close(first.cpu(), expected, rtol=1e-4, atol=1e-4)

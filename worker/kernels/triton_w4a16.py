@@ -44,6 +44,7 @@ import triton.language as tl
 from lmfleet.worker.kernels.triton_rounding import check_device, check_float
 
 _PACK = 8
+_MAGIC = 0x4B000000  # the float 2^23's bits: OR-ed with a nibble, 2^23 + the nibble
 _MAX_TILES = 1 << 16  # split-K counters per stream
 
 
@@ -53,20 +54,47 @@ class W4A16Launch:
 
     path: str  # "gemv" | "dot" | "dequant"
     block_n: int
-    block_k: int  # dot and dequant; gemv takes a whole group per step
+    block_k: int  # K per step; gemv (one row a program): whole groups, else one group
     num_warps: int
-    num_stages: int = 2
+    num_stages: int = 2  # gemv: >= 2 prefetches the next step's weights into registers
     splits: int | None = None
     programs_per_sm: int = 4  # split-K aims at this many programs per multiprocessor
     block_m: int = 0  # rows per program: dot 0 = 16, 32 or 64 by the rows; gemv 0 = 1
 
 
 @triton.jit
-def _nibble_value(words, HALF_SHIFT: tl.constexpr):
+def _nibble_value(words, HALF_SHIFT: tl.constexpr, magic):
     """code * 16^(HALF_SHIFT / 4) as float32, exactly, for the nibble at bits HALF_SHIFT of
-    each word's low half."""
-    bits = (words & (0xF << HALF_SHIFT)) | 0x4B000000  # the float 2^23 + code * 16^i
+    each word's low half. `magic` is _MAGIC passed at run time: with two constants the
+    compiler emits an AND and an OR, with one in a register a single three-input LOP3."""
+    bits = (words & (0xF << HALF_SHIFT)) | magic  # the float 2^23 + code * 16^i
     return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _high_half(words):
+    """Each word's nibbles 4..7 moved to its low half (a logical shift: one instruction)."""
+    return (words.to(tl.uint32, bitcast=True) >> 16).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _nibble(words, high, J: tl.constexpr, magic):
+    """Nibble J of each word as code * 16^i (float32, exact), i = J for J <= 4 (bits up to
+    19 fit the mantissa as they are), J - 4 for 5..7 (from _high_half: without a shift
+    they would reach the exponent). One LOP3 and one FADD a weight."""
+    if J <= 4:
+        return _nibble_value(words, 4 * J, magic)
+    else:
+        return _nibble_value(high, 4 * (J - 4), magic)
+
+
+@triton.jit
+def _nibble_unit(J: tl.constexpr):
+    """16^-i for _nibble's i: what x is multiplied by before nibble J's products."""
+    if J <= 4:
+        return 1.0 / (1 << (4 * J))
+    else:
+        return 1.0 / (1 << (4 * (J - 4)))
 
 
 @triton.jit
@@ -91,38 +119,66 @@ def _finish(acc, rows, cols, row_mask, col_mask, partial_ptr, out_ptr, counter_p
 
 
 @triton.jit
+def _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, groups, words, step, valid,
+                    stride_wn, stride_zg, stride_sg, GROUP: tl.constexpr,
+                    GROUPS: tl.constexpr):
+    """A step's packed words (BN, S, G / 8) and its zeros and scales (BN, S); `valid` False
+    loads nothing (the prefetch past the last step)."""
+    first_group = step * GROUPS
+    mask = col_mask[:, None] & valid  # (BN, 1)
+    packed = tl.load(w_ptr + cols[:, None, None] * stride_wn + first_group * (GROUP // 8)
+                     + words[None, :, :], mask=mask[:, :, None], other=0)  # (BN, S, G / 8)
+    group_at = (first_group + groups)[None, :]  # (1, S)
+    zero = tl.load(zeros_ptr + group_at * stride_zg + cols[:, None], mask=mask,
+                   other=0.0)  # (BN, S)
+    scale = tl.load(scales_ptr + group_at * stride_sg + cols[:, None], mask=mask,
+                    other=0.0)  # (BN, S)
+    return packed, zero, scale
+
+
+@triton.jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
-                       N, K, groups_per_split, splits, stride_xm, stride_wn, stride_zg,
+                       magic, N, K, steps_per_split, splits, stride_xm, stride_wn, stride_zg,
                        stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
-                       BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+                       GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+                       SPLIT_K: tl.constexpr):
+    """One row, BLOCK_N columns; each step takes GROUPS whole groups of K, a (BN, GROUPS,
+    G / 8) tile of packed words. PREFETCH loads the next step's tile before the current
+    one is multiplied: the load's latency hides behind the arithmetic."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     col_mask = cols < N
-    words = tl.arange(0, GROUP // 8)  # (G / 8,) packed words of a group
+    groups = tl.arange(0, GROUPS)  # (S,) groups of a step
+    words = groups[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]  # (S, G / 8)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    group_start = pid_k * groups_per_split
-    group_end = tl.minimum(K // GROUP, group_start + groups_per_split)
-    for group in range(group_start, group_end):
-        packed = tl.load(w_ptr + cols[:, None] * stride_wn + group * (GROUP // 8)
-                         + words[None, :], mask=col_mask[:, None], other=0)  # (BN, G / 8)
-        high = packed >> 16  # nibbles 4..7 in the low half
-        x_at = x_ptr + row * stride_xm + group * GROUP + words * 8  # (G / 8,) k = 8 p
-        part = tl.zeros((BLOCK_N, GROUP // 8), dtype=tl.float32)
-        x_sum = tl.zeros((GROUP // 8,), dtype=tl.float32)
-        for i in tl.static_range(4):
-            x_low = tl.load(x_at + i).to(tl.float32)  # (G / 8,) x[8 p + i]
-            x_high = tl.load(x_at + 4 + i).to(tl.float32)  # (G / 8,) x[8 p + 4 + i]
-            x_sum += x_low + x_high
-            unit = 1.0 / (1 << (4 * i))  # 16^-i, exact
-            part += _nibble_value(packed, 4 * i) * (x_low * unit)[None, :]
-            part += _nibble_value(high, 4 * i) * (x_high * unit)[None, :]
-        zero = tl.load(zeros_ptr + group * stride_zg + cols, mask=col_mask,
-                       other=0.0).to(tl.float32)  # (BN,)
-        scale = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask,
-                        other=0.0).to(tl.float32)  # (BN,)
-        acc += scale * (tl.sum(part, axis=1) - zero * tl.sum(x_sum, axis=0))
+    step_start = pid_k * steps_per_split
+    step_end = tl.minimum(K // (GROUP * GROUPS), step_start + steps_per_split)
+    if PREFETCH:
+        next_tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, groups,
+                                    words, step_start, step_start < step_end, stride_wn,
+                                    stride_zg, stride_sg, GROUP, GROUPS)
+    for step in range(step_start, step_end):
+        if PREFETCH:
+            packed, zero, scale = next_tile
+            next_tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, groups,
+                                        words, step + 1, step + 1 < step_end, stride_wn,
+                                        stride_zg, stride_sg, GROUP, GROUPS)
+        else:
+            packed, zero, scale = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask,
+                                                  groups, words, step, True, stride_wn,
+                                                  stride_zg, stride_sg, GROUP, GROUPS)
+        high = _high_half(packed)
+        x_at = x_ptr + row * stride_xm + step * GROUPS * GROUP + words * 8  # (S, G / 8) k = 8p
+        part = tl.zeros((BLOCK_N, GROUPS, GROUP // 8), dtype=tl.float32)
+        x_sum = tl.zeros((GROUPS, GROUP // 8), dtype=tl.float32)
+        for j in tl.static_range(8):
+            x_j = tl.load(x_at + j).to(tl.float32)  # (S, G / 8) x[8 p + j]
+            x_sum += x_j
+            part += _nibble(packed, high, j, magic) * (x_j * _nibble_unit(j))[None, :, :]
+        acc += tl.sum(scale.to(tl.float32) * (tl.sum(part, axis=2) - zero.to(tl.float32)
+                                              * tl.sum(x_sum, axis=1)[None, :]), axis=1)
     rows = row + tl.arange(0, 1)  # (1,)
     _finish(acc[None, :], rows, cols, rows >= 0, col_mask, partial_ptr, out_ptr, counter_ptr,
             row * tl.num_programs(1) + pid_n, pid_k, splits, stride_ps, stride_om, SPLIT_K)
@@ -130,7 +186,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
 
 @triton.jit
 def _w4a16_rows_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
-                       M, N, K, groups_per_split, splits, stride_xm, stride_wn, stride_zg,
+                       magic, M, N, K, groups_per_split, splits, stride_xm, stride_wn, stride_zg,
                        stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
     """_w4a16_gemv_kernel for BLOCK_M rows at once: the words are loaded and their nibbles
@@ -149,19 +205,16 @@ def _w4a16_rows_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
     for group in range(group_start, group_end):
         packed = tl.load(w_ptr + cols[:, None] * stride_wn + group * (GROUP // 8)
                          + words[None, :], mask=col_mask[:, None], other=0)  # (BN, G / 8)
-        high = packed >> 16
+        high = _high_half(packed)
         x_at = (x_ptr + rows[:, None] * stride_xm + group * GROUP
                 + words[None, :] * 8)  # (BM, G / 8) k = 8 p
         part = tl.zeros((BLOCK_M, BLOCK_N, GROUP // 8), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_M, GROUP // 8), dtype=tl.float32)
-        for i in tl.static_range(4):
-            x_low = tl.load(x_at + i, mask=row_mask[:, None], other=0.0).to(tl.float32)
-            x_high = tl.load(x_at + 4 + i, mask=row_mask[:, None], other=0.0).to(tl.float32)
-            x_sum += x_low + x_high  # (BM, G / 8)
-            unit = 1.0 / (1 << (4 * i))  # 16^-i, exact
-            part += (_nibble_value(packed, 4 * i)[None, :, :]
-                     * (x_low * unit)[:, None, :])  # (BM, BN, G / 8)
-            part += _nibble_value(high, 4 * i)[None, :, :] * (x_high * unit)[:, None, :]
+        for j in tl.static_range(8):
+            x_j = tl.load(x_at + j, mask=row_mask[:, None], other=0.0).to(tl.float32)
+            x_sum += x_j  # (BM, G / 8) x[8 p + j]
+            part += (_nibble(packed, high, j, magic)[None, :, :]
+                     * (x_j * _nibble_unit(j))[:, None, :])  # (BM, BN, G / 8)
         zero = tl.load(zeros_ptr + group * stride_zg + cols, mask=col_mask,
                        other=0.0).to(tl.float32)  # (BN,)
         scale = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask,
@@ -173,15 +226,15 @@ def _w4a16_rows_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
 
 
 @triton.jit
-def _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, stride_wn, stride_zg,
-                  stride_sg, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, magic, stride_wn,
+                  stride_zg, stride_sg, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """W[cols, k0 : k0 + BLOCK_K] (BN, BK) in OUT_DTYPE; BLOCK_K divides the group."""
     words = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # (BK / 8,)
     packed = tl.load(w_ptr + cols[:, None] * stride_wn + words[None, :],
                      mask=col_mask[:, None], other=0)  # (BN, BK / 8)
     shifts = tl.arange(0, 8) * 4  # (8,)
-    bits = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000  # (BN, BK/8, 8)
+    bits = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF) | magic  # (BN, BK/8, 8)
     codes = tl.reshape(bits, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True) - 8388608.0
     group = k0 // GROUP
     zero = tl.load(zeros_ptr + group * stride_zg + cols, mask=col_mask,
@@ -193,8 +246,8 @@ def _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, stride_wn, s
 
 @triton.jit
 def _w4a16_dot_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
-                      M, N, K, k_per_split, splits, stride_xm, stride_wn, stride_zg, stride_sg,
-                      stride_ps, stride_om, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                      magic, M, N, K, k_per_split, splits, stride_xm, stride_wn, stride_zg,
+                      stride_sg, stride_ps, stride_om, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -210,8 +263,8 @@ def _w4a16_dot_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr,
         ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None],
                     other=0.0)  # (BM, BK)
-        weight = _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, stride_wn,
-                               stride_zg, stride_sg, GROUP, BLOCK_N, BLOCK_K,
+        weight = _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, magic,
+                               stride_wn, stride_zg, stride_sg, GROUP, BLOCK_N, BLOCK_K,
                                x.dtype)  # (BN, BK)
         acc += tl.dot(x, tl.trans(weight),
                       input_precision="ieee" if x.dtype == tl.float32 else None)
@@ -220,13 +273,13 @@ def _w4a16_dot_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr,
 
 
 @triton.jit
-def _w4_dequant_kernel(w_ptr, zeros_ptr, scales_ptr, out_ptr, N, stride_wn, stride_zg,
+def _w4_dequant_kernel(w_ptr, zeros_ptr, scales_ptr, out_ptr, magic, N, stride_wn, stride_zg,
                        stride_sg, stride_on, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     k0 = tl.program_id(1) * BLOCK_K
     col_mask = cols < N
-    weight = _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, stride_wn,
+    weight = _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, magic, stride_wn,
                            stride_zg, stride_sg, GROUP, BLOCK_N, BLOCK_K,
                            out_ptr.dtype.element_ty)  # (BN, BK)
     ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
@@ -236,7 +289,8 @@ def _w4_dequant_kernel(w_ptr, zeros_ptr, scales_ptr, out_ptr, N, stride_wn, stri
 def default_launch(rows: int) -> W4A16Launch:
     """The launch for a step of `rows` rows where no tuned table applies."""
     if rows <= 4:
-        return W4A16Launch("gemv", block_n=256, block_k=128, num_warps=4, programs_per_sm=4)
+        return W4A16Launch("gemv", block_n=128, block_k=128, num_warps=2, num_stages=1,
+                           programs_per_sm=8)
     if rows <= 64:
         return W4A16Launch("dot", block_n=64, block_k=64, num_warps=2 if rows <= 16 else 4)
     return W4A16Launch("dequant", block_n=128, block_k=32, num_warps=4)
@@ -275,8 +329,19 @@ def _num_splits(launch: W4A16Launch, tiles: int, chunks: int, device: torch.devi
         return max(1, min(chunks, launch.splits))
     if device.type != "cuda":
         return min(chunks, 2) if tiles < 4 else 1  # the interpreter: exercise splitting
-    wanted = launch.programs_per_sm * _multiprocessors(device.index)
-    return max(1, min(chunks, triton.cdiv(wanted, tiles)))
+    return _fewest_waves(tiles, chunks, launch.programs_per_sm * _multiprocessors(device.index))
+
+
+def _fewest_waves(tiles: int, chunks: int, resident: int) -> int:
+    """The splits whose waves of `resident` programs take the fewest steps: waves x (chunks
+    a program + one for its start and its partial sum), the fewest splits among equals. A
+    last wave of a few programs costs as much as a full one."""
+    def cost(splits: int) -> tuple[int, int]:
+        per_split = triton.cdiv(chunks, splits)
+        programs = tiles * triton.cdiv(chunks, per_split)
+        return triton.cdiv(programs, resident) * (per_split + 1), splits
+
+    return min(range(1, chunks + 1), key=cost)
 
 
 @functools.cache
@@ -292,8 +357,8 @@ def w4_dequantize(packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tenso
     block_k = _block_k(group_size, launch.block_k)
     out = torch.empty((N, K), dtype=scales.dtype, device=packed.device)
     grid = (triton.cdiv(N, launch.block_n), K // block_k)
-    _w4_dequant_kernel[grid](packed, zeros, scales, out, N, packed.stride(0), zeros.stride(0),
-                             scales.stride(0), out.stride(0), GROUP=group_size,
+    _w4_dequant_kernel[grid](packed, zeros, scales, out, _MAGIC, N, packed.stride(0),
+                             zeros.stride(0), scales.stride(0), out.stride(0), GROUP=group_size,
                              BLOCK_N=launch.block_n, BLOCK_K=block_k,
                              num_warps=launch.num_warps)
     return out
@@ -337,6 +402,10 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
             raise ValueError(f"the gemv path takes at most 16 rows, got {M}")
         # block_m 0 or 1: a program per row (a tile's rows share L2); more: rows together
         block_m, chunk = max(1, launch.block_m), group_size
+        steps = launch.block_k // group_size
+        if (block_m == 1 and launch.block_k == steps * group_size and steps & (steps - 1) == 0
+                and K % launch.block_k == 0):
+            chunk = launch.block_k  # a power of two of whole groups per step
     elif launch.path == "dot":
         block_m = launch.block_m or (16 if M <= 16 else (32 if M <= 32 else 64))
         chunk = _block_k(group_size, launch.block_k)
@@ -351,14 +420,15 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
     partial = (torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
                if splits > 1 else out)
     counters = _counters(x.device) if splits > 1 else out
-    args = (x, packed, zeros, scales, partial, out, counters)
+    args = (x, packed, zeros, scales, partial, out, counters, _MAGIC)
     strides = (x.stride(0), packed.stride(0), zeros.stride(0), scales.stride(0),
                partial.stride(0) if splits > 1 else 0, out.stride(0))
     options = dict(GROUP=group_size, BLOCK_N=launch.block_n, SPLIT_K=splits > 1,
                    num_warps=launch.num_warps, num_stages=launch.num_stages)
     if launch.path == "gemv" and block_m == 1:
         _w4a16_gemv_kernel[(M, grid_mn[1], splits)](*args, N, K, per_split, splits, *strides,
-                                                    **options)
+                                                    GROUPS=chunk // group_size,
+                                                    PREFETCH=launch.num_stages >= 2, **options)
     elif launch.path == "gemv":
         _w4a16_rows_kernel[(*grid_mn, splits)](*args, M, N, K, per_split, splits, *strides,
                                                BLOCK_M=block_m, **options)
