@@ -124,7 +124,7 @@ def main() -> None:
         peer_out = out / "peer-awq"
         result["status"]["lmdeploy-awq"] = run(
             [sys.executable, args.peer_bench, "lmdeploy", "--model-dir", AWQ_DIR, "--out",
-             str(peer_out)], args.limit_s + 60)
+             str(peer_out), "--results", str(peer_out / "results.jsonl")], args.limit_s + 60)
         results = peer_out / "results.jsonl"
         if results.is_file():
             result["runs"]["lmdeploy-awq"] = [json.loads(line) for line in

@@ -34,7 +34,7 @@ VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
 TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
             num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
             max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
-IMAGE_TOKEN, IMAGE_POSITIONS, TEXT_EACH_SIDE = 32000, 576, 40
+IMAGE_TOKEN, PAD_TOKEN, IMAGE_POSITIONS, TEXT_EACH_SIDE = 32000, 32001, 576, 40
 WARMUP, REPEATS = 2, 5
 # --tiny: the same steps on a small model (a CPU smoke run of this script).
 TINY_VISION = dict(VISION, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -94,6 +94,7 @@ def make_model() -> dict:
     # llava-hf checkpoints name their language model's class too; LMDeploy picks its model
     # by it and fails on a text_config without one.
     config.text_config.architectures = ["LlamaForCausalLM"]
+    config.pad_token_id = PAD_TOKEN  # as llava-hf's; LMDeploy marks image positions with it
     config.save_pretrained(str(MODEL_DIR))
     with torch.device("meta"):
         shapes = {checkpoint_name(k): v.shape for k, v in
@@ -221,30 +222,43 @@ def bench_lmdeploy() -> dict:
     once = GenerationConfig(max_new_tokens=1, ignore_eos=True)
     with_image, text = prompts()
     # The same token ids as lmfleet's (no chat template on either side): LMDeploy takes ids
-    # as a message's text and widens one image token id into the image's 576 positions.
-    one_image = with_image[:TEXT_EACH_SIDE + 1] + with_image[TEXT_EACH_SIDE + IMAGE_POSITIONS:]
+    # as a message's text and widens its image placeholder (the pad id) into the image's 576
+    # positions.
+    vision = getattr(pipe, "async_engine", pipe).vl_encoder.model
+    placeholder = vision.image_token_id
+    one_image = (with_image[:TEXT_EACH_SIDE] + [placeholder]
+                 + with_image[TEXT_EACH_SIDE + IMAGE_POSITIONS:])
     fresh = [Image.open(io.BytesIO(image(100 + i))).convert("RGB")
              for i in range(WARMUP + REPEATS)]
 
-    def ask(content: list, positions: int) -> None:
-        answer = pipe([{"role": "user", "content": content}], gen_config=once)
+    positions = {}
+
+    def ask(name: str, prompt, least: int) -> None:
+        answer = pipe(prompt, gen_config=once)
         answer = answer[0] if isinstance(answer, list) else answer
-        if answer.generate_token_len != 1 or answer.input_token_len != positions:
-            raise RuntimeError(f"LMDeploy did not answer a {positions}-position prompt as "
-                               f"one: {answer}")
+        if answer.generate_token_len != 1 or answer.input_token_len < least:
+            raise RuntimeError(f"LMDeploy did not answer a {least}-position prompt as one: "
+                               f"{answer}")
+        positions[name] = answer.input_token_len
 
     def with_image_run(index):
-        ask([{"type": "text", "text": one_image},
-             {"type": "image_data", "image_data": {"data": fresh[index]}}], len(with_image))
+        ask("image_prompt_positions", [{"role": "user", "content": [
+            {"type": "text", "text": one_image},
+            {"type": "image_data", "image_data": {"data": fresh[index]}}]}], len(with_image))
 
-    def text_run(_):
-        ask([{"type": "text", "text": text}], len(text))
-
-    encoder = getattr(getattr(pipe, "vl_encoder", None), "model", None)
+    # A text-only message does not take ids: the same ids as words ("t<id>", which the
+    # word tokenizer maps back to them), through LMDeploy's chat template (a few positions
+    # more, counted in text_prompt_positions).
+    words = " ".join(f"t{token}" for token in text)
     result = {"startup_s": startup_s, "version": lmdeploy.__version__,
-              "image_processor": type(getattr(encoder, "processor", None)).__name__,
-              "ttft_image_ms": median_ms(with_image_run, REPEATS),
-              "ttft_text_ms": median_ms(text_run, REPEATS)}
+              "image_processor": type(vision.processor).__name__}
+    for name, run in (("ttft_image_ms", with_image_run),
+                      ("ttft_text_ms", lambda _: ask("text_prompt_positions", words, len(text)))):
+        try:
+            result[name] = median_ms(run, REPEATS)
+        except RuntimeError as error:
+            result[name.replace("_ms", "_error")] = str(error)[:300]
+    result.update(positions)
     pipe.close()
     return result
 
@@ -267,9 +281,13 @@ def plot(json_path: str, png_path: str) -> None:
         left = i - width if name == "lmfleet" and encoder else i - width / 2
         bars = [(left, r["ttft_image_ms"], "with image", "tab:blue"),
                 (left + width, r.get("ttft_text_ms", float("nan")), "text only", "tab:gray")]
+        # a prompt of other positions than lmfleet's (LMDeploy's templated text) says so
+        text_positions = r.get("text_prompt_positions")
         for x, value, label, color in bars:
             ax.bar(x, value, width, color=color, label=label if i == 0 else None)
-            ax.text(x, value, f"{value:.0f}", ha="center", va="bottom", fontsize=8)
+            note = (f"\n({text_positions} pos.)" if label == "text only" and text_positions
+                    else "")
+            ax.text(x, value, f"{value:.0f}{note}", ha="center", va="bottom", fontsize=8)
     if encoder:
         x, pre, tower = width, ours["preprocess_ms"], ours["tower_ms"]
         ax.bar(x, pre, width, color="tab:orange", label="lmfleet image processor (CPU)")

@@ -2,7 +2,7 @@
 the Llama-3-8B layer shapes and step sizes, beside the bf16 matmul and the 4-bit floor.
 
 For each shape (N x K) and row count M it times every candidate launch of the paths that
-apply (gemv for M <= 16, tl.dot for 4 < M <= 1024, dequantize + matmul for M >= 256), the
+apply (gemv for M <= 8, tl.dot for 4 < M <= 1024, dequantize + matmul for M >= 256), the
 bf16 torch.matmul of the same shape, and the floor: the 4-bit weight's bytes at the
 GPU's peak memory bandwidth. Timing replays a CUDA graph of REPS calls, rotating over
 enough weight copies (> 2 x L2) that each call reads its weight from HBM, as a decode
@@ -44,12 +44,6 @@ def candidates(rows: int, quick: bool):
             if not quick or (warps, pps, bk, stages) == (2, 8, GROUP, 1):
                 yield W4A16Launch("gemv", bn, bk, warps, num_stages=stages,
                                   programs_per_sm=pps)
-    if 2 <= rows <= 16:
-        for bm, bn, warps, pps in itertools.product((2, 4, 8, 16), (32, 64, 128), (4, 8), (4, 8)):
-            if bm > 1 << (rows - 1).bit_length() or bm * bn * GROUP // 8 > 64 * 32 * warps:
-                continue  # more rows than the step has, or a product tile that spills
-            if not quick or (bn, warps, pps) == (64, 4, 4):
-                yield W4A16Launch("gemv", bn, GROUP, warps, programs_per_sm=pps, block_m=bm)
     if 4 < rows <= 1024:
         for bn, bk, warps, bm in itertools.product((64, 128), (64, 128), (4, 8), (0, 128)):
             if bm and rows < 256:

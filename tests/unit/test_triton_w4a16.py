@@ -75,16 +75,16 @@ def test_shapes_that_do_not_fit_are_refused():
 
 
 @pytest.mark.parametrize("path,block_m,block_k,stages", [
-    ("gemv", 0, 16, 2), ("gemv", 0, 16, 1), ("gemv", 0, 64, 2), ("gemv", 2, 16, 2),
-    ("gemv", 4, 16, 2), ("dot", 0, 16, 2)])
+    ("gemv", 0, 16, 2), ("gemv", 0, 16, 1), ("gemv", 0, 64, 2), ("dot", 0, 16, 2),
+    ("dot", 16, 32, 2)])
 @pytest.mark.parametrize("splits", [1, 3, 8])
 def test_every_path_and_split_of_k_gives_the_same_product(path, block_m, block_k, stages,
                                                          splits):
     """Split-K (partials added in order by the tile's last program) against one pass: 8
     groups of 32 cut 1, 3 (3 + 3 + 2 groups) and 8 ways, twice in a row (the counters
-    reset themselves); the decode kernel a row per program with one group a step or two
-    (4 steps cut 1, 3 and 4 ways), 2 rows (the last program's second row past M) and 4
-    rows together; the one-row kernel with and without prefetching the next step."""
+    reset themselves); the decode kernel with one group a step or two (4 steps cut 1, 3
+    and 4 ways), with and without prefetching the next step; tl.dot with the rows' block
+    by the step's size and given (16 rows, 32 of K a step)."""
     weight_t, packed, zeros, scales = gpu_tensors(48, 256, 32, torch.float32, 7)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(7))
     expected = x @ weight_t

@@ -10,14 +10,15 @@
 
 The weights are read as 4-bit codes, a quarter of a 16-bit weight's bytes: what makes
 decode faster. A nibble becomes a float without an int-to-float conversion (slow on the
-GPU): OR-ed into the mantissa of 2^23, code * 16^i (the nibble left where it sits in its
-16-bit half) is the float 2^23 + code * 16^i, and subtracting 2^23 leaves it exactly.
-Three paths, by the number of rows M (default_launch, or a tuned table: w4a16_tuning.py):
-- "gemv" (decode): no tensor cores. A program per row and column tile walks its groups of
-  K; per group it loads (BLOCK_N, G / 8) packed words, multiplies each half-word's nibbles
-  by x pre-divided by 16^i, and applies the group as s * (sum(x * code) - z * sum(x)):
-  three instructions a weight, the zero and scale once a group. With block_m > 1 a
-  program takes that many rows, turning each nibble into a float once for all of them.
+GPU): OR-ed into the mantissa of 2^23, code * 16^i (the nibble left where it sits, or
+after one shift for the top three) is the float 2^23 + code * 16^i, and subtracting 2^23
+leaves it exactly. Three paths, by the number of rows M (default_launch, or a tuned
+table: w4a16_tuning.py):
+- "gemv" (decode): no tensor cores. A program per row and column tile walks K a step of
+  block_k (whole groups) at a time; per step it loads (BLOCK_N, block_k / 8) packed
+  words, multiplies each nibble by x pre-divided by its 16^i, and applies each group as
+  s * (sum(x * code) - z * sum(x)): about three instructions a weight (a LOP3, a FADD,
+  an FFMA), the zero and scale once a group.
 - "dot": each (BLOCK_N, BLOCK_K) tile dequantized, rounded to x's dtype (what
   dequantizing and then multiplying gives) and multiplied by tl.dot.
 - "dequant" (large prefills): the weight dequantized once into a dense (N, K) matrix and
@@ -59,7 +60,7 @@ class W4A16Launch:
     num_stages: int = 2  # gemv: >= 2 prefetches the next step's weights into registers
     splits: int | None = None
     programs_per_sm: int = 4  # split-K aims at this many programs per multiprocessor
-    block_m: int = 0  # rows per program: dot 0 = 16, 32 or 64 by the rows; gemv 0 = 1
+    block_m: int = 0  # dot: rows per program, 0 = 16, 32 or 64 by the rows
 
 
 @triton.jit
@@ -182,47 +183,6 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
     rows = row + tl.arange(0, 1)  # (1,)
     _finish(acc[None, :], rows, cols, rows >= 0, col_mask, partial_ptr, out_ptr, counter_ptr,
             row * tl.num_programs(1) + pid_n, pid_k, splits, stride_ps, stride_om, SPLIT_K)
-
-
-@triton.jit
-def _w4a16_rows_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
-                       magic, M, N, K, groups_per_split, splits, stride_xm, stride_wn, stride_zg,
-                       stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
-    """_w4a16_gemv_kernel for BLOCK_M rows at once: the words are loaded and their nibbles
-    turned into floats once for all the rows, then one FMA a weight and row."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,)
-    row_mask = rows < M
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
-    col_mask = cols < N
-    words = tl.arange(0, GROUP // 8)  # (G / 8,)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    group_start = pid_k * groups_per_split
-    group_end = tl.minimum(K // GROUP, group_start + groups_per_split)
-    for group in range(group_start, group_end):
-        packed = tl.load(w_ptr + cols[:, None] * stride_wn + group * (GROUP // 8)
-                         + words[None, :], mask=col_mask[:, None], other=0)  # (BN, G / 8)
-        high = _high_half(packed)
-        x_at = (x_ptr + rows[:, None] * stride_xm + group * GROUP
-                + words[None, :] * 8)  # (BM, G / 8) k = 8 p
-        part = tl.zeros((BLOCK_M, BLOCK_N, GROUP // 8), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_M, GROUP // 8), dtype=tl.float32)
-        for j in tl.static_range(8):
-            x_j = tl.load(x_at + j, mask=row_mask[:, None], other=0.0).to(tl.float32)
-            x_sum += x_j  # (BM, G / 8) x[8 p + j]
-            part += (_nibble(packed, high, j, magic)[None, :, :]
-                     * (x_j * _nibble_unit(j))[:, None, :])  # (BM, BN, G / 8)
-        zero = tl.load(zeros_ptr + group * stride_zg + cols, mask=col_mask,
-                       other=0.0).to(tl.float32)  # (BN,)
-        scale = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask,
-                        other=0.0).to(tl.float32)  # (BN,)
-        acc += scale[None, :] * (tl.sum(part, axis=2)
-                                 - zero[None, :] * tl.sum(x_sum, axis=1)[:, None])  # (BM, BN)
-    _finish(acc, rows, cols, row_mask, col_mask, partial_ptr, out_ptr, counter_ptr,
-            pid_m * tl.num_programs(1) + pid_n, pid_k, splits, stride_ps, stride_om, SPLIT_K)
 
 
 @triton.jit
@@ -400,10 +360,11 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
     if launch.path == "gemv":
         if M > 16:
             raise ValueError(f"the gemv path takes at most 16 rows, got {M}")
-        # block_m 0 or 1: a program per row (a tile's rows share L2); more: rows together
-        block_m, chunk = max(1, launch.block_m), group_size
+        # a program per row: the rows of a tile read its weights from L2, not HBM, and
+        # the measured one-row kernel beat one taking several rows at 2 and 4 rows
+        block_m, chunk = 1, group_size
         steps = launch.block_k // group_size
-        if (block_m == 1 and launch.block_k == steps * group_size and steps & (steps - 1) == 0
+        if (launch.block_k == steps * group_size and steps & (steps - 1) == 0
                 and K % launch.block_k == 0):
             chunk = launch.block_k  # a power of two of whole groups per step
     elif launch.path == "dot":
@@ -425,13 +386,10 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
                partial.stride(0) if splits > 1 else 0, out.stride(0))
     options = dict(GROUP=group_size, BLOCK_N=launch.block_n, SPLIT_K=splits > 1,
                    num_warps=launch.num_warps, num_stages=launch.num_stages)
-    if launch.path == "gemv" and block_m == 1:
+    if launch.path == "gemv":
         _w4a16_gemv_kernel[(M, grid_mn[1], splits)](*args, N, K, per_split, splits, *strides,
                                                     GROUPS=chunk // group_size,
                                                     PREFETCH=launch.num_stages >= 2, **options)
-    elif launch.path == "gemv":
-        _w4a16_rows_kernel[(*grid_mn, splits)](*args, M, N, K, per_split, splits, *strides,
-                                               BLOCK_M=block_m, **options)
     else:
         _w4a16_dot_kernel[(*grid_mn, splits)](*args, M, N, K, per_split * chunk, splits,
                                               *strides, BLOCK_M=block_m, BLOCK_K=chunk,
