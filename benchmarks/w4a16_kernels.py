@@ -2,9 +2,9 @@
 the Llama-3-8B layer shapes and step sizes, beside the bf16 matmul and the 4-bit floor.
 
 For each shape (N x K) and row count M it times every candidate launch of the paths that
-apply (gemv for M <= 8, tl.dot for 4 < M <= 1024, dequantize + matmul for M >= 256), the
-bf16 torch.matmul of the same shape, and the floor: the 4-bit weight's bytes at the
-GPU's peak memory bandwidth. Timing replays a CUDA graph of REPS calls, rotating over
+apply (gemv for M <= 8, mma for M <= 16, tl.dot for 4 < M <= 1024, dequantize + matmul
+for M >= 256), the bf16 torch.matmul of the same shape, and the floor: the 4-bit weight's
+bytes at the GPU's peak memory bandwidth. Timing replays a CUDA graph of REPS calls, rotating over
 enough weight copies (> 2 x L2) that each call reads its weight from HBM, as a decode
 step reading 32 layers does.
 
@@ -43,6 +43,11 @@ def candidates(rows: int, quick: bool):
                 continue  # (BN, BK / 8) tiles (2, or 3 prefetching) over 128 registers a thread
             if not quick or (warps, pps, bk, stages) == (2, 8, GROUP, 1):
                 yield W4A16Launch("gemv", bn, bk, warps, num_stages=stages,
+                                  programs_per_sm=pps)
+    if rows <= 16:
+        for bn, warps, pps, stages in itertools.product((64, 128, 256), (4, 8), (2, 4, 8), (2, 3)):
+            if not quick or (bn, warps, pps, stages) == (256, 8, 4, 2):
+                yield W4A16Launch("mma", bn, GROUP, warps, num_stages=stages,
                                   programs_per_sm=pps)
     if 4 < rows <= 1024:
         for bn, bk, warps, bm in itertools.product((64, 128), (64, 128), (4, 8), (0, 128)):

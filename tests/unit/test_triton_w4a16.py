@@ -22,20 +22,9 @@ from lmfleet.worker.kernels.triton_w4a16 import (  # noqa: E402
     w4_dequantize,
     w4a16_matmul,
 )
-from lmfleet.worker.quant.awq_format import dequantize, quantize_rtn  # noqa: E402
+from lmfleet.worker.quant.awq_format import quantize_rtn  # noqa: E402
 from lmfleet.worker.quant.w4_layout import repack_for_gpu  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def gpu_tensors(out_features: int, in_features: int, group: int, dtype: torch.dtype, seed: int):
-    """-> (W^T (in, out) float32 as the format dequantizes it, packed, zeros, scales)."""
-    generator = torch.Generator().manual_seed(seed)
-    qweight, qzeros, scales = quantize_rtn(
-        torch.randn(out_features, in_features, generator=generator), group)
-    weight_t = dequantize(qweight, qzeros, scales.to(dtype), group, dtype).float()
-    packed, zeros, gpu_scales = repack_for_gpu(qweight, qzeros, scales, dtype)
-    return weight_t, packed.to(DEVICE), zeros.to(DEVICE), gpu_scales.to(DEVICE)
+from tests.unit.w4_tensors import DEVICE, gpu_tensors  # noqa: E402
 
 
 def test_repacked_layout_holds_consecutive_k_of_one_column():
@@ -109,7 +98,7 @@ def test_unknown_path_and_too_many_gemv_rows_are_refused():
     _, packed, zeros, scales = gpu_tensors(16, 64, 32, torch.float32, 0)
     with pytest.raises(ValueError, match="unknown W4A16 path"):
         w4a16_matmul(torch.randn(2, 64, device=DEVICE), packed, zeros, scales, 32,
-                     launch=W4A16Launch("mma", block_n=16, block_k=16, num_warps=2))
+                     launch=W4A16Launch("wmma", block_n=16, block_k=16, num_warps=2))
     with pytest.raises(ValueError, match="at most 16 rows"):
         w4a16_matmul(torch.randn(17, 64, device=DEVICE), packed, zeros, scales, 32,
                      launch=W4A16Launch("gemv", block_n=16, block_k=16, num_warps=2))

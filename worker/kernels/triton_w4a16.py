@@ -19,18 +19,17 @@ table: w4a16_tuning.py):
   words, multiplies each nibble by x pre-divided by its 16^i, and applies each group as
   s * (sum(x * code) - z * sum(x)): about three instructions a weight (a LOP3, a FADD,
   an FFMA), the zero and scale once a group.
+- "mma" (up to 16 rows, 16-bit activations): tensor cores, a nibble made a 16-bit float
+  in about one instruction (triton_w4a16_mma.py).
 - "dot": each (BLOCK_N, BLOCK_K) tile dequantized, rounded to x's dtype (what
   dequantizing and then multiplying gives) and multiplied by tl.dot.
 - "dequant" (large prefills): the weight dequantized once into a dense (N, K) matrix and
   multiplied by torch.matmul; with many rows the matmul's compute outweighs reading the
   weight twice.
 
-Split-K (gemv and dot): with few rows, tiles over M and N alone leave most of the GPU idle.
-K is cut into splits of whole groups; each program writes its float32 partial sum, and the
-last program of a tile to finish (a counter per tile, taken with an acquire-release atomic)
-adds the partials in split order and writes the output: deterministic, in one kernel. It
-resets the counter, so the counters are zero between launches, and launches on one stream
-share them (kernels on a stream run one after another).
+Split-K (gemv, mma and dot): with few rows, tiles over M and N alone leave most of the GPU
+idle. K is cut into splits of whole groups, and triton_split_k.py adds the partials in
+split order inside the same kernel: deterministic.
 """
 
 from __future__ import annotations
@@ -43,6 +42,9 @@ import triton
 import triton.language as tl
 
 from lmfleet.worker.kernels.triton_rounding import check_device, check_float
+from lmfleet.worker.kernels.triton_split_k import finish_split_k
+from lmfleet.worker.kernels.triton_w4a16_mma import ROWS as MMA_ROWS
+from lmfleet.worker.kernels.triton_w4a16_mma import offset_bits, w4a16_mma_kernel
 
 _PACK = 8
 _MAGIC = 0x4B000000  # the float 2^23's bits: OR-ed with a nibble, 2^23 + the nibble
@@ -53,7 +55,7 @@ _MAX_TILES = 1 << 16  # split-K counters per stream
 class W4A16Launch:
     """How one matmul is launched: the path and its tile; splits None = the heuristic."""
 
-    path: str  # "gemv" | "dot" | "dequant"
+    path: str  # "gemv" | "mma" (triton_w4a16_mma.py) | "dot" | "dequant"
     block_n: int
     block_k: int  # K per step; gemv (one row a program): whole groups, else one group
     num_warps: int
@@ -96,27 +98,6 @@ def _nibble_unit(J: tl.constexpr):
         return 1.0 / (1 << (4 * J))
     else:
         return 1.0 / (1 << (4 * (J - 4)))
-
-
-@triton.jit
-def _finish(acc, rows, cols, row_mask, col_mask, partial_ptr, out_ptr, counter_ptr, tile,
-            pid_k, splits, stride_ps, stride_om, SPLIT_K: tl.constexpr):
-    """Store acc (BM, BN), or under split-K its partial, the last program the total."""
-    offsets = rows[:, None] * stride_om + cols[None, :]  # (BM, BN)
-    mask = row_mask[:, None] & col_mask[None, :]
-    if SPLIT_K:
-        tl.store(partial_ptr + pid_k * stride_ps + offsets, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partial stored before the count
-        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel")
-        if arrived == splits - 1:
-            total = tl.zeros(acc.shape, dtype=tl.float32)
-            for split in range(0, splits):
-                total += tl.load(partial_ptr + split * stride_ps + offsets, mask=mask,
-                                 other=0.0, cache_modifier=".cg")  # from L2, not a stale L1
-            tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.store(counter_ptr + tile, 0)
-    else:
-        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -181,8 +162,9 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
         acc += tl.sum(scale.to(tl.float32) * (tl.sum(part, axis=2) - zero.to(tl.float32)
                                               * tl.sum(x_sum, axis=1)[None, :]), axis=1)
     rows = row + tl.arange(0, 1)  # (1,)
-    _finish(acc[None, :], rows, cols, rows >= 0, col_mask, partial_ptr, out_ptr, counter_ptr,
-            row * tl.num_programs(1) + pid_n, pid_k, splits, stride_ps, stride_om, SPLIT_K)
+    finish_split_k(acc[None, :], rows, cols, rows >= 0, col_mask, partial_ptr, out_ptr,
+                   counter_ptr, row * tl.num_programs(1) + pid_n, pid_k, splits, stride_ps,
+                   stride_om, SPLIT_K)
 
 
 @triton.jit
@@ -228,8 +210,9 @@ def _w4a16_dot_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr,
                                x.dtype)  # (BN, BK)
         acc += tl.dot(x, tl.trans(weight),
                       input_precision="ieee" if x.dtype == tl.float32 else None)
-    _finish(acc, rows, cols, row_mask, col_mask, partial_ptr, out_ptr, counter_ptr,
-            pid_m * tl.num_programs(1) + pid_n, pid_k, splits, stride_ps, stride_om, SPLIT_K)
+    finish_split_k(acc, rows, cols, row_mask, col_mask, partial_ptr, out_ptr, counter_ptr,
+                   pid_m * tl.num_programs(1) + pid_n, pid_k, splits, stride_ps, stride_om,
+                   SPLIT_K)
 
 
 @triton.jit
@@ -355,6 +338,8 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
         from lmfleet.worker.kernels.w4a16_tuning import tuned_launch
 
         launch = tuned_launch(x.device, M, N, K, group_size) or default_launch(M)
+    if launch.path == "mma" and x.dtype == torch.float32:
+        launch = default_launch(M)  # tensor cores take 16-bit operands: fp32 stays exact
     if launch.path == "dequant":
         return torch.matmul(x, w4_dequantize(packed, zeros, scales, group_size, launch).t())
     if launch.path == "gemv":
@@ -367,6 +352,10 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
         if (launch.block_k == steps * group_size and steps & (steps - 1) == 0
                 and K % launch.block_k == 0):
             chunk = launch.block_k  # a power of two of whole groups per step
+    elif launch.path == "mma":
+        if M > MMA_ROWS:
+            raise ValueError(f"the mma path takes at most {MMA_ROWS} rows, got {M}")
+        block_m, chunk = MMA_ROWS, group_size
     elif launch.path == "dot":
         block_m = launch.block_m or (16 if M <= 16 else (32 if M <= 32 else 64))
         chunk = _block_k(group_size, launch.block_k)
@@ -390,6 +379,11 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
         _w4a16_gemv_kernel[(M, grid_mn[1], splits)](*args, N, K, per_split, splits, *strides,
                                                     GROUPS=chunk // group_size,
                                                     PREFETCH=launch.num_stages >= 2, **options)
+    elif launch.path == "mma":
+        bits, offset = offset_bits(x.dtype)
+        w4a16_mma_kernel[(grid_mn[1], splits)](*args[:-1], bits, M, N, K, per_split, splits,
+                                               *strides, OFFSET=offset, ONE_ROW=M == 1,
+                                               **options)
     else:
         _w4a16_dot_kernel[(*grid_mn, splits)](*args, M, N, K, per_split * chunk, splits,
                                               *strides, BLOCK_M=block_m, BLOCK_K=chunk,

@@ -1,0 +1,94 @@
+"""W4A16 for decode steps of up to 16 rows on tensor cores: the "mma" path of
+triton_w4a16.w4a16_matmul, for bfloat16 and float16 activations.
+
+The decode kernel without tensor cores ("gemv") spends about three instructions a weight
+turning nibbles into floats and multiplying them (a LOP3, a FADD, an FFMA), and is bound
+by instruction issue. Here the tensor cores multiply, with the weights as the MMA's left
+operand (out^T = W x^T, so the few rows of x pad the MMA's narrow side to 16), and a
+nibble becomes a 16-bit float in about one instruction a weight:
+- One shift and one LOP3 take nibbles i and i + 4 of a packed word (bits 4i and 16 + 4i)
+  into the two halves of a 32-bit register OR-ed with the bits of OFFSET (128 in
+  bfloat16, 1024 in float16): two 16-bit floats OFFSET + code, exact, side by side as the
+  MMA reads its operand pairs.
+- The tile's k order is chosen so that each lane of the MMA holds whole packed words:
+  position q = 2 (G / 8) i + 2 p + h of a group holds nibble i + 4 h of word p. x is
+  loaded in the same order (K_OF), so the product is unchanged.
+- The MMA sums (OFFSET + code) * x in float32; s * (that - (OFFSET + z) * sum(x)) is the
+  group's share, the zero and the offset taken out once a group. Subtracting in 16 bits
+  instead would make the compiler unpack and repack every pair.
+
+Numerics: the products are exact and summed in float32; taking OFFSET * sum(x) back out
+costs about four bits of float32 (bfloat16) or seven (float16) of the sum, far below the
+output's rounding. Float32 activations keep the exact decode kernel (w4a16_matmul routes
+them there).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lmfleet.worker.kernels.triton_split_k import finish_split_k
+
+# per activation dtype: (the bits of OFFSET in both 16-bit halves, OFFSET)
+_HALVES = {torch.bfloat16: (0x43004300, 128.0), torch.float16: (0x64006400, 1024.0)}
+ROWS = 16  # the MMA's narrow side: the most rows a launch takes
+
+
+def offset_bits(dtype: torch.dtype) -> tuple[int, float]:
+    """(the OR constant, OFFSET) for activations of `dtype` (bfloat16 or float16)."""
+    if dtype not in _HALVES:
+        raise ValueError(f"the mma path takes bfloat16 or float16 activations, not {dtype}")
+    return _HALVES[dtype]
+
+
+@triton.jit
+def _k_of(GROUP: tl.constexpr):
+    """(G,) the k within a group that position q of the unpacked tile holds."""
+    q = tl.arange(0, GROUP)
+    return 8 * ((q % (GROUP // 4)) // 2) + q // (GROUP // 4) + 4 * (q % 2)
+
+
+@triton.jit
+def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
+                     halves_bits, M, N, K, groups_per_split, splits, stride_xm, stride_wn,
+                     stride_zg, stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, OFFSET: tl.constexpr, ONE_ROW: tl.constexpr,
+                     SPLIT_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    col_mask = cols < N
+    rows = tl.arange(0, 16)  # (16,) x's rows, padded
+    row_mask = rows < M
+    words = tl.arange(0, GROUP // 8)  # (G / 8,)
+    shifts = tl.arange(0, 4) * 4  # (4,)
+    k_of = _k_of(GROUP)  # (G,)
+    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    group_start = pid_k * groups_per_split
+    group_end = tl.minimum(K // GROUP, group_start + groups_per_split)
+    for group in range(group_start, group_end):
+        packed = tl.load(w_ptr + cols[:, None] * stride_wn + group * (GROUP // 8)
+                         + words[None, :], mask=col_mask[:, None], other=0)  # (BN, G / 8)
+        pairs = (((packed[:, None, :] >> shifts[None, :, None]) & 0x000F000F)
+                 | halves_bits)  # (BN, 4, G / 8): nibbles i and i + 4 as OFFSET + code
+        low = pairs.to(tl.int16)  # (BN, 4, G / 8) nibble i
+        high = (pairs >> 16).to(tl.int16)  # nibble i + 4
+        weight = tl.reshape(tl.join(low, high).to(x_ptr.dtype.element_ty, bitcast=True),
+                            (BLOCK_N, GROUP))  # (BN, G) OFFSET + code of k_of
+        x = tl.load(x_ptr + rows[None, :] * stride_xm + group * GROUP + k_of[:, None],
+                    mask=row_mask[None, :], other=0.0)  # (G, 16)
+        products = tl.dot(weight, x)  # (BN, 16) sum of (OFFSET + code) * x
+        if ONE_ROW:  # one row of x summed as a (G,) vector, not the padded tile
+            x_sum = tl.zeros((16,), dtype=tl.float32) + tl.sum(
+                tl.load(x_ptr + group * GROUP + tl.arange(0, GROUP)).to(tl.float32), axis=0)
+        else:
+            x_sum = tl.sum(x.to(tl.float32), axis=0)  # (16,)
+        zero = tl.load(zeros_ptr + group * stride_zg + cols, mask=col_mask,
+                       other=0.0).to(tl.float32)  # (BN,)
+        scale = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask,
+                        other=0.0).to(tl.float32)  # (BN,)
+        acc += scale[:, None] * (products - (zero + OFFSET)[:, None] * x_sum[None, :])
+    finish_split_k(tl.trans(acc), rows, cols, row_mask, col_mask, partial_ptr, out_ptr,
+                   counter_ptr, pid_n, pid_k, splits, stride_ps, stride_om, SPLIT_K)
