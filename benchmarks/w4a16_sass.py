@@ -4,8 +4,9 @@ the instructions of its main loop (one step of K) are counted by kind and divide
 weights a thread handles in that step.
 
 The decode kernels are bound by instruction issue as much as by memory (an Nsight Compute
-profile of the gemv kernel on an H100 showed half the DRAM bandwidth and half the issue
-slots in use), so instructions a weight is the number to cut between GPU runs.
+profile of the gemv kernel on an H100 showed half the DRAM bandwidth and half the SMs'
+compute throughput in use), so instructions a weight is the number to cut between GPU
+runs.
 
   python3 benchmarks/w4a16_sass.py --out benchmarks/results/w4a16_sass.json
 """
