@@ -10,8 +10,9 @@ step reading 32 layers does.
 
   python3 benchmarks/w4a16_kernels.py --out $OUT [--write-table] [--quick]
 Writes OUT/w4a16_kernels.json and, with --write-table, the fastest launch per shape and M
-to worker/kernels/w4a16_configs/<GPU>.json (what w4a16_matmul reads). The plot is made
-from the JSON by `--plot OUT/w4a16_kernels.json PNG` (no GPU needed).
+into worker/kernels/w4a16_configs/<GPU>.json (what w4a16_matmul reads; entries of shapes
+and M not measured are kept). The plot is made from the JSON by `--plot
+OUT/w4a16_kernels.json PNG` (no GPU needed).
 """
 
 from __future__ import annotations
@@ -158,20 +159,28 @@ def save(result: dict, out: Path, write_table: bool) -> None:
 
         path = table_path(result["device"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(table(result), indent=1) + "\n")
+        existing = json.loads(path.read_text()) if path.is_file() else None
+        path.write_text(json.dumps(table(result, existing), indent=1) + "\n")
         (out / path.name).write_text(path.read_text())
 
 
-def table(result: dict) -> dict:
-    """The tuned-launch table w4a16_tuning.py reads."""
+def table(result: dict, existing: dict | None = None) -> dict:
+    """The tuned-launch table w4a16_tuning.py reads: `existing` (the GPU's table, same
+    group size) with the measured shapes and row counts replaced, so a sweep of a few row
+    counts keeps the others."""
     from lmfleet.worker.kernels.triton_w4a16 import W4A16Launch
 
     fields = {field.name for field in dataclasses.fields(W4A16Launch)}
-    launches = {}
+    same = existing and existing.get("group_size") == result["group_size"]
+    launches = {shape: dict(by_rows) for shape, by_rows in
+                (existing["launches"].items() if same else ())}
     for shape in result["shapes"].values():
-        launches[f"{shape['n']}x{shape['k']}"] = {
-            rows: {key: value for key, value in entry["best"].items() if key in fields}
-            for rows, entry in shape["rows"].items()}
+        by_rows = launches.setdefault(f"{shape['n']}x{shape['k']}", {})
+        for rows, entry in shape["rows"].items():
+            by_rows[rows] = {key: value for key, value in entry["best"].items()
+                             if key in fields}
+        launches[f"{shape['n']}x{shape['k']}"] = dict(
+            sorted(by_rows.items(), key=lambda item: int(item[0])))
     return {"device": result["device"], "group_size": result["group_size"],
             "measured_by": "benchmarks/w4a16_kernels.py", "launches": launches}
 
