@@ -40,3 +40,27 @@ def test_cuda_awq_float32_equals_cpu_and_hf_on_dequantized_weights(tmp_path):
     reference = write_dequantized_checkpoint(awq, tmp_path / "dequantized")
     hf = AutoModelForCausalLM.from_pretrained(str(reference), dtype=torch.float32).eval()
     assert [hf_greedy(hf, ids, 12, min_new_tokens=12) for ids in prompts[:4]] == cpu[:4]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_swept_launch_gives_the_product_at_full_tile_sizes(dtype):
+    """The sweep's candidate launches (benchmarks/w4a16_kernels.py) at the tile sizes the GPU
+    runs, which the unit tests' small tiles do not reach (wgmma takes 64-row tiles): each
+    against the dequantized weight times x, for the row counts each path takes."""
+    import sys
+    from pathlib import Path
+
+    from lmfleet.worker.kernels.triton_w4a16 import w4a16_matmul
+    from tests.unit.w4_tensors import gpu_tensors
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from w4a16_kernels import GROUP, candidates
+
+    weight_t, packed, zeros, scales = gpu_tensors(1024, 1024, GROUP, dtype, 11)
+    for rows in (1, 4, 16, 64, 256):
+        x = torch.randn(rows, 1024, generator=torch.Generator().manual_seed(rows)).to(dtype)
+        expected = x.float() @ weight_t
+        for launch in candidates(rows, quick=True):
+            got = w4a16_matmul(x.cuda(), packed, zeros, scales, GROUP, launch=launch)
+            error = (got.float().cpu() - expected).norm() / expected.norm()
+            assert error < 1e-2, f"{launch}: relative error {error:.2e}"  # bf16: ~3e-3
