@@ -63,4 +63,4 @@ def test_every_swept_launch_gives_the_product_at_full_tile_sizes(dtype):
         for launch in candidates(rows, quick=True):
             got = w4a16_matmul(x.cuda(), packed, zeros, scales, GROUP, launch=launch)
             error = (got.float().cpu() - expected).norm() / expected.norm()
-            assert error < 1e-2, f"{launch}: relative error {error:.2e}"  # bf16: ~3e-3
+            assert error < 1e-2, f"{launch}: relative error {error:.2e}"  # bf16 ulp: 2^-8
