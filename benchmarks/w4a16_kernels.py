@@ -175,12 +175,12 @@ def table(result: dict, existing: dict | None = None) -> dict:
     launches = {shape: dict(by_rows) for shape, by_rows in
                 (existing["launches"].items() if same else ())}
     for shape in result["shapes"].values():
-        by_rows = launches.setdefault(f"{shape['n']}x{shape['k']}", {})
+        name = f"{shape['n']}x{shape['k']}"
+        by_rows = launches.get(name, {})
         for rows, entry in shape["rows"].items():
             by_rows[rows] = {key: value for key, value in entry["best"].items()
                              if key in fields}
-        launches[f"{shape['n']}x{shape['k']}"] = dict(
-            sorted(by_rows.items(), key=lambda item: int(item[0])))
+        launches[name] = dict(sorted(by_rows.items(), key=lambda item: int(item[0])))
     return {"device": result["device"], "group_size": result["group_size"],
             "measured_by": "benchmarks/w4a16_kernels.py", "launches": launches}
 

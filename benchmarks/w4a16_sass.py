@@ -44,8 +44,8 @@ def compile_kernel(kind: str, block_n: int, warps: int, groups: int):
                      "SPLIT_K": True}
     else:
         fn = triton_w4a16_mma.w4a16_mma_kernel
-        constants = {"GROUP": GROUP, "BLOCK_N": block_n, "OFFSET": 128.0, "ONE_ROW": True,
-                     "SPLIT_K": True}
+        constants = {"GROUP": GROUP, "BLOCK_N": block_n, "BLOCK_M": triton_w4a16_mma.ROWS,
+                     "OFFSET": 128.0, "ONE_ROW": True, "SPLIT_K": True}
     signature = {name: POINTERS.get(name, "constexpr" if name in constants else "i32")
                  for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)

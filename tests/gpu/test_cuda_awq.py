@@ -43,17 +43,16 @@ def test_cuda_awq_float32_equals_cpu_and_hf_on_dequantized_weights(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_every_swept_launch_gives_the_product_at_full_tile_sizes(dtype):
+def test_every_swept_launch_gives_the_product_at_full_tile_sizes(dtype, monkeypatch):
     """The sweep's candidate launches (benchmarks/w4a16_kernels.py) at the tile sizes the GPU
     runs, which the unit tests' small tiles do not reach (wgmma takes 64-row tiles): each
     against the dequantized weight times x, for the row counts each path takes."""
-    import sys
     from pathlib import Path
 
     from lmfleet.worker.kernels.triton_w4a16 import w4a16_matmul
     from tests.unit.w4_tensors import gpu_tensors
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from w4a16_kernels import GROUP, candidates
 
     weight_t, packed, zeros, scales = gpu_tensors(1024, 1024, GROUP, dtype, 11)

@@ -275,6 +275,7 @@ def _num_splits(launch: W4A16Launch, tiles: int, chunks: int, device: torch.devi
     return _fewest_waves(tiles, chunks, launch.programs_per_sm * _multiprocessors(device.index))
 
 
+@functools.cache  # called per matmul outside CUDA graphs (eager steps): a loop over K
 def _fewest_waves(tiles: int, chunks: int, resident: int) -> int:
     """The splits whose waves of `resident` programs take the fewest steps: waves x (chunks
     a program + one for its start and its partial sum), the fewest splits among equals. A
@@ -382,8 +383,8 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
     elif launch.path == "mma":
         bits, offset = offset_bits(x.dtype)
         w4a16_mma_kernel[(grid_mn[1], splits)](*args[:-1], bits, M, N, K, per_split, splits,
-                                               *strides, OFFSET=offset, ONE_ROW=M == 1,
-                                               **options)
+                                               *strides, BLOCK_M=MMA_ROWS, OFFSET=offset,
+                                               ONE_ROW=M == 1, **options)
     else:
         _w4a16_dot_kernel[(*grid_mn, splits)](*args, M, N, K, per_split * chunk, splits,
                                               *strides, BLOCK_M=block_m, BLOCK_K=chunk,

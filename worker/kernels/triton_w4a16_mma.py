@@ -54,18 +54,19 @@ def _k_of(GROUP: tl.constexpr):
 def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
                      halves_bits, M, N, K, groups_per_split, splits, stride_xm, stride_wn,
                      stride_zg, stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, OFFSET: tl.constexpr, ONE_ROW: tl.constexpr,
-                     SPLIT_K: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET: tl.constexpr,
+                     ONE_ROW: tl.constexpr, SPLIT_K: tl.constexpr):
+    """BLOCK_M = ROWS: x's rows padded to the MMA's narrow side."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     col_mask = cols < N
-    rows = tl.arange(0, 16)  # (16,) x's rows, padded
+    rows = tl.arange(0, BLOCK_M)  # (BM,) x's rows, padded
     row_mask = rows < M
     words = tl.arange(0, GROUP // 8)  # (G / 8,)
     shifts = tl.arange(0, 4) * 4  # (4,)
     k_of = _k_of(GROUP)  # (G,)
-    acc = tl.zeros((BLOCK_N, 16), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     group_start = pid_k * groups_per_split
     group_end = tl.minimum(K // GROUP, group_start + groups_per_split)
     for group in range(group_start, group_end):
@@ -78,13 +79,13 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
         weight = tl.reshape(tl.join(low, high).to(x_ptr.dtype.element_ty, bitcast=True),
                             (BLOCK_N, GROUP))  # (BN, G) OFFSET + code of k_of
         x = tl.load(x_ptr + rows[None, :] * stride_xm + group * GROUP + k_of[:, None],
-                    mask=row_mask[None, :], other=0.0)  # (G, 16)
-        products = tl.dot(weight, x)  # (BN, 16) sum of (OFFSET + code) * x
+                    mask=row_mask[None, :], other=0.0)  # (G, BM)
+        products = tl.dot(weight, x)  # (BN, BM) sum of (OFFSET + code) * x
         if ONE_ROW:  # one row of x summed as a (G,) vector, not the padded tile
-            x_sum = tl.zeros((16,), dtype=tl.float32) + tl.sum(
+            x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.sum(
                 tl.load(x_ptr + group * GROUP + tl.arange(0, GROUP)).to(tl.float32), axis=0)
         else:
-            x_sum = tl.sum(x.to(tl.float32), axis=0)  # (16,)
+            x_sum = tl.sum(x.to(tl.float32), axis=0)  # (BM,)
         zero = tl.load(zeros_ptr + group * stride_zg + cols, mask=col_mask,
                        other=0.0).to(tl.float32)  # (BN,)
         scale = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask,
