@@ -49,7 +49,16 @@ def candidates(rows: int, quick: bool):
         for bn, warps, pps, stages in itertools.product((64, 128, 256), (4, 8), (2, 4, 8), (2, 3)):
             if not quick or (bn, warps, pps, stages) == (256, 8, 4, 2):
                 yield W4A16Launch("mma", bn, GROUP, warps, num_stages=stages,
-                                  programs_per_sm=pps)
+                                  programs_per_sm=pps, permute_x=True)
+        yield W4A16Launch("mma", 256, GROUP, 8, programs_per_sm=4)  # x gathered in k_of order
+    elif rows <= 1024:
+        for bn, warps, bm, stages in itertools.product((128, 256), (4, 8), (16, 32, 64, 128),
+                                                        (2, 3)):
+            if bm > rows or bm * 8 < rows or bn * bm > 128 * 64 * warps // 4:
+                continue  # tiles of a few rows over many, or over 64 fp32 sums a thread
+            if not quick or ((warps, stages) == (8, 2) and (bn == 256 or bm == 128)):
+                yield W4A16Launch("mma", bn, GROUP, warps, num_stages=stages, block_m=bm,
+                                  permute_x=True)
     if 4 < rows <= 1024:
         for bn, bk, warps, bm in itertools.product((64, 128), (64, 128), (4, 8), (0, 128)):
             if bm and rows < 256:

@@ -24,14 +24,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = 128
-# (kernel, BLOCK_N, num_warps, GROUPS a step): the configurations the H100 sweep picked
-CONFIGS = [("gemv", 128, 2, 1), ("gemv", 256, 4, 1), ("gemv", 128, 4, 2),
-           ("mma", 128, 4, 1), ("mma", 256, 8, 1)]
+# (kernel, BLOCK_N, num_warps, GROUPS a step, BLOCK_M, x permuted in registers): the
+# configurations the H100 sweep picked, and the mma kernel's row tiles
+CONFIGS = [("gemv", 128, 2, 1, 1, False), ("gemv", 256, 4, 1, 1, False),
+           ("gemv", 128, 4, 2, 1, False), ("mma", 128, 4, 1, 16, False),
+           ("mma", 256, 8, 1, 16, False), ("mma", 256, 8, 1, 16, True),
+           ("mma", 256, 8, 1, 64, False), ("mma", 256, 8, 1, 64, True),
+           ("mma", 128, 8, 1, 128, True)]
 POINTERS = {"x_ptr": "*bf16", "w_ptr": "*i32", "zeros_ptr": "*bf16", "scales_ptr": "*bf16",
             "partial_ptr": "*fp32", "out_ptr": "*bf16", "counter_ptr": "*i32"}
 
 
-def compile_kernel(kind: str, block_n: int, warps: int, groups: int):
+def compile_kernel(kind: str, block_n: int, warps: int, groups: int, block_m: int,
+                   permute_x: bool):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -44,8 +49,9 @@ def compile_kernel(kind: str, block_n: int, warps: int, groups: int):
                      "SPLIT_K": True}
     else:
         fn = triton_w4a16_mma.w4a16_mma_kernel
-        constants = {"GROUP": GROUP, "BLOCK_N": block_n, "BLOCK_M": triton_w4a16_mma.ROWS,
-                     "OFFSET": 128.0, "ONE_ROW": True, "SPLIT_K": True}
+        constants = {"GROUP": GROUP, "BLOCK_N": block_n, "BLOCK_M": block_m,
+                     "OFFSET": 128.0, "ONE_ROW": block_m == 16, "SPLIT_K": True,
+                     "PERMUTE_X": permute_x}
     signature = {name: POINTERS.get(name, "constexpr" if name in constants else "i32")
                  for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
@@ -73,10 +79,11 @@ def loop_counts(sass: str) -> collections.Counter:
     return counts
 
 
-def measure(kind: str, block_n: int, warps: int, groups: int) -> dict:
+def measure(kind: str, block_n: int, warps: int, groups: int, block_m: int,
+            permute_x: bool) -> dict:
     import triton
 
-    compiled = compile_kernel(kind, block_n, warps, groups)
+    compiled = compile_kernel(kind, block_n, warps, groups, block_m, permute_x)
     tools = Path(triton.__path__[0]) / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
@@ -88,9 +95,13 @@ def measure(kind: str, block_n: int, warps: int, groups: int) -> dict:
     counts = loop_counts(sass)
     weights_a_thread = block_n * GROUP * groups // (warps * 32)
     return {"kernel": kind, "block_n": block_n, "num_warps": warps, "groups_a_step": groups,
+            "block_m": block_m, "permute_x": permute_x,
+            "spills": int(re.search(r"STACK:(\d+)", usage).group(1)),
             "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
             "loop_instructions": sum(counts.values()),
             "instructions_a_weight": round(sum(counts.values()) / weights_a_thread, 2),
+            "instructions_a_weight_row": round(
+                sum(counts.values()) / weights_a_thread / block_m, 3),
             "by_kind": dict(counts.most_common(12))}
 
 
@@ -106,13 +117,15 @@ def main() -> None:
 
     rows = [measure(*config) for config in CONFIGS]
     for row in rows:
-        print(f"{row['kernel']:5} BN {row['block_n']:3} {row['num_warps']}w "
-              f"{row['groups_a_step']} group(s)/step: {row['registers']} registers, "
-              f"{row['instructions_a_weight']} instructions a weight", flush=True)
+        print(f"{row['kernel']:5} BN {row['block_n']:3} BM {row['block_m']:3} "
+              f"{row['num_warps']}w {row['groups_a_step']} group(s)/step"
+              f"{' x permuted' if row['permute_x'] else ''}: {row['registers']} registers, "
+              f"{row['spills']} B stack, {row['instructions_a_weight']} instructions a weight,"
+              f" {row['instructions_a_weight_row']} a weight-row", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(
             {"benchmark": "w4a16_sass", "target": "sm_90", "triton": triton.__version__,
-             "group_size": GROUP, "activations": "bfloat16", "rows": 1, "kernels": rows},
+             "group_size": GROUP, "activations": "bfloat16", "kernels": rows},
             indent=1) + "\n")
 
 

@@ -25,14 +25,19 @@ DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k,group,splits", [
-    (1, 64, 64, 32, 1), (1, 48, 256, 64, 3), (3, 40, 128, 64, 2), (16, 32, 256, 128, 1)])
-def test_matches_dequantize_then_matmul(dtype, m, n, k, group, splits):
-    """One row (summed alone), a few and the most (16); column tiles past N masked (48 and
-    40 columns in tiles of 32); K split 1, 2 and 3 ways (4 groups cut 2 + 2, 3 + 1)."""
+@pytest.mark.parametrize("m,n,k,group,splits,block_m,permute_x", [
+    (1, 64, 64, 32, 1, 0, False), (1, 48, 256, 64, 3, 0, True), (3, 40, 128, 64, 2, 0, False),
+    (16, 32, 256, 128, 1, 0, True), (40, 32, 128, 64, 2, 16, False),
+    (40, 40, 128, 32, 1, 32, True)])
+def test_matches_dequantize_then_matmul(dtype, m, n, k, group, splits, block_m, permute_x):
+    """One row (summed alone), a few, 16 in one tile and 40 in tiles of 16 and 32 (the last
+    padded); column tiles past N masked (48 and 40 columns in tiles of 32); K split 1, 2
+    and 3 ways (4 groups cut 2 + 2, 3 + 1); x gathered in the tile's k order, or loaded in
+    k order and permuted."""
     weight_t, packed, zeros, scales = gpu_tensors(n, k, group, dtype, m * 100 + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
-    launch = W4A16Launch("mma", block_n=32, block_k=group, num_warps=4, splits=splits)
+    launch = W4A16Launch("mma", block_n=32, block_k=group, num_warps=4, splits=splits,
+                         block_m=block_m, permute_x=permute_x)
     got = w4a16_matmul(x.to(DEVICE), packed, zeros, scales, group, launch=launch)
     again = w4a16_matmul(x.to(DEVICE), packed, zeros, scales, group, launch=launch)
     assert got.dtype == dtype and got.shape == (m, n)
@@ -52,11 +57,13 @@ def test_float32_activations_take_the_exact_path():
     torch.testing.assert_close(got.cpu(), x @ weight_t, rtol=1e-4, atol=1e-4)
 
 
-def test_more_than_sixteen_rows_and_other_dtypes_are_refused():
+def test_row_tiles_under_sixteen_and_other_dtypes_are_refused():
     _, packed, zeros, scales = gpu_tensors(32, 64, 32, torch.float16, 0)
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        w4a16_matmul(torch.randn(17, 64, device=DEVICE).half(), packed, zeros, scales, 32,
-                     launch=W4A16Launch("mma", block_n=32, block_k=32, num_warps=4))
+    for block_m in (8, 48):
+        with pytest.raises(ValueError, match="power of two >= 16"):
+            w4a16_matmul(torch.randn(17, 64, device=DEVICE).half(), packed, zeros, scales, 32,
+                         launch=W4A16Launch("mma", block_n=32, block_k=32, num_warps=4,
+                                            block_m=block_m))
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         offset_bits(torch.float32)
     assert offset_bits(torch.bfloat16) == (0x43004300, 128.0)  # 128 + code in each half

@@ -62,7 +62,8 @@ class W4A16Launch:
     num_stages: int = 2  # gemv: >= 2 prefetches the next step's weights into registers
     splits: int | None = None
     programs_per_sm: int = 4  # split-K aims at this many programs per multiprocessor
-    block_m: int = 0  # dot: rows per program, 0 = 16, 32 or 64 by the rows
+    block_m: int = 0  # dot, mma: rows per program, 0 = 16, 32 or 64 by the rows
+    permute_x: bool = False  # mma: load x in k order and permute it in registers
 
 
 @triton.jit
@@ -239,6 +240,11 @@ def default_launch(rows: int) -> W4A16Launch:
     return W4A16Launch("dequant", block_n=128, block_k=32, num_warps=4)
 
 
+def _rows_tile(rows: int) -> int:
+    """The rows a program takes where the launch leaves it open: 16, 32 or 64."""
+    return 16 if rows <= 16 else (32 if rows <= 32 else 64)
+
+
 def _block_k(group_size: int, wanted: int) -> int:
     """The largest power-of-two divisor of the group size up to `wanted` (>= 16)."""
     block = wanted
@@ -354,11 +360,12 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
                 and K % launch.block_k == 0):
             chunk = launch.block_k  # a power of two of whole groups per step
     elif launch.path == "mma":
-        if M > MMA_ROWS:
-            raise ValueError(f"the mma path takes at most {MMA_ROWS} rows, got {M}")
-        block_m, chunk = MMA_ROWS, group_size
+        block_m, chunk = launch.block_m or _rows_tile(M), group_size
+        if block_m < MMA_ROWS or block_m & (block_m - 1):
+            raise ValueError(f"the mma path's row tile is a power of two >= {MMA_ROWS}, "
+                             f"got {block_m}")
     elif launch.path == "dot":
-        block_m = launch.block_m or (16 if M <= 16 else (32 if M <= 32 else 64))
+        block_m = launch.block_m or _rows_tile(M)
         chunk = _block_k(group_size, launch.block_k)
     else:
         raise ValueError(f"unknown W4A16 path {launch.path!r}")
@@ -382,9 +389,9 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
                                                     PREFETCH=launch.num_stages >= 2, **options)
     elif launch.path == "mma":
         bits, offset = offset_bits(x.dtype)
-        w4a16_mma_kernel[(grid_mn[1], splits)](*args[:-1], bits, M, N, K, per_split, splits,
-                                               *strides, BLOCK_M=MMA_ROWS, OFFSET=offset,
-                                               ONE_ROW=M == 1, **options)
+        w4a16_mma_kernel[(grid_mn[1], splits, grid_mn[0])](
+            *args[:-1], bits, M, N, K, per_split, splits, *strides, BLOCK_M=block_m,
+            OFFSET=offset, ONE_ROW=M == 1, PERMUTE_X=launch.permute_x, **options)
     else:
         _w4a16_dot_kernel[(*grid_mn, splits)](*args, M, N, K, per_split * chunk, splits,
                                               *strides, BLOCK_M=block_m, BLOCK_K=chunk,

@@ -55,13 +55,15 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
                      halves_bits, M, N, K, groups_per_split, splits, stride_xm, stride_wn,
                      stride_zg, stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET: tl.constexpr,
-                     ONE_ROW: tl.constexpr, SPLIT_K: tl.constexpr):
-    """BLOCK_M = ROWS: x's rows padded to the MMA's narrow side."""
+                     ONE_ROW: tl.constexpr, SPLIT_K: tl.constexpr,
+                     PERMUTE_X: tl.constexpr = False):
+    """A program per (column tile, split of K, tile of BLOCK_M rows)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     col_mask = cols < N
-    rows = tl.arange(0, BLOCK_M)  # (BM,) x's rows, padded
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) x's rows, the last tile padded
     row_mask = rows < M
     words = tl.arange(0, GROUP // 8)  # (G / 8,)
     shifts = tl.arange(0, 4) * 4  # (4,)
@@ -78,8 +80,15 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
         high = (pairs >> 16).to(tl.int16)  # nibble i + 4
         weight = tl.reshape(tl.join(low, high).to(x_ptr.dtype.element_ty, bitcast=True),
                             (BLOCK_N, GROUP))  # (BN, G) OFFSET + code of k_of
-        x = tl.load(x_ptr + rows[None, :] * stride_xm + group * GROUP + k_of[:, None],
-                    mask=row_mask[None, :], other=0.0)  # (G, BM)
+        if PERMUTE_X:  # loaded in k order (contiguous), then put in K_OF's order
+            x = tl.load(x_ptr + rows[None, :] * stride_xm + group * GROUP
+                        + tl.arange(0, GROUP)[:, None], mask=row_mask[None, :],
+                        other=0.0)  # (G, BM), k = 8 b + 4 h + a
+            x = tl.reshape(tl.permute(tl.reshape(x, (GROUP // 8, 2, 4, BLOCK_M)),
+                                      (2, 0, 1, 3)), (GROUP, BLOCK_M))  # (G, BM) k_of
+        else:
+            x = tl.load(x_ptr + rows[None, :] * stride_xm + group * GROUP + k_of[:, None],
+                        mask=row_mask[None, :], other=0.0)  # (G, BM)
         products = tl.dot(weight, x)  # (BN, BM) sum of (OFFSET + code) * x
         if ONE_ROW:  # one row of x summed as a (G,) vector, not the padded tile
             x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.sum(
@@ -92,4 +101,5 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
                         other=0.0).to(tl.float32)  # (BN,)
         acc += scale[:, None] * (products - (zero + OFFSET)[:, None] * x_sum[None, :])
     finish_split_k(tl.trans(acc), rows, cols, row_mask, col_mask, partial_ptr, out_ptr,
-                   counter_ptr, pid_n, pid_k, splits, stride_ps, stride_om, SPLIT_K)
+                   counter_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, splits, stride_ps,
+                   stride_om, SPLIT_K)
