@@ -46,17 +46,18 @@ def candidates(rows: int, quick: bool):
                 yield W4A16Launch("gemv", bn, bk, warps, num_stages=stages,
                                   programs_per_sm=pps)
     if rows <= 16:
-        for bn, warps, pps, stages in itertools.product((64, 128, 256), (4, 8), (2, 4, 8), (2, 3)):
-            if not quick or (bn, warps, pps, stages) == (256, 8, 4, 2):
+        for bn, warps, pps, stages in itertools.product((64, 128, 256), (4, 8), (2, 4, 8),
+                                                        (1, 2, 3)):
+            if not quick or (bn, warps, pps, stages) == (64, 4, 4, 3):
                 yield W4A16Launch("mma", bn, GROUP, warps, num_stages=stages,
                                   programs_per_sm=pps, permute_x=True)
-        yield W4A16Launch("mma", 256, GROUP, 8, programs_per_sm=4)  # x gathered in k_of order
+        yield W4A16Launch("mma", 64, GROUP, 4, num_stages=3)  # x gathered in k_of order
     elif rows <= 1024:
         for bn, warps, bm, stages in itertools.product((128, 256), (4, 8), (16, 32, 64, 128),
-                                                        (2, 3)):
+                                                        (1, 2, 3)):
             if bm > rows or bm * 8 < rows or bn * bm > 128 * 64 * warps // 4:
                 continue  # tiles of a few rows over many, or over 64 fp32 sums a thread
-            if not quick or ((warps, stages) == (8, 2) and (bn == 256 or bm == 128)):
+            if not quick or ((warps, stages) == (8, 3) and (bn == 256 or bm == 128)):
                 yield W4A16Launch("mma", bn, GROUP, warps, num_stages=stages, block_m=bm,
                                   permute_x=True)
     if 4 < rows <= 1024:

@@ -27,10 +27,10 @@ GROUP = 128
 # (kernel, BLOCK_N, num_warps, GROUPS a step, BLOCK_M, x permuted in registers): the
 # configurations the H100 sweep picked, and the mma kernel's row tiles
 CONFIGS = [("gemv", 128, 2, 1, 1, False), ("gemv", 256, 4, 1, 1, False),
-           ("gemv", 128, 4, 2, 1, False), ("mma", 128, 4, 1, 16, False),
-           ("mma", 256, 8, 1, 16, False), ("mma", 256, 8, 1, 16, True),
-           ("mma", 256, 8, 1, 64, False), ("mma", 256, 8, 1, 64, True),
-           ("mma", 128, 8, 1, 128, True)]
+           ("gemv", 128, 4, 2, 1, False), ("mma", 256, 8, 1, 16, False),
+           ("mma", 64, 4, 1, 16, True), ("mma", 128, 8, 1, 16, True),
+           ("mma", 256, 8, 1, 16, True), ("mma", 128, 8, 1, 32, True),
+           ("mma", 256, 8, 1, 64, True), ("mma", 128, 8, 1, 128, True)]
 POINTERS = {"x_ptr": "*bf16", "w_ptr": "*i32", "zeros_ptr": "*bf16", "scales_ptr": "*bf16",
             "partial_ptr": "*fp32", "out_ptr": "*bf16", "counter_ptr": "*i32"}
 
@@ -51,7 +51,7 @@ def compile_kernel(kind: str, block_n: int, warps: int, groups: int, block_m: in
         fn = triton_w4a16_mma.w4a16_mma_kernel
         constants = {"GROUP": GROUP, "BLOCK_N": block_n, "BLOCK_M": block_m,
                      "OFFSET": 128.0, "ONE_ROW": block_m == 16, "SPLIT_K": True,
-                     "PERMUTE_X": permute_x}
+                     "PERMUTE_X": permute_x, "PREFETCH": True}
     signature = {name: POINTERS.get(name, "constexpr" if name in constants else "i32")
                  for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)

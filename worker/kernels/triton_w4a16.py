@@ -19,8 +19,8 @@ table: w4a16_tuning.py):
   words, multiplies each nibble by x pre-divided by its 16^i, and applies each group as
   s * (sum(x * code) - z * sum(x)): about three instructions a weight (a LOP3, a FADD,
   an FFMA), the zero and scale once a group.
-- "mma" (up to 16 rows, 16-bit activations): tensor cores, a nibble made a 16-bit float
-  in about one instruction (triton_w4a16_mma.py).
+- "mma" (16-bit activations): tensor cores, a nibble made a 16-bit float in about one
+  instruction, the weights unpacked once for a tile of rows (triton_w4a16_mma.py).
 - "dot": each (BLOCK_N, BLOCK_K) tile dequantized, rounded to x's dtype (what
   dequantizing and then multiplying gives) and multiplied by tl.dot.
 - "dequant" (large prefills): the weight dequantized once into a dense (N, K) matrix and
@@ -59,7 +59,7 @@ class W4A16Launch:
     block_n: int
     block_k: int  # K per step; gemv (one row a program): whole groups, else one group
     num_warps: int
-    num_stages: int = 2  # gemv: >= 2 prefetches the next step's weights into registers
+    num_stages: int = 2  # gemv, mma: >= 2 prefetches the next step's weights to registers
     splits: int | None = None
     programs_per_sm: int = 4  # split-K aims at this many programs per multiprocessor
     block_m: int = 0  # dot, mma: rows per program, 0 = 16, 32 or 64 by the rows
@@ -391,7 +391,8 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
         bits, offset = offset_bits(x.dtype)
         w4a16_mma_kernel[(grid_mn[1], splits, grid_mn[0])](
             *args[:-1], bits, M, N, K, per_split, splits, *strides, BLOCK_M=block_m,
-            OFFSET=offset, ONE_ROW=M == 1, PERMUTE_X=launch.permute_x, **options)
+            OFFSET=offset, ONE_ROW=M == 1, PERMUTE_X=launch.permute_x,
+            PREFETCH=launch.num_stages >= 2, **options)
     else:
         _w4a16_dot_kernel[(*grid_mn, splits)](*args, M, N, K, per_split * chunk, splits,
                                               *strides, BLOCK_M=block_m, BLOCK_K=chunk,

@@ -1,4 +1,4 @@
-"""W4A16 for decode steps of up to 16 rows on tensor cores: the "mma" path of
+"""W4A16 on tensor cores for decode and mid-size steps: the "mma" path of
 triton_w4a16.w4a16_matmul, for bfloat16 and float16 activations.
 
 The decode kernel without tensor cores ("gemv") spends about three instructions a weight
@@ -12,7 +12,8 @@ nibble becomes a 16-bit float in about one instruction a weight:
   MMA reads its operand pairs.
 - The tile's k order is chosen so that each lane of the MMA holds whole packed words:
   position q = 2 (G / 8) i + 2 p + h of a group holds nibble i + 4 h of word p. x is
-  loaded in the same order (K_OF), so the product is unchanged.
+  put in the same order (_k_of), so the product is unchanged: gathered so by its load, or
+  loaded in k order and permuted in registers (PERMUTE_X, fewer instructions on sm_90).
 - The MMA sums (OFFSET + code) * x in float32; s * (that - (OFFSET + z) * sum(x)) is the
   group's share, the zero and the offset taken out once a group. Subtracting in 16 bits
   instead would make the compiler unpack and repack every pair.
@@ -33,7 +34,7 @@ from lmfleet.worker.kernels.triton_split_k import finish_split_k
 
 # per activation dtype: (the bits of OFFSET in both 16-bit halves, OFFSET)
 _HALVES = {torch.bfloat16: (0x43004300, 128.0), torch.float16: (0x64006400, 1024.0)}
-ROWS = 16  # the MMA's narrow side: the most rows a launch takes
+ROWS = 16  # the MMA's narrow side: the fewest rows a program takes
 
 
 def offset_bits(dtype: torch.dtype) -> tuple[int, float]:
@@ -51,13 +52,38 @@ def _k_of(GROUP: tl.constexpr):
 
 
 @triton.jit
+def _group_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols, col_mask, group,
+                valid, stride_xm, stride_wn, stride_zg, stride_sg, GROUP: tl.constexpr,
+                ONE_ROW: tl.constexpr, PERMUTE_X: tl.constexpr):
+    """A group's packed words (BN, G / 8), x (G, BM) in k order (PERMUTE_X) or _k_of's,
+    x's first row (G,) where ONE_ROW, zeros and scales (BN,); `valid` False loads nothing
+    (the prefetch past the last group)."""
+    words = tl.arange(0, GROUP // 8)  # (G / 8,)
+    packed = tl.load(w_ptr + cols[:, None] * stride_wn + group * (GROUP // 8) + words[None, :],
+                     mask=col_mask[:, None] & valid, other=0)  # (BN, G / 8)
+    ks = tl.arange(0, GROUP) if PERMUTE_X else _k_of(GROUP)  # (G,)
+    x = tl.load(x_ptr + rows[None, :] * stride_xm + group * GROUP + ks[:, None],
+                mask=row_mask[None, :] & valid, other=0.0)  # (G, BM)
+    if ONE_ROW:
+        first = tl.load(x_ptr + group * GROUP + tl.arange(0, GROUP), mask=valid,
+                        other=0.0)  # (G,)
+    else:
+        first = tl.zeros((GROUP,), dtype=x_ptr.dtype.element_ty)
+    zero = tl.load(zeros_ptr + group * stride_zg + cols, mask=col_mask & valid, other=0.0)
+    scale = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask & valid, other=0.0)
+    return packed, x, first, zero, scale
+
+
+@triton.jit
 def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
                      halves_bits, M, N, K, groups_per_split, splits, stride_xm, stride_wn,
                      stride_zg, stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET: tl.constexpr,
                      ONE_ROW: tl.constexpr, SPLIT_K: tl.constexpr,
-                     PERMUTE_X: tl.constexpr = False):
-    """A program per (column tile, split of K, tile of BLOCK_M rows)."""
+                     PERMUTE_X: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+    """A program per (column tile, split of K, tile of BLOCK_M rows). PREFETCH loads the
+    next group before the current one is multiplied: the loads feed register arithmetic,
+    not tl.dot directly, so Triton's pipeliner leaves them waiting otherwise."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -65,41 +91,42 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
     col_mask = cols < N
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) x's rows, the last tile padded
     row_mask = rows < M
-    words = tl.arange(0, GROUP // 8)  # (G / 8,)
     shifts = tl.arange(0, 4) * 4  # (4,)
-    k_of = _k_of(GROUP)  # (G,)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     group_start = pid_k * groups_per_split
     group_end = tl.minimum(K // GROUP, group_start + groups_per_split)
+    if PREFETCH:
+        next_group = _group_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols,
+                                 col_mask, group_start, group_start < group_end, stride_xm,
+                                 stride_wn, stride_zg, stride_sg, GROUP, ONE_ROW, PERMUTE_X)
     for group in range(group_start, group_end):
-        packed = tl.load(w_ptr + cols[:, None] * stride_wn + group * (GROUP // 8)
-                         + words[None, :], mask=col_mask[:, None], other=0)  # (BN, G / 8)
+        if PREFETCH:
+            packed, x, first, zero, scale = next_group
+            next_group = _group_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols,
+                                     col_mask, group + 1, group + 1 < group_end, stride_xm,
+                                     stride_wn, stride_zg, stride_sg, GROUP, ONE_ROW,
+                                     PERMUTE_X)
+        else:
+            packed, x, first, zero, scale = _group_load(
+                x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols, col_mask, group,
+                True, stride_xm, stride_wn, stride_zg, stride_sg, GROUP, ONE_ROW, PERMUTE_X)
         pairs = (((packed[:, None, :] >> shifts[None, :, None]) & 0x000F000F)
                  | halves_bits)  # (BN, 4, G / 8): nibbles i and i + 4 as OFFSET + code
         low = pairs.to(tl.int16)  # (BN, 4, G / 8) nibble i
         high = (pairs >> 16).to(tl.int16)  # nibble i + 4
         weight = tl.reshape(tl.join(low, high).to(x_ptr.dtype.element_ty, bitcast=True),
                             (BLOCK_N, GROUP))  # (BN, G) OFFSET + code of k_of
-        if PERMUTE_X:  # loaded in k order (contiguous), then put in K_OF's order
-            x = tl.load(x_ptr + rows[None, :] * stride_xm + group * GROUP
-                        + tl.arange(0, GROUP)[:, None], mask=row_mask[None, :],
-                        other=0.0)  # (G, BM), k = 8 b + 4 h + a
-            x = tl.reshape(tl.permute(tl.reshape(x, (GROUP // 8, 2, 4, BLOCK_M)),
-                                      (2, 0, 1, 3)), (GROUP, BLOCK_M))  # (G, BM) k_of
-        else:
-            x = tl.load(x_ptr + rows[None, :] * stride_xm + group * GROUP + k_of[:, None],
-                        mask=row_mask[None, :], other=0.0)  # (G, BM)
-        products = tl.dot(weight, x)  # (BN, BM) sum of (OFFSET + code) * x
         if ONE_ROW:  # one row of x summed as a (G,) vector, not the padded tile
-            x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.sum(
-                tl.load(x_ptr + group * GROUP + tl.arange(0, GROUP)).to(tl.float32), axis=0)
+            x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.sum(first.to(tl.float32),
+                                                                     axis=0)
         else:
             x_sum = tl.sum(x.to(tl.float32), axis=0)  # (BM,)
-        zero = tl.load(zeros_ptr + group * stride_zg + cols, mask=col_mask,
-                       other=0.0).to(tl.float32)  # (BN,)
-        scale = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask,
-                        other=0.0).to(tl.float32)  # (BN,)
-        acc += scale[:, None] * (products - (zero + OFFSET)[:, None] * x_sum[None, :])
+        if PERMUTE_X:  # k = 8 b + 4 h + a put at position q = a G / 4 + 2 b + h (_k_of)
+            x = tl.reshape(tl.permute(tl.reshape(x, (GROUP // 8, 2, 4, BLOCK_M)),
+                                      (2, 0, 1, 3)), (GROUP, BLOCK_M))  # (G, BM)
+        products = tl.dot(weight, x)  # (BN, BM) sum of (OFFSET + code) * x
+        acc += scale.to(tl.float32)[:, None] * (
+            products - (zero.to(tl.float32) + OFFSET)[:, None] * x_sum[None, :])
     finish_split_k(tl.trans(acc), rows, cols, row_mask, col_mask, partial_ptr, out_ptr,
                    counter_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, splits, stride_ps,
                    stride_om, SPLIT_K)
