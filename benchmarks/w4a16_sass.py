@@ -51,7 +51,7 @@ def compile_kernel(kind: str, block_n: int, warps: int, groups: int, block_m: in
         fn = triton_w4a16_mma.w4a16_mma_kernel
         constants = {"GROUP": GROUP, "BLOCK_N": block_n, "BLOCK_M": block_m,
                      "OFFSET": 128.0, "ONE_ROW": block_m == 16, "SPLIT_K": True,
-                     "PERMUTE_X": permute_x, "PREFETCH": True}
+                     "PERMUTE_X": permute_x, "PREFETCH": False}
     signature = {name: POINTERS.get(name, "constexpr" if name in constants else "i32")
                  for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)

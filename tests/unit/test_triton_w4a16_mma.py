@@ -25,20 +25,20 @@ DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k,group,splits,block_m,permute_x,stages", [
-    (1, 64, 64, 32, 1, 0, False, 1), (1, 48, 256, 64, 3, 0, True, 2),
-    (3, 40, 128, 64, 2, 0, False, 2), (16, 32, 256, 128, 1, 0, True, 1),
-    (40, 32, 128, 64, 2, 16, False, 1), (40, 40, 128, 32, 1, 32, True, 2)])
+@pytest.mark.parametrize("m,n,k,group,splits,block_m,permute_x,prefetch", [
+    (1, 64, 64, 32, 1, 0, False, False), (1, 48, 256, 64, 3, 0, True, True),
+    (3, 40, 128, 64, 2, 0, False, True), (16, 32, 256, 128, 1, 0, True, False),
+    (40, 32, 128, 64, 2, 16, False, False), (40, 40, 128, 32, 1, 32, True, True)])
 def test_matches_dequantize_then_matmul(dtype, m, n, k, group, splits, block_m, permute_x,
-                                        stages):
+                                        prefetch):
     """One row (summed alone), a few, 16 in one tile and 40 in tiles of 16 and 32 (the last
     padded); column tiles past N masked (48 and 40 columns in tiles of 32); K split 1, 2
     and 3 ways (4 groups cut 2 + 2, 3 + 1); x gathered in the tile's k order, or loaded in
-    k order and permuted; each group loaded when used, or the next prefetched (stages 2)."""
+    k order and permuted; each group loaded when used, or the next prefetched by hand."""
     weight_t, packed, zeros, scales = gpu_tensors(n, k, group, dtype, m * 100 + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     launch = W4A16Launch("mma", block_n=32, block_k=group, num_warps=4, splits=splits,
-                         block_m=block_m, permute_x=permute_x, num_stages=stages)
+                         block_m=block_m, permute_x=permute_x, prefetch=prefetch)
     got = w4a16_matmul(x.to(DEVICE), packed, zeros, scales, group, launch=launch)
     again = w4a16_matmul(x.to(DEVICE), packed, zeros, scales, group, launch=launch)
     assert got.dtype == dtype and got.shape == (m, n)

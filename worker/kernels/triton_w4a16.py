@@ -59,11 +59,12 @@ class W4A16Launch:
     block_n: int
     block_k: int  # K per step; gemv (one row a program): whole groups, else one group
     num_warps: int
-    num_stages: int = 2  # gemv, mma: >= 2 prefetches the next step's weights to registers
+    num_stages: int = 2  # gemv: >= 2 prefetches the next step's weights into registers
     splits: int | None = None
     programs_per_sm: int = 4  # split-K aims at this many programs per multiprocessor
     block_m: int = 0  # dot, mma: rows per program, 0 = 16, 32 or 64 by the rows
     permute_x: bool = False  # mma: load x in k order and permute it in registers
+    prefetch: bool = False  # mma: the next group loaded into registers by hand
 
 
 @triton.jit
@@ -392,7 +393,7 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
         w4a16_mma_kernel[(grid_mn[1], splits, grid_mn[0])](
             *args[:-1], bits, M, N, K, per_split, splits, *strides, BLOCK_M=block_m,
             OFFSET=offset, ONE_ROW=M == 1, PERMUTE_X=launch.permute_x,
-            PREFETCH=launch.num_stages >= 2, **options)
+            PREFETCH=launch.prefetch, **options)
     else:
         _w4a16_dot_kernel[(*grid_mn, splits)](*args, M, N, K, per_split * chunk, splits,
                                               *strides, BLOCK_M=block_m, BLOCK_K=chunk,

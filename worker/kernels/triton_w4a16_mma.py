@@ -81,9 +81,10 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET: tl.constexpr,
                      ONE_ROW: tl.constexpr, SPLIT_K: tl.constexpr,
                      PERMUTE_X: tl.constexpr = False, PREFETCH: tl.constexpr = False):
-    """A program per (column tile, split of K, tile of BLOCK_M rows). PREFETCH loads the
-    next group before the current one is multiplied: the loads feed register arithmetic,
-    not tl.dot directly, so Triton's pipeliner leaves them waiting otherwise."""
+    """A program per (column tile, split of K, tile of BLOCK_M rows). With num_stages >= 2
+    Triton's pipeliner copies the next groups' loads to shared memory ahead of use
+    (cp.async); PREFETCH instead loads the next group into registers before the current one
+    is multiplied, and the pipeliner then leaves the loads alone."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
