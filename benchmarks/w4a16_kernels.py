@@ -46,21 +46,27 @@ def candidates(rows: int, quick: bool):
                 yield W4A16Launch("gemv", bn, bk, warps, num_stages=stages,
                                   programs_per_sm=pps)
     if rows <= 16:
-        for bn, warps, pps, stages in itertools.product((64, 128, 256), (4, 8), (2, 4, 8),
-                                                        (1, 2, 3, 4)):
+        for bn, warps, pps, stages in itertools.product((64, 128, 256), (4, 8), (2, 4),
+                                                        (1, 3, 4)):
             if not quick or (bn, warps, pps, stages) in ((64, 4, 4, 3), (64, 4, 4, 1)):
                 # stages 1: the next group prefetched by hand, else by Triton's pipeliner
                 yield W4A16Launch("mma", bn, GROUP, warps, num_stages=stages,
                                   programs_per_sm=pps, permute_x=True, prefetch=stages == 1)
-        yield W4A16Launch("mma", 64, GROUP, 4, num_stages=3)  # x gathered in k_of order
+        for bn, pps in itertools.product((64, 128, 256), (2, 4)):
+            if not quick or (bn, pps) == (64, 4):
+                yield W4A16Launch("mma", bn, GROUP, 4, num_stages=3, programs_per_sm=pps,
+                                  permute_x=True, weights_16=True)
     elif rows <= 1024:
         for bn, warps, bm, stages in itertools.product((128, 256), (4, 8), (16, 32, 64, 128),
-                                                        (1, 2, 3, 4)):
+                                                        (1, 3, 4)):
             if bm > rows or bm * 8 < rows or bn * bm > 128 * 64 * warps // 4:
                 continue  # tiles of a few rows over many, or over 64 fp32 sums a thread
             if not quick or ((warps, stages) == (8, 3) and (bn == 256 or bm == 128)):
                 yield W4A16Launch("mma", bn, GROUP, warps, num_stages=stages, block_m=bm,
                                   permute_x=True, prefetch=stages == 1)
+            if stages == 3 and warps == 8 and (not quick or bn == 256 or bm == 128):
+                yield W4A16Launch("mma", bn, GROUP, warps, num_stages=stages, block_m=bm,
+                                  permute_x=True, weights_16=True)
     if 4 < rows <= 1024:
         for bn, bk, warps, bm in itertools.product((64, 128), (64, 128), (4, 8), (0, 128)):
             if bm and rows < 256:

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from lmfleet.worker.kernels.triton_w4a16 import W4A16Launch, w4a16_matmul  # noqa: E402
 from lmfleet.worker.kernels.triton_w4a16_mma import offset_bits  # noqa: E402
-from tests.unit.w4_tensors import DEVICE, gpu_tensors  # noqa: E402
+from tests.unit.w4_tensors import DEVICE, exact_weight_t, gpu_tensors  # noqa: E402
 
 DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
@@ -35,16 +35,32 @@ def test_matches_dequantize_then_matmul(dtype, m, n, k, group, splits, block_m, 
     padded); column tiles past N masked (48 and 40 columns in tiles of 32); K split 1, 2
     and 3 ways (4 groups cut 2 + 2, 3 + 1); x gathered in the tile's k order, or loaded in
     k order and permuted; each group loaded when used, or the next prefetched by hand."""
-    weight_t, packed, zeros, scales = gpu_tensors(n, k, group, dtype, m * 100 + n)
+    _, packed, zeros, scales = gpu_tensors(n, k, group, dtype, m * 100 + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     launch = W4A16Launch("mma", block_n=32, block_k=group, num_warps=4, splits=splits,
                          block_m=block_m, permute_x=permute_x, prefetch=prefetch)
     got = w4a16_matmul(x.to(DEVICE), packed, zeros, scales, group, launch=launch)
     again = w4a16_matmul(x.to(DEVICE), packed, zeros, scales, group, launch=launch)
     assert got.dtype == dtype and got.shape == (m, n)
-    expected = x.float() @ weight_t
-    torch.testing.assert_close(got.float().cpu(), expected, rtol=2e-2, atol=3e-2)
+    # the kernel applies zero and scale in float32 (not to a rounded weight) and rounds
+    # the sum once: the exact product rounded, within an ulp of x's dtype (2^-7 bfloat16)
+    expected = (x.float() @ exact_weight_t(packed, zeros, scales, group)).to(dtype).float()
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=1e-2)
     assert torch.equal(got, again)  # split-K adds in order: repeatable bit for bit
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,block_m,splits", [(1, 0, 1), (5, 0, 2), (40, 32, 1)])
+def test_weights_scaled_in_16_bits_are_the_format_dequantization(dtype, m, block_m, splits):
+    """weights_16: each weight (code - zero) * scale rounded to x's dtype, as the format's
+    dequantization (and so the reference) rounds it, then summed by the MMA in float32."""
+    weight_t, packed, zeros, scales = gpu_tensors(40, 256, 64, dtype, m)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(dtype)
+    launch = W4A16Launch("mma", block_n=32, block_k=64, num_warps=4, splits=splits,
+                         block_m=block_m, permute_x=True, weights_16=True)
+    got = w4a16_matmul(x.to(DEVICE), packed, zeros, scales, 64, launch=launch)
+    expected = (x.float() @ weight_t).to(dtype).float()
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=1e-2)
 
 
 def test_float32_activations_take_the_exact_path():

@@ -65,6 +65,7 @@ class W4A16Launch:
     block_m: int = 0  # dot, mma: rows per program, 0 = 16, 32 or 64 by the rows
     permute_x: bool = False  # mma: load x in k order and permute it in registers
     prefetch: bool = False  # mma: the next group loaded into registers by hand
+    weights_16: bool = False  # mma: zero and scale applied in x's dtype (one rounding)
 
 
 @triton.jit
@@ -393,7 +394,7 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
         w4a16_mma_kernel[(grid_mn[1], splits, grid_mn[0])](
             *args[:-1], bits, M, N, K, per_split, splits, *strides, BLOCK_M=block_m,
             OFFSET=offset, ONE_ROW=M == 1, PERMUTE_X=launch.permute_x,
-            PREFETCH=launch.prefetch, **options)
+            PREFETCH=launch.prefetch, SCALE_16=launch.weights_16, **options)
     else:
         _w4a16_dot_kernel[(*grid_mn, splits)](*args, M, N, K, per_split * chunk, splits,
                                               *strides, BLOCK_M=block_m, BLOCK_K=chunk,

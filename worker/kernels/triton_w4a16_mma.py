@@ -80,8 +80,12 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
                      stride_zg, stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET: tl.constexpr,
                      ONE_ROW: tl.constexpr, SPLIT_K: tl.constexpr,
-                     PERMUTE_X: tl.constexpr = False, PREFETCH: tl.constexpr = False):
-    """A program per (column tile, split of K, tile of BLOCK_M rows). With num_stages >= 2
+                     PERMUTE_X: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+                     SCALE_16: tl.constexpr = False):
+    """A program per (column tile, split of K, tile of BLOCK_M rows). SCALE_16 applies the
+    zero and scale to the 16-bit weights (paired 16-bit instructions, each weight rounded
+    once, as the format's dequantization rounds it) and the MMA sums the products: no sum
+    of x and no float32 step a group. With num_stages >= 2
     Triton's pipeliner copies the next groups' loads to shared memory ahead of use
     (cp.async); PREFETCH instead loads the next group into registers before the current one
     is multiplied, and the pipeliner then leaves the loads alone."""
@@ -117,6 +121,9 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
         high = (pairs >> 16).to(tl.int16)  # nibble i + 4
         weight = tl.reshape(tl.join(low, high).to(x_ptr.dtype.element_ty, bitcast=True),
                             (BLOCK_N, GROUP))  # (BN, G) OFFSET + code of k_of
+        if SCALE_16:
+            weight = ((weight - (zero + OFFSET).to(weight.dtype)[:, None])
+                      * scale[:, None])  # (BN, G) (code - z) * s, rounded to x's dtype
         if ONE_ROW:  # one row of x summed as a (G,) vector, not the padded tile
             x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.sum(first.to(tl.float32),
                                                                      axis=0)
@@ -125,9 +132,12 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
         if PERMUTE_X:  # k = 8 b + 4 h + a put at position q = a G / 4 + 2 b + h (_k_of)
             x = tl.reshape(tl.permute(tl.reshape(x, (GROUP // 8, 2, 4, BLOCK_M)),
                                       (2, 0, 1, 3)), (GROUP, BLOCK_M))  # (G, BM)
-        products = tl.dot(weight, x)  # (BN, BM) sum of (OFFSET + code) * x
-        acc += scale.to(tl.float32)[:, None] * (
-            products - (zero.to(tl.float32) + OFFSET)[:, None] * x_sum[None, :])
+        if SCALE_16:
+            acc = tl.dot(weight, x, acc)
+        else:
+            products = tl.dot(weight, x)  # (BN, BM) sum of (OFFSET + code) * x
+            acc += scale.to(tl.float32)[:, None] * (
+                products - (zero.to(tl.float32) + OFFSET)[:, None] * x_sum[None, :])
     finish_split_k(tl.trans(acc), rows, cols, row_mask, col_mask, partial_ptr, out_ptr,
                    counter_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, splits, stride_ps,
                    stride_om, SPLIT_K)
