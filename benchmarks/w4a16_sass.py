@@ -24,19 +24,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = 128
-# (kernel, BLOCK_N, num_warps, GROUPS a step, BLOCK_M, x permuted in registers): the
-# configurations the H100 sweep picked, and the mma kernel's row tiles
-CONFIGS = [("gemv", 128, 2, 1, 1, False), ("gemv", 256, 4, 1, 1, False),
-           ("gemv", 128, 4, 2, 1, False), ("mma", 256, 8, 1, 16, False),
-           ("mma", 64, 4, 1, 16, True), ("mma", 128, 8, 1, 16, True),
-           ("mma", 256, 8, 1, 16, True), ("mma", 128, 8, 1, 32, True),
-           ("mma", 256, 8, 1, 64, True), ("mma", 128, 8, 1, 128, True)]
+# (kernel, BLOCK_N, num_warps, GROUPS a step, BLOCK_M, options): the configurations the
+# H100 sweep picked, and the mma kernel's row tiles; options "p" permutes x in registers,
+# "w" scales the weights in 16 bits (SCALE_16)
+CONFIGS = [("gemv", 128, 2, 1, 1, ""), ("gemv", 256, 4, 1, 1, ""), ("gemv", 128, 4, 2, 1, ""),
+           ("mma", 256, 8, 1, 16, ""), ("mma", 64, 4, 1, 16, "p"), ("mma", 64, 4, 1, 16, "pw"),
+           ("mma", 128, 8, 1, 16, "p"), ("mma", 256, 8, 1, 16, "p"),
+           ("mma", 128, 8, 1, 32, "p"), ("mma", 256, 8, 1, 64, "p"),
+           ("mma", 256, 8, 1, 64, "pw"), ("mma", 128, 8, 1, 128, "p")]
 POINTERS = {"x_ptr": "*bf16", "w_ptr": "*i32", "zeros_ptr": "*bf16", "scales_ptr": "*bf16",
             "partial_ptr": "*fp32", "out_ptr": "*bf16", "counter_ptr": "*i32"}
 
 
 def compile_kernel(kind: str, block_n: int, warps: int, groups: int, block_m: int,
-                   permute_x: bool):
+                   options: str):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -51,7 +52,8 @@ def compile_kernel(kind: str, block_n: int, warps: int, groups: int, block_m: in
         fn = triton_w4a16_mma.w4a16_mma_kernel
         constants = {"GROUP": GROUP, "BLOCK_N": block_n, "BLOCK_M": block_m,
                      "OFFSET": 128.0, "ONE_ROW": block_m == 16, "SPLIT_K": True,
-                     "PERMUTE_X": permute_x, "PREFETCH": False}
+                     "PERMUTE_X": "p" in options, "PREFETCH": False,
+                     "SCALE_16": "w" in options}
     signature = {name: POINTERS.get(name, "constexpr" if name in constants else "i32")
                  for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
@@ -80,10 +82,10 @@ def loop_counts(sass: str) -> collections.Counter:
 
 
 def measure(kind: str, block_n: int, warps: int, groups: int, block_m: int,
-            permute_x: bool) -> dict:
+            options: str) -> dict:
     import triton
 
-    compiled = compile_kernel(kind, block_n, warps, groups, block_m, permute_x)
+    compiled = compile_kernel(kind, block_n, warps, groups, block_m, options)
     tools = Path(triton.__path__[0]) / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
@@ -95,7 +97,7 @@ def measure(kind: str, block_n: int, warps: int, groups: int, block_m: int,
     counts = loop_counts(sass)
     weights_a_thread = block_n * GROUP * groups // (warps * 32)
     return {"kernel": kind, "block_n": block_n, "num_warps": warps, "groups_a_step": groups,
-            "block_m": block_m, "permute_x": permute_x,
+            "block_m": block_m, "permute_x": "p" in options, "weights_16": "w" in options,
             "spills": int(re.search(r"STACK:(\d+)", usage).group(1)),
             "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
             "loop_instructions": sum(counts.values()),
@@ -119,7 +121,8 @@ def main() -> None:
     for row in rows:
         print(f"{row['kernel']:5} BN {row['block_n']:3} BM {row['block_m']:3} "
               f"{row['num_warps']}w {row['groups_a_step']} group(s)/step"
-              f"{' x permuted' if row['permute_x'] else ''}: {row['registers']} registers, "
+              f"{' x permuted' if row['permute_x'] else ''}"
+              f"{' 16-bit weights' if row['weights_16'] else ''}: {row['registers']} registers, "
               f"{row['spills']} B stack, {row['instructions_a_weight']} instructions a weight,"
               f" {row['instructions_a_weight_row']} a weight-row", flush=True)
     if args.out:
