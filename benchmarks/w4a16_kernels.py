@@ -211,10 +211,10 @@ def plot(result: dict, path: Path) -> None:
     count = len(result["shapes"])
     figure, axes = plt.subplots(1, count, figsize=(4 * count, 3.6))
     for axis, (name, shape) in zip(axes, result["shapes"].items(), strict=True):
-        rows = [int(m) for m in shape["rows"]]
-        axis.plot(rows, [e["bf16_us"] for e in shape["rows"].values()], "o-",
-                  label="bf16 matmul")
-        axis.plot(rows, [e["best"]["us"] for e in shape["rows"].values()], "s-",
+        entries = sorted(shape["rows"].items(), key=lambda item: int(item[0]))
+        rows = [int(m) for m, _ in entries]
+        axis.plot(rows, [e["bf16_us"] for _, e in entries], "o-", label="bf16 matmul")
+        axis.plot(rows, [e["best"]["us"] for _, e in entries], "s-",
                   label="W4A16 (best launch)")
         if shape["floor_us"]:
             axis.axhline(shape["floor_us"], color="grey", ls="--", label="4-bit bytes / peak BW")

@@ -51,7 +51,7 @@ def compile_kernel(kind: str, block_n: int, warps: int, groups: int, block_m: in
     else:
         fn = triton_w4a16_mma.w4a16_mma_kernel
         constants = {"GROUP": GROUP, "BLOCK_N": block_n, "BLOCK_M": block_m,
-                     "OFFSET": 128.0, "ONE_ROW": block_m == 16, "SPLIT_K": True,
+                     "OFFSET": 128.0, "SPLIT_K": True,
                      "PERMUTE_X": "p" in options, "PREFETCH": False,
                      "SCALE_16": "w" in options}
     signature = {name: POINTERS.get(name, "constexpr" if name in constants else "i32")

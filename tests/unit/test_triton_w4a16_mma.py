@@ -31,7 +31,7 @@ DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [
     (40, 32, 128, 64, 2, 16, False, False), (40, 40, 128, 32, 1, 32, True, True)])
 def test_matches_dequantize_then_matmul(dtype, m, n, k, group, splits, block_m, permute_x,
                                         prefetch):
-    """One row (summed alone), a few, 16 in one tile and 40 in tiles of 16 and 32 (the last
+    """One row, a few, 16 in one tile and 40 in tiles of 16 and 32 (the last
     padded); column tiles past N masked (48 and 40 columns in tiles of 32); K split 1, 2
     and 3 ways (4 groups cut 2 + 2, 3 + 1); x gathered in the tile's k order, or loaded in
     k order and permuted; each group loaded when used, or the next prefetched by hand."""

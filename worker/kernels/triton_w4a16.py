@@ -393,7 +393,7 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
         bits, offset = offset_bits(x.dtype)
         w4a16_mma_kernel[(grid_mn[1], splits, grid_mn[0])](
             *args[:-1], bits, M, N, K, per_split, splits, *strides, BLOCK_M=block_m,
-            OFFSET=offset, ONE_ROW=M == 1, PERMUTE_X=launch.permute_x,
+            OFFSET=offset, PERMUTE_X=launch.permute_x,
             PREFETCH=launch.prefetch, SCALE_16=launch.weights_16, **options)
     else:
         _w4a16_dot_kernel[(*grid_mn, splits)](*args, M, N, K, per_split * chunk, splits,

@@ -54,24 +54,19 @@ def _k_of(GROUP: tl.constexpr):
 @triton.jit
 def _group_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols, col_mask, group,
                 valid, stride_xm, stride_wn, stride_zg, stride_sg, GROUP: tl.constexpr,
-                ONE_ROW: tl.constexpr, PERMUTE_X: tl.constexpr):
+                PERMUTE_X: tl.constexpr):
     """A group's packed words (BN, G / 8), x (G, BM) in k order (PERMUTE_X) or _k_of's,
-    x's first row (G,) where ONE_ROW, zeros and scales (BN,); `valid` False loads nothing
-    (the prefetch past the last group)."""
+    zeros and scales (BN,); `valid` False loads nothing (the prefetch past the last
+    group)."""
     words = tl.arange(0, GROUP // 8)  # (G / 8,)
     packed = tl.load(w_ptr + cols[:, None] * stride_wn + group * (GROUP // 8) + words[None, :],
                      mask=col_mask[:, None] & valid, other=0)  # (BN, G / 8)
     ks = tl.arange(0, GROUP) if PERMUTE_X else _k_of(GROUP)  # (G,)
     x = tl.load(x_ptr + rows[None, :] * stride_xm + group * GROUP + ks[:, None],
                 mask=row_mask[None, :] & valid, other=0.0)  # (G, BM)
-    if ONE_ROW:
-        first = tl.load(x_ptr + group * GROUP + tl.arange(0, GROUP), mask=valid,
-                        other=0.0)  # (G,)
-    else:
-        first = tl.zeros((GROUP,), dtype=x_ptr.dtype.element_ty)
     zero = tl.load(zeros_ptr + group * stride_zg + cols, mask=col_mask & valid, other=0.0)
     scale = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask & valid, other=0.0)
-    return packed, x, first, zero, scale
+    return packed, x, zero, scale
 
 
 @triton.jit
@@ -79,7 +74,7 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
                      halves_bits, M, N, K, groups_per_split, splits, stride_xm, stride_wn,
                      stride_zg, stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET: tl.constexpr,
-                     ONE_ROW: tl.constexpr, SPLIT_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr,
                      PERMUTE_X: tl.constexpr = False, PREFETCH: tl.constexpr = False,
                      SCALE_16: tl.constexpr = False):
     """A program per (column tile, split of K, tile of BLOCK_M rows). SCALE_16 applies the
@@ -103,18 +98,17 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
     if PREFETCH:
         next_group = _group_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols,
                                  col_mask, group_start, group_start < group_end, stride_xm,
-                                 stride_wn, stride_zg, stride_sg, GROUP, ONE_ROW, PERMUTE_X)
+                                 stride_wn, stride_zg, stride_sg, GROUP, PERMUTE_X)
     for group in range(group_start, group_end):
         if PREFETCH:
-            packed, x, first, zero, scale = next_group
+            packed, x, zero, scale = next_group
             next_group = _group_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols,
                                      col_mask, group + 1, group + 1 < group_end, stride_xm,
-                                     stride_wn, stride_zg, stride_sg, GROUP, ONE_ROW,
-                                     PERMUTE_X)
+                                     stride_wn, stride_zg, stride_sg, GROUP, PERMUTE_X)
         else:
-            packed, x, first, zero, scale = _group_load(
+            packed, x, zero, scale = _group_load(
                 x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols, col_mask, group,
-                True, stride_xm, stride_wn, stride_zg, stride_sg, GROUP, ONE_ROW, PERMUTE_X)
+                True, stride_xm, stride_wn, stride_zg, stride_sg, GROUP, PERMUTE_X)
         pairs = (((packed[:, None, :] >> shifts[None, :, None]) & 0x000F000F)
                  | halves_bits)  # (BN, 4, G / 8): nibbles i and i + 4 as OFFSET + code
         low = pairs.to(tl.int16)  # (BN, 4, G / 8) nibble i
@@ -124,11 +118,8 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
         if SCALE_16:
             weight = ((weight - (zero + OFFSET).to(weight.dtype)[:, None])
                       * scale[:, None])  # (BN, G) (code - z) * s, rounded to x's dtype
-        if ONE_ROW:  # one row of x summed as a (G,) vector, not the padded tile
-            x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.sum(first.to(tl.float32),
-                                                                     axis=0)
-        else:
-            x_sum = tl.sum(x.to(tl.float32), axis=0)  # (BM,)
+        # over the padded tile even for one row: a second, one-row load of x cost more
+        x_sum = tl.sum(x.to(tl.float32), axis=0)  # (BM,)
         if PERMUTE_X:  # k = 8 b + 4 h + a put at position q = a G / 4 + 2 b + h (_k_of)
             x = tl.reshape(tl.permute(tl.reshape(x, (GROUP // 8, 2, 4, BLOCK_M)),
                                       (2, 0, 1, 3)), (GROUP, BLOCK_M))  # (G, BM)
