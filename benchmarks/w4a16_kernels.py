@@ -158,7 +158,8 @@ def sweep(args) -> dict:
     l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
     result = {"benchmark": "w4a16_kernels", "device": device_name, "group_size": GROUP,
               "peak_bytes_per_s": peak, "torch": torch.__version__, "shapes": {}}
-    for name, (n, k) in SHAPES.items():
+    for name in args.shapes:
+        n, k = SHAPES[name]
         def keep(shape, name=name):  # partial results survive a timeout
             result["shapes"][name] = shape
             save(result, Path(args.out), args.write_table)
@@ -232,6 +233,8 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--rows", type=lambda text: [int(m) for m in text.split(",")],
                         default=list(ROWS))
+    parser.add_argument("--shapes", type=lambda text: text.split(","), default=list(SHAPES),
+                        help=f"layer shapes to sweep, of {','.join(SHAPES)}")
     parser.add_argument("--quick", action="store_true", help="a few launches per path")
     parser.add_argument("--write-table", action="store_true")
     parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"))
@@ -245,6 +248,8 @@ def main() -> None:
         return
     if not args.out:
         parser.error("--out is needed for a sweep")
+    if set(args.shapes) - set(SHAPES):
+        parser.error(f"unknown shapes {sorted(set(args.shapes) - set(SHAPES))}")
     sweep(args)
 
 
