@@ -12,7 +12,7 @@ The weights are read as 4-bit codes, a quarter of a 16-bit weight's bytes: what 
 decode faster. A nibble becomes a float without an int-to-float conversion (slow on the
 GPU): OR-ed into the mantissa of 2^23, code * 16^i (the nibble left where it sits, or
 after one shift for the top three) is the float 2^23 + code * 16^i, and subtracting 2^23
-leaves it exactly. Three paths, by the number of rows M (default_launch, or a tuned
+leaves it exactly. Four paths, by the number of rows M (default_launch, or a tuned
 table: w4a16_tuning.py):
 - "gemv" (decode): no tensor cores. A program per row and column tile walks K a step of
   block_k (whole groups) at a time; per step it loads (BLOCK_N, block_k / 8) packed
