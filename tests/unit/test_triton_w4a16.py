@@ -107,8 +107,7 @@ def test_unknown_path_and_too_many_gemv_rows_are_refused():
 def test_more_tiles_than_split_k_counters_run_unsplit():
     """A launch asking for splits still gets one split where the tiles outnumber the
     counters (a counter per tile), instead of writing past them."""
-    from lmfleet.worker.kernels.triton_w4a16 import _MAX_TILES, _num_splits
+    from lmfleet.worker.kernels.triton_split_k import MAX_TILES, num_splits
 
-    launch = W4A16Launch("dot", block_n=16, block_k=16, num_warps=2, splits=4)
-    assert _num_splits(launch, _MAX_TILES, 8, torch.device(DEVICE)) == 4
-    assert _num_splits(launch, _MAX_TILES + 1, 8, torch.device(DEVICE)) == 1
+    assert num_splits(MAX_TILES, 8, torch.device(DEVICE), 4, 4) == 4
+    assert num_splits(MAX_TILES + 1, 8, torch.device(DEVICE), 4, 4) == 1

@@ -6,11 +6,61 @@ splits. Each program writes its float32 partial sum; the last program of a tile 
 (a counter per tile, taken with an acquire-release atomic) adds the partials in split order
 and writes the output: deterministic, in one kernel, no second launch. It resets the
 counter, so the counters are zero between launches, and launches on one stream share them
-(kernels on a stream run one after another).
+(kernels on a stream run one after another). num_splits chooses how many splits.
 """
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
+
+MAX_TILES = 1 << 16  # split-K counters per stream
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def split_k_counters(device: torch.device) -> torch.Tensor:
+    """Zeroed split-K counters, one set per stream (launches on a stream run in order)."""
+    if device.type != "cuda":
+        key = (str(device), 0)
+    else:
+        key = (str(device), torch.cuda.current_stream(device).cuda_stream)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+def num_splits(tiles: int, chunks: int, device: torch.device, asked: int | None,
+               programs_per_sm: int) -> int:
+    """Splits of K (each whole chunks): `asked`, or else so that tiles x splits fill the
+    multiprocessors at `programs_per_sm`; one where the tiles outnumber the counters,
+    whatever was asked."""
+    if tiles > MAX_TILES:
+        return 1
+    if asked is not None:
+        return max(1, min(chunks, asked))
+    if device.type != "cuda":
+        return min(chunks, 2) if tiles < 4 else 1  # the interpreter: exercise splitting
+    return _fewest_waves(tiles, chunks, programs_per_sm * _multiprocessors(device.index))
+
+
+@functools.cache  # called per matmul outside CUDA graphs (eager steps): a loop over K
+def _fewest_waves(tiles: int, chunks: int, resident: int) -> int:
+    """The splits whose waves of `resident` programs take the fewest steps: waves x (chunks
+    a program + one for its start and its partial sum), the fewest splits among equals. A
+    last wave of a few programs costs as much as a full one."""
+    def cost(splits: int) -> tuple[int, int]:
+        per_split = triton.cdiv(chunks, splits)
+        programs = tiles * triton.cdiv(chunks, per_split)
+        return triton.cdiv(programs, resident) * (per_split + 1), splits
+
+    return min(range(1, chunks + 1), key=cost)
+
+
+@functools.cache
+def _multiprocessors(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
 
 
 @triton.jit

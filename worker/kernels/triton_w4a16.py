@@ -34,7 +34,6 @@ split order inside the same kernel: deterministic.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +41,12 @@ import triton
 import triton.language as tl
 
 from lmfleet.worker.kernels.triton_rounding import check_device, check_float
-from lmfleet.worker.kernels.triton_split_k import finish_split_k
+from lmfleet.worker.kernels.triton_split_k import finish_split_k, num_splits, split_k_counters
 from lmfleet.worker.kernels.triton_w4a16_mma import ROWS as MMA_ROWS
 from lmfleet.worker.kernels.triton_w4a16_mma import offset_bits, w4a16_mma_kernel
 
 _PACK = 8
 _MAGIC = 0x4B000000  # the float 2^23's bits: OR-ed with a nibble, 2^23 + the nibble
-_MAX_TILES = 1 << 16  # split-K counters per stream
 
 
 @dataclass(frozen=True)
@@ -257,50 +255,6 @@ def _block_k(group_size: int, wanted: int) -> int:
     raise ValueError(f"group size {group_size} is not a multiple of 16")
 
 
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def _counters(device: torch.device) -> torch.Tensor:
-    """Zeroed split-K counters, one set per stream (launches on a stream run in order)."""
-    if device.type != "cuda":
-        key = (str(device), 0)
-    else:
-        key = (str(device), torch.cuda.current_stream(device).cuda_stream)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
-
-
-def _num_splits(launch: W4A16Launch, tiles: int, chunks: int, device: torch.device) -> int:
-    """Splits of K (each whole chunks) so that tiles x splits fill the multiprocessors; one
-    where the tiles outnumber the split-K counters, whatever the launch asks."""
-    if tiles > _MAX_TILES:
-        return 1
-    if launch.splits is not None:
-        return max(1, min(chunks, launch.splits))
-    if device.type != "cuda":
-        return min(chunks, 2) if tiles < 4 else 1  # the interpreter: exercise splitting
-    return _fewest_waves(tiles, chunks, launch.programs_per_sm * _multiprocessors(device.index))
-
-
-@functools.cache  # called per matmul outside CUDA graphs (eager steps): a loop over K
-def _fewest_waves(tiles: int, chunks: int, resident: int) -> int:
-    """The splits whose waves of `resident` programs take the fewest steps: waves x (chunks
-    a program + one for its start and its partial sum), the fewest splits among equals. A
-    last wave of a few programs costs as much as a full one."""
-    def cost(splits: int) -> tuple[int, int]:
-        per_split = triton.cdiv(chunks, splits)
-        programs = tiles * triton.cdiv(chunks, per_split)
-        return triton.cdiv(programs, resident) * (per_split + 1), splits
-
-    return min(range(1, chunks + 1), key=cost)
-
-
-@functools.cache
-def _multiprocessors(device_index: int | None) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def w4_dequantize(packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                   group_size: int, launch: W4A16Launch | None = None) -> torch.Tensor:
     """-> W (N, K) in scales' dtype, on the tensors' device."""
@@ -373,13 +327,13 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
         raise ValueError(f"unknown W4A16 path {launch.path!r}")
     grid_mn = (triton.cdiv(M, block_m), triton.cdiv(N, launch.block_n))
     chunks = K // chunk
-    per_split = triton.cdiv(chunks, _num_splits(launch, grid_mn[0] * grid_mn[1], chunks,
-                                                x.device))
+    per_split = triton.cdiv(chunks, num_splits(grid_mn[0] * grid_mn[1], chunks, x.device,
+                                               launch.splits, launch.programs_per_sm))
     splits = triton.cdiv(chunks, per_split)  # none empty
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     partial = (torch.empty((splits, M, N), dtype=torch.float32, device=x.device)
                if splits > 1 else out)
-    counters = _counters(x.device) if splits > 1 else out
+    counters = split_k_counters(x.device) if splits > 1 else out
     args = (x, packed, zeros, scales, partial, out, counters, _MAGIC)
     strides = (x.stride(0), packed.stride(0), zeros.stride(0), scales.stride(0),
                partial.stride(0) if splits > 1 else 0, out.stride(0))
