@@ -77,13 +77,15 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
                      SPLIT_K: tl.constexpr,
                      PERMUTE_X: tl.constexpr = False, PREFETCH: tl.constexpr = False,
                      SCALE_16: tl.constexpr = False):
-    """A program per (column tile, split of K, tile of BLOCK_M rows). SCALE_16 applies the
-    zero and scale to the 16-bit weights (paired 16-bit instructions, each weight rounded
-    once, as the format's dequantization rounds it) and the MMA sums the products: no sum
-    of x and no float32 step a group. With num_stages >= 2
-    Triton's pipeliner copies the next groups' loads to shared memory ahead of use
-    (cp.async); PREFETCH instead loads the next group into registers before the current one
-    is multiplied, and the pipeliner then leaves the loads alone."""
+    """A program per (column tile, split of K, tile of BLOCK_M rows).
+
+    SCALE_16 applies the zero and scale to the 16-bit weights (paired 16-bit instructions,
+    each weight rounded once, as the format's dequantization rounds it) and the MMA sums
+    the products: no sum of x and no float32 step a group (x_sum is then unused, and
+    compiled away). With num_stages >= 2 Triton's pipeliner copies the next groups' loads
+    to shared memory ahead of use (cp.async); PREFETCH instead loads the next group into
+    registers before the current one is multiplied, and the pipeliner leaves the loads
+    alone."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
