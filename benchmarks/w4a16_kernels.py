@@ -52,6 +52,9 @@ def candidates(rows: int, quick: bool):
                 # stages 1: the next group prefetched by hand, else by Triton's pipeliner
                 yield W4A16Launch("mma", bn, GROUP, warps, num_stages=stages,
                                   programs_per_sm=pps, permute_x=True, prefetch=stages == 1)
+        for bn, warps in ((64, 4), (256, 8)):  # x gathered in the tile's k order
+            if not quick or bn == 64:
+                yield W4A16Launch("mma", bn, GROUP, warps, num_stages=3, programs_per_sm=4)
         for bn, pps in itertools.product((64, 128, 256), (2, 4)):
             if not quick or (bn, pps) == (64, 4):
                 yield W4A16Launch("mma", bn, GROUP, 4, num_stages=3, programs_per_sm=pps,

@@ -1,5 +1,7 @@
-"""The tensor-core decode path of the W4A16 matmul (worker/kernels/triton_w4a16_mma.py),
-against dequantizing AutoAWQ's tensors and multiplying (worker/quant/awq_format.py).
+"""The tensor-core path of the W4A16 matmul (worker/kernels/triton_w4a16_mma.py), against
+the exact product of x and the weights, (code - zero) * scale, or against dequantizing
+AutoAWQ's tensors and multiplying (worker/quant/awq_format.py) where the kernel rounds
+each weight as that dequantization does.
 
 Without CUDA the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set before
 triton is imported) on CPU tensors, in float16 (the interpreter has no bfloat16 numpy
@@ -19,7 +21,7 @@ pytest.importorskip("triton")
 
 from lmfleet.worker.kernels.triton_w4a16 import W4A16Launch, w4a16_matmul  # noqa: E402
 from lmfleet.worker.kernels.triton_w4a16_mma import offset_bits  # noqa: E402
-from tests.unit.w4_tensors import DEVICE, exact_weight_t, gpu_tensors  # noqa: E402
+from tests.unit.w4_tensors import DEVICE, gpu_tensors  # noqa: E402
 
 DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
@@ -35,7 +37,7 @@ def test_matches_dequantize_then_matmul(dtype, m, n, k, group, splits, block_m, 
     padded); column tiles past N masked (48 and 40 columns in tiles of 32); K split 1, 2
     and 3 ways (4 groups cut 2 + 2, 3 + 1); x gathered in the tile's k order, or loaded in
     k order and permuted; each group loaded when used, or the next prefetched by hand."""
-    _, packed, zeros, scales = gpu_tensors(n, k, group, dtype, m * 100 + n)
+    exact_t, packed, zeros, scales = gpu_tensors(n, k, group, dtype, m * 100 + n, exact=True)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     launch = W4A16Launch("mma", block_n=32, block_k=group, num_warps=4, splits=splits,
                          block_m=block_m, permute_x=permute_x, prefetch=prefetch)
@@ -44,7 +46,7 @@ def test_matches_dequantize_then_matmul(dtype, m, n, k, group, splits, block_m, 
     assert got.dtype == dtype and got.shape == (m, n)
     # the kernel applies zero and scale in float32 (not to a rounded weight) and rounds
     # the sum once: the exact product rounded, within an ulp of x's dtype (2^-7 bfloat16)
-    expected = (x.float() @ exact_weight_t(packed, zeros, scales, group)).to(dtype).float()
+    expected = (x.float() @ exact_t).to(dtype).float()
     torch.testing.assert_close(got.float().cpu(), expected, rtol=1e-2, atol=1e-2)
     assert torch.equal(got, again)  # split-K adds in order: repeatable bit for bit
 
