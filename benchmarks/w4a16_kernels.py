@@ -108,12 +108,14 @@ def measure_shape(torch, n: int, k: int, rows_list: list[int], quick: bool,
                   peak: float | None, l2_bytes: int, on_entry) -> dict:
     """Times every launch at each M; `on_entry(shape)` after each M (partial saves)."""
     from lmfleet.worker.kernels.triton_w4a16 import w4a16_matmul
+    from lmfleet.worker.quant.w4_layout import COLUMN_TILE
 
     packed_bytes = k * n // 2 + 2 * (k // GROUP) * n * 2  # codes, bf16 zeros and scales
     copies = max(2, -(-4 * l2_bytes // packed_bytes))  # 4-bit copies past 2 x L2 twice
     gen = torch.Generator(device="cuda").manual_seed(0)
-    qweights = [torch.randint(-2**31, 2**31 - 1, (n, k // 8), device="cuda", dtype=torch.int32,
-                              generator=gen) for _ in range(copies)]  # the GPU layout
+    tiles = (-(-n // COLUMN_TILE), k // GROUP, COLUMN_TILE, GROUP // 8)  # the GPU layout
+    qweights = [torch.randint(-2**31, 2**31 - 1, tiles, device="cuda", dtype=torch.int32,
+                              generator=gen) for _ in range(copies)]
     qzeros = [torch.randint(0, 16, (k // GROUP, n), device="cuda", generator=gen).to(
         torch.bfloat16) for _ in range(copies)]
     scales = [torch.rand(k // GROUP, n, device="cuda", dtype=torch.bfloat16,

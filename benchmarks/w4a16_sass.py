@@ -43,14 +43,16 @@ def compile_kernel(kind: str, block_n: int, warps: int, groups: int, block_m: in
     from triton.compiler import ASTSource
 
     from lmfleet.worker.kernels import triton_w4a16, triton_w4a16_mma
+    from lmfleet.worker.quant.w4_layout import COLUMN_TILE
 
     if kind == "gemv":
         fn = triton_w4a16._w4a16_gemv_kernel
-        constants = {"GROUP": GROUP, "GROUPS": groups, "BLOCK_N": block_n, "PREFETCH": False,
-                     "SPLIT_K": True}
+        constants = {"GROUP": GROUP, "TILE": COLUMN_TILE, "GROUPS": groups,
+                     "BLOCK_N": block_n, "PREFETCH": False, "SPLIT_K": True}
     else:
         fn = triton_w4a16_mma.w4a16_mma_kernel
-        constants = {"GROUP": GROUP, "BLOCK_N": block_n, "BLOCK_M": block_m,
+        constants = {"GROUP": GROUP, "TILE": COLUMN_TILE, "BLOCK_N": block_n,
+                     "BLOCK_M": block_m,
                      "OFFSET": 128.0, "SPLIT_K": True,
                      "PERMUTE_X": "p" in options, "PREFETCH": False,
                      "SCALE_16": "w" in options}

@@ -23,20 +23,29 @@ from lmfleet.worker.kernels.triton_w4a16 import (  # noqa: E402
     w4a16_matmul,
 )
 from lmfleet.worker.quant.awq_format import quantize_rtn  # noqa: E402
-from lmfleet.worker.quant.w4_layout import repack_for_gpu  # noqa: E402
+from lmfleet.worker.quant.w4_layout import (  # noqa: E402
+    COLUMN_TILE,
+    column_words,
+    repack_for_gpu,
+)
 from tests.unit.w4_tensors import DEVICE, gpu_tensors  # noqa: E402
 
 
-def test_repacked_layout_holds_consecutive_k_of_one_column():
+def test_repacked_layout_holds_consecutive_k_of_one_column_in_column_tiles():
     generator = torch.Generator().manual_seed(0)
-    qweight, qzeros, scales = quantize_rtn(torch.randn(16, 64, generator=generator), 32)
+    qweight, qzeros, scales = quantize_rtn(torch.randn(80, 64, generator=generator), 32)
     packed, zeros, _ = repack_for_gpu(qweight, qzeros, scales, torch.float32)
     from lmfleet.worker.quant.awq_format import unpack
 
     codes = unpack(qweight)  # (in, out)
-    assert packed.shape == (16, 8) and zeros.shape == (2, 16)
-    for n, p, j in [(0, 0, 0), (3, 1, 7), (15, 7, 4), (9, 5, 1)]:
-        assert (int(packed[n, p]) >> (4 * j)) & 0xF == int(codes[8 * p + j, n])
+    tile = COLUMN_TILE
+    # 80 columns: two tiles of 64, the second padded; 2 groups of 32 k = 4 words each
+    assert packed.shape == (2, 2, tile, 4) and zeros.shape == (2, 80)
+    for n, p, j in [(0, 0, 0), (3, 1, 7), (79, 7, 4), (70, 5, 1), (64, 4, 3)]:
+        word = int(packed[n // tile, p // 4, n % tile, p % 4])
+        assert (word >> (4 * j)) & 0xF == int(codes[8 * p + j, n])
+    assert not packed[1, :, 80 - tile:].any()  # the padding columns
+    assert torch.equal(column_words(packed, 80)[3], packed[0, :, 3].reshape(8))
     assert torch.equal(zeros, unpack(qzeros).float())
 
 
@@ -61,6 +70,9 @@ def test_shapes_that_do_not_fit_are_refused():
         w4a16_matmul(torch.randn(2, 64, device=DEVICE), packed, zeros[:1], scales, 32)
     with pytest.raises(ValueError, match="must be"):
         w4a16_matmul(torch.randn(2, 64, device=DEVICE), packed, zeros, scales.half(), 32)
+    with pytest.raises(ValueError, match="do not fit"):  # words not in column tiles
+        w4a16_matmul(torch.randn(2, 64, device=DEVICE), column_words(packed, 16), zeros,
+                     scales, 32)
 
 
 @pytest.mark.parametrize("path,block_m,block_k,stages", [

@@ -3,8 +3,9 @@
 `w4a16_matmul(x, packed, zeros, scales, group_size)`, on the weights as the GPU holds them
 (worker/quant/w4_layout.py repacks AutoAWQ's tensors once, at load):
 - x (M, K) float16, bfloat16 or float32, rows contiguous;
-- packed int32 (N, K / 8): nibble j (bits 4j .. 4j + 3) of [n, p] is the code of
-  W[n, 8p + j], so one int32 holds eight consecutive k of one output column;
+- packed int32 (ceil(N / T), K / G, T, G / 8), column n's words of group g at [n // T, g,
+  n % T, :]: nibble j (bits 4j .. 4j + 3) of its word p is the code of W[n, gG + 8p + j],
+  so one int32 holds eight consecutive k of one output column (triton_w4_tiles.py);
 - zeros, scales (K / G, N) in x's dtype: W[n, k] = (code - zero) * scale of k's group;
 - returns x @ W^T (M, N) in x's dtype.
 
@@ -42,6 +43,7 @@ import triton.language as tl
 
 from lmfleet.worker.kernels.triton_rounding import check_device, check_float
 from lmfleet.worker.kernels.triton_split_k import finish_split_k, num_splits, split_k_counters
+from lmfleet.worker.kernels.triton_w4_tiles import column_words, group_words
 from lmfleet.worker.kernels.triton_w4a16_mma import ROWS as MMA_ROWS
 from lmfleet.worker.kernels.triton_w4a16_mma import offset_bits, w4a16_mma_kernel
 
@@ -102,14 +104,14 @@ def _nibble_unit(J: tl.constexpr):
 
 
 @triton.jit
-def _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, groups, words, step, valid,
-                    stride_wn, stride_zg, stride_sg, GROUP: tl.constexpr,
-                    GROUPS: tl.constexpr):
+def _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words, groups, words,
+                    step, valid, stride_zg, stride_sg, GROUP: tl.constexpr,
+                    GROUPS: tl.constexpr, TILE: tl.constexpr):
     """A step's packed words (BN, S, G / 8) and its zeros and scales (BN, S); `valid` False
-    loads nothing (the prefetch past the last step)."""
+    loads nothing (the prefetch past the last step). col_words: column_words(cols)."""
     first_group = step * GROUPS
     mask = col_mask[:, None] & valid  # (BN, 1)
-    packed = tl.load(w_ptr + cols[:, None, None] * stride_wn + first_group * (GROUP // 8)
+    packed = tl.load(w_ptr + col_words[:, None, None] + first_group * group_words(GROUP, TILE)
                      + words[None, :, :], mask=mask[:, :, None], other=0)  # (BN, S, G / 8)
     group_at = (first_group + groups)[None, :]  # (1, S)
     zero = tl.load(zeros_ptr + group_at * stride_zg + cols[:, None], mask=mask,
@@ -121,8 +123,8 @@ def _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, groups, words,
 
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
-                       magic, N, K, steps_per_split, splits, stride_xm, stride_wn, stride_zg,
-                       stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
+                       magic, N, K, steps_per_split, splits, stride_xm, stride_zg, stride_sg,
+                       stride_ps, stride_om, GROUP: tl.constexpr, TILE: tl.constexpr,
                        GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
                        SPLIT_K: tl.constexpr):
     """One row, BLOCK_N columns; each step takes GROUPS whole groups of K, a (BN, GROUPS,
@@ -135,23 +137,27 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
     col_mask = cols < N
     groups = tl.arange(0, GROUPS)  # (S,) groups of a step
     words = groups[:, None] * (GROUP // 8) + tl.arange(0, GROUP // 8)[None, :]  # (S, G / 8)
+    tile_words = (groups[:, None] * group_words(GROUP, TILE)
+                  + tl.arange(0, GROUP // 8)[None, :])  # (S, G / 8) the words in the tiles
+    col_words = column_words(cols, K, GROUP, TILE)  # (BN,)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     step_start = pid_k * steps_per_split
     step_end = tl.minimum(K // (GROUP * GROUPS), step_start + steps_per_split)
     if PREFETCH:
-        next_tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, groups,
-                                    words, step_start, step_start < step_end, stride_wn,
-                                    stride_zg, stride_sg, GROUP, GROUPS)
+        next_tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words,
+                                    groups, tile_words, step_start, step_start < step_end,
+                                    stride_zg, stride_sg, GROUP, GROUPS, TILE)
     for step in range(step_start, step_end):
         if PREFETCH:
             packed, zero, scale = next_tile
-            next_tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, groups,
-                                        words, step + 1, step + 1 < step_end, stride_wn,
-                                        stride_zg, stride_sg, GROUP, GROUPS)
+            next_tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask,
+                                        col_words, groups, tile_words, step + 1,
+                                        step + 1 < step_end, stride_zg, stride_sg, GROUP,
+                                        GROUPS, TILE)
         else:
             packed, zero, scale = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask,
-                                                  groups, words, step, True, stride_wn,
-                                                  stride_zg, stride_sg, GROUP, GROUPS)
+                                                  col_words, groups, tile_words, step, True,
+                                                  stride_zg, stride_sg, GROUP, GROUPS, TILE)
         high = _high_half(packed)
         x_at = x_ptr + row * stride_xm + step * GROUPS * GROUP + words * 8  # (S, G / 8) k = 8p
         part = tl.zeros((BLOCK_N, GROUPS, GROUP // 8), dtype=tl.float32)
@@ -169,17 +175,18 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
 
 
 @triton.jit
-def _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, magic, stride_wn,
-                  stride_zg, stride_sg, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, magic, K, stride_zg,
+                  stride_sg, GROUP: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """W[cols, k0 : k0 + BLOCK_K] (BN, BK) in OUT_DTYPE; BLOCK_K divides the group."""
-    words = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # (BK / 8,)
-    packed = tl.load(w_ptr + cols[:, None] * stride_wn + words[None, :],
+    group = k0 // GROUP
+    words = (group * group_words(GROUP, TILE) + (k0 % GROUP) // 8
+             + tl.arange(0, BLOCK_K // 8))  # (BK / 8,) within the tiles
+    packed = tl.load(w_ptr + column_words(cols, K, GROUP, TILE)[:, None] + words[None, :],
                      mask=col_mask[:, None], other=0)  # (BN, BK / 8)
     shifts = tl.arange(0, 8) * 4  # (8,)
     bits = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF) | magic  # (BN, BK/8, 8)
     codes = tl.reshape(bits, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True) - 8388608.0
-    group = k0 // GROUP
     zero = tl.load(zeros_ptr + group * stride_zg + cols, mask=col_mask,
                    other=0.0).to(tl.float32)  # (BN,)
     scale = tl.load(scales_ptr + group * stride_sg + cols, mask=col_mask,
@@ -189,9 +196,10 @@ def _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, magic, strid
 
 @triton.jit
 def _w4a16_dot_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
-                      magic, M, N, K, k_per_split, splits, stride_xm, stride_wn, stride_zg,
-                      stride_sg, stride_ps, stride_om, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                      magic, M, N, K, k_per_split, splits, stride_xm, stride_zg, stride_sg,
+                      stride_ps, stride_om, GROUP: tl.constexpr, TILE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -206,8 +214,8 @@ def _w4a16_dot_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr,
         ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_mask[:, None],
                     other=0.0)  # (BM, BK)
-        weight = _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, magic,
-                               stride_wn, stride_zg, stride_sg, GROUP, BLOCK_N, BLOCK_K,
+        weight = _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, magic, K,
+                               stride_zg, stride_sg, GROUP, TILE, BLOCK_N, BLOCK_K,
                                x.dtype)  # (BN, BK)
         acc += tl.dot(x, tl.trans(weight),
                       input_precision="ieee" if x.dtype == tl.float32 else None)
@@ -217,14 +225,14 @@ def _w4a16_dot_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr,
 
 
 @triton.jit
-def _w4_dequant_kernel(w_ptr, zeros_ptr, scales_ptr, out_ptr, magic, N, stride_wn, stride_zg,
-                       stride_sg, stride_on, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+def _w4_dequant_kernel(w_ptr, zeros_ptr, scales_ptr, out_ptr, magic, N, K, stride_zg,
+                       stride_sg, stride_on, GROUP: tl.constexpr, TILE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     k0 = tl.program_id(1) * BLOCK_K
     col_mask = cols < N
-    weight = _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, magic, stride_wn,
-                           stride_zg, stride_sg, GROUP, BLOCK_N, BLOCK_K,
+    weight = _dequant_tile(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, k0, magic, K,
+                           stride_zg, stride_sg, GROUP, TILE, BLOCK_N, BLOCK_K,
                            out_ptr.dtype.element_ty)  # (BN, BK)
     ks = k0 + tl.arange(0, BLOCK_K)  # (BK,)
     tl.store(out_ptr + cols[:, None] * stride_on + ks[None, :], weight, mask=col_mask[:, None])
@@ -259,13 +267,13 @@ def w4_dequantize(packed: torch.Tensor, zeros: torch.Tensor, scales: torch.Tenso
                   group_size: int, launch: W4A16Launch | None = None) -> torch.Tensor:
     """-> W (N, K) in scales' dtype, on the tensors' device."""
     launch = launch or default_launch(1 << 30)
-    N, K = packed.shape[0], packed.shape[1] * _PACK
+    K, N = scales.shape[0] * group_size, scales.shape[1]
     block_k = _block_k(group_size, launch.block_k)
     out = torch.empty((N, K), dtype=scales.dtype, device=packed.device)
     grid = (triton.cdiv(N, launch.block_n), K // block_k)
-    _w4_dequant_kernel[grid](packed, zeros, scales, out, _MAGIC, N, packed.stride(0),
-                             zeros.stride(0), scales.stride(0), out.stride(0), GROUP=group_size,
-                             BLOCK_N=launch.block_n, BLOCK_K=block_k,
+    _w4_dequant_kernel[grid](packed, zeros, scales, out, _MAGIC, N, K, zeros.stride(0),
+                             scales.stride(0), out.stride(0), GROUP=group_size,
+                             TILE=packed.shape[2], BLOCK_N=launch.block_n, BLOCK_K=block_k,
                              num_warps=launch.num_warps)
     return out
 
@@ -277,9 +285,10 @@ def _check(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor, scales: t
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be (M, K) with contiguous rows, got {tuple(x.shape)}")
     M, K = x.shape
-    N = packed.shape[0]
-    if (group_size <= 0 or group_size % 16 or K % group_size
-            or packed.shape != (N, K // _PACK) or packed.stride(1) != 1
+    N = scales.shape[-1]
+    if (group_size <= 0 or group_size % 16 or K % group_size or packed.dim() != 4
+            or packed.shape[1:] != (K // group_size, packed.shape[2], group_size // _PACK)
+            or packed.shape[0] != -(-N // packed.shape[2]) or not packed.is_contiguous()
             or scales.shape != (K // group_size, N) or zeros.shape != scales.shape):
         raise ValueError(f"packed {tuple(packed.shape)}, zeros {tuple(zeros.shape)} and "
                          f"scales {tuple(scales.shape)} do not fit x {tuple(x.shape)} with "
@@ -296,7 +305,7 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
     (w4a16_tuning.py) and default_launch."""
     _check(x, packed, zeros, scales, group_size)
     M, K = x.shape
-    N = packed.shape[0]
+    N = scales.shape[1]
     if launch is None:
         from lmfleet.worker.kernels.w4a16_tuning import tuned_launch
 
@@ -335,9 +344,10 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
                if splits > 1 else out)
     counters = split_k_counters(x.device) if splits > 1 else out
     args = (x, packed, zeros, scales, partial, out, counters, _MAGIC)
-    strides = (x.stride(0), packed.stride(0), zeros.stride(0), scales.stride(0),
+    strides = (x.stride(0), zeros.stride(0), scales.stride(0),
                partial.stride(0) if splits > 1 else 0, out.stride(0))
-    options = dict(GROUP=group_size, BLOCK_N=launch.block_n, SPLIT_K=splits > 1,
+    options = dict(GROUP=group_size, TILE=packed.shape[2], BLOCK_N=launch.block_n,
+                   SPLIT_K=splits > 1,
                    num_warps=launch.num_warps, num_stages=launch.num_stages)
     if launch.path == "gemv":
         _w4a16_gemv_kernel[(M, grid_mn[1], splits)](*args, N, K, per_split, splits, *strides,

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from lmfleet.worker.kernels.triton_split_k import finish_split_k
+from lmfleet.worker.kernels.triton_w4_tiles import column_words, group_words
 
 # per activation dtype: (the bits of OFFSET in both 16-bit halves, OFFSET)
 _HALVES = {torch.bfloat16: (0x43004300, 128.0), torch.float16: (0x64006400, 1024.0)}
@@ -52,14 +53,14 @@ def _k_of(GROUP: tl.constexpr):
 
 
 @triton.jit
-def _group_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols, col_mask, group,
-                valid, stride_xm, stride_wn, stride_zg, stride_sg, GROUP: tl.constexpr,
-                PERMUTE_X: tl.constexpr):
+def _group_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols, col_mask,
+                col_words, group, valid, stride_xm, stride_zg, stride_sg, GROUP: tl.constexpr,
+                TILE: tl.constexpr, PERMUTE_X: tl.constexpr):
     """A group's packed words (BN, G / 8), x (G, BM) in k order (PERMUTE_X) or _k_of's,
     zeros and scales (BN,); `valid` False loads nothing (the prefetch past the last
-    group)."""
-    words = tl.arange(0, GROUP // 8)  # (G / 8,)
-    packed = tl.load(w_ptr + cols[:, None] * stride_wn + group * (GROUP // 8) + words[None, :],
+    group). col_words: column_words(cols)."""
+    words = group * group_words(GROUP, TILE) + tl.arange(0, GROUP // 8)  # (G / 8,)
+    packed = tl.load(w_ptr + col_words[:, None] + words[None, :],
                      mask=col_mask[:, None] & valid, other=0)  # (BN, G / 8)
     ks = tl.arange(0, GROUP) if PERMUTE_X else _k_of(GROUP)  # (G,)
     x = tl.load(x_ptr + rows[None, :] * stride_xm + group * GROUP + ks[:, None],
@@ -71,8 +72,8 @@ def _group_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols, col_m
 
 @triton.jit
 def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
-                     halves_bits, M, N, K, groups_per_split, splits, stride_xm, stride_wn,
-                     stride_zg, stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
+                     halves_bits, M, N, K, groups_per_split, splits, stride_xm, stride_zg,
+                     stride_sg, stride_ps, stride_om, GROUP: tl.constexpr, TILE: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET: tl.constexpr,
                      SPLIT_K: tl.constexpr,
                      PERMUTE_X: tl.constexpr = False, PREFETCH: tl.constexpr = False,
@@ -93,24 +94,25 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
     col_mask = cols < N
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) x's rows, the last tile padded
     row_mask = rows < M
+    col_words = column_words(cols, K, GROUP, TILE)  # (BN,)
     shifts = tl.arange(0, 4) * 4  # (4,)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     group_start = pid_k * groups_per_split
     group_end = tl.minimum(K // GROUP, group_start + groups_per_split)
     if PREFETCH:
         next_group = _group_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols,
-                                 col_mask, group_start, group_start < group_end, stride_xm,
-                                 stride_wn, stride_zg, stride_sg, GROUP, PERMUTE_X)
+                                 col_mask, col_words, group_start, group_start < group_end,
+                                 stride_xm, stride_zg, stride_sg, GROUP, TILE, PERMUTE_X)
     for group in range(group_start, group_end):
         if PREFETCH:
             packed, x, zero, scale = next_group
             next_group = _group_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols,
-                                     col_mask, group + 1, group + 1 < group_end, stride_xm,
-                                     stride_wn, stride_zg, stride_sg, GROUP, PERMUTE_X)
+                                     col_mask, col_words, group + 1, group + 1 < group_end,
+                                     stride_xm, stride_zg, stride_sg, GROUP, TILE, PERMUTE_X)
         else:
             packed, x, zero, scale = _group_load(
-                x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols, col_mask, group,
-                True, stride_xm, stride_wn, stride_zg, stride_sg, GROUP, PERMUTE_X)
+                x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols, col_mask, col_words,
+                group, True, stride_xm, stride_zg, stride_sg, GROUP, TILE, PERMUTE_X)
         pairs = (((packed[:, None, :] >> shifts[None, :, None]) & 0x000F000F)
                  | halves_bits)  # (BN, 4, G / 8): nibbles i and i + 4 as OFFSET + code
         low = pairs.to(tl.int16)  # (BN, 4, G / 8) nibble i
