@@ -56,18 +56,26 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {name: (lmdeploy_numbers(run) if isinstance(run, list) else run)
-            for name, run in result["runs"].items()}
-    names = list(runs)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    # one colour per call: engines compare only within the call that ran them
+    calls = {"latest call": result["runs"],
+             **{name: call["runs"] for name, call in result.get("calls", {}).items()}}
+    bars_of = [(call, name, lmdeploy_numbers(run) if isinstance(run, list) else run)
+               for call, runs in calls.items() for name, run in runs.items()]
+    colours = dict(zip(calls, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(4 + 0.9 * len(bars_of), 4.2))
     for axis, key, label in ((left, "test_a_out_tok_s", "Test A output tokens/s"),
                              (right, "test_b_tpot_ms", "Test B batch-1 TPOT ms")):
-        values = [runs[name].get(key, 0.0) for name in names]
-        bars = axis.bar(range(len(names)), values, color="tab:blue")
-        axis.bar_label(bars, fmt="%.4g", fontsize=8)
-        axis.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        labelled = set()
+        for i, (call, _, run) in enumerate(bars_of):
+            bars = axis.bar([i], [run.get(key, 0.0)], color=colours.get(call, "tab:gray"),
+                            label=None if call in labelled else call)
+            labelled.add(call)
+            axis.bar_label(bars, fmt="%.4g", fontsize=7)
+        axis.set_xticks(range(len(bars_of)), [name for _, name, _ in bars_of], rotation=30,
+                        ha="right", fontsize=7)
         axis.set_title(label)
-    device = next((run.get("device") for run in runs.values() if run.get("device")), "GPU")
+    left.legend(fontsize=7)
+    device = next((run.get("device") for _, _, run in bars_of if run.get("device")), "GPU")
     figure.suptitle(f"Quantization speed, Llama-3-8B-shaped random weights, {device}")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
