@@ -45,6 +45,14 @@ def candidates(rows: int, quick: bool):
             if not quick or (warps, pps, bk, stages) == (2, 8, GROUP, 1):
                 yield W4A16Launch("gemv", bn, bk, warps, num_stages=stages,
                                   programs_per_sm=pps)
+    if rows == 1:
+        for bn, warps, stack, pps, stages in itertools.product((32, 64, 128), (4, 8), (2, 4),
+                                                              (2, 4), (1, 3)):
+            if bn * stack > 256 or (warps == 8 and bn * stack < 256):
+                continue  # over 128 stacked 16-bit weights a thread, or 8 warps on too few
+            if not quick or (bn, warps, stack, pps, stages) == (64, 4, 2, 4, 3):
+                yield W4A16Launch("stack", bn, GROUP, warps, num_stages=stages,
+                                  programs_per_sm=pps, stack=stack, prefetch=stages == 1)
     if rows <= 16:
         for bn, warps, pps, stages in itertools.product((64, 128, 256), (4, 8), (2, 4),
                                                         (1, 3, 4)):
@@ -105,9 +113,13 @@ def time_us(torch, make_call, copies: int) -> float:
 
 
 def measure_shape(torch, n: int, k: int, rows_list: list[int], quick: bool,
-                  peak: float | None, l2_bytes: int, on_entry) -> dict:
-    """Times every launch at each M; `on_entry(shape)` after each M (partial saves)."""
+                  peak: float | None, l2_bytes: int, on_entry,
+                  paths: list[str] | None = None) -> dict:
+    """Times every launch at each M; `on_entry(shape)` after each M (partial saves).
+    `paths`: only launches of these paths, and the GPU's tabled launch (so a table written
+    from this sweep keeps it where nothing timed here beats it)."""
     from lmfleet.worker.kernels.triton_w4a16 import w4a16_matmul
+    from lmfleet.worker.kernels.w4a16_tuning import tuned_launch
     from lmfleet.worker.quant.w4_layout import COLUMN_TILE
 
     packed_bytes = k * n // 2 + 2 * (k // GROUP) * n * 2  # codes, bf16 zeros and scales
@@ -132,7 +144,12 @@ def measure_shape(torch, n: int, k: int, rows_list: list[int], quick: bool,
             return lambda: x @ dense[i]
 
         entry = {"bf16_us": time_us(torch, bf16_call, dense_copies), "launches": []}
-        for launch in candidates(rows, quick):
+        launches = list(candidates(rows, quick))
+        if paths:
+            tabled = tuned_launch(x.device, rows, n, k, GROUP)
+            launches = [launch for launch in launches if launch.path in paths]
+            launches += [tabled] if tabled and tabled not in launches else []
+        for launch in launches:
             def w4_call(i, x=x, launch=launch):
                 return lambda: w4a16_matmul(x, qweights[i], qzeros[i], scales[i], GROUP,
                                             launch=launch)
@@ -169,7 +186,7 @@ def sweep(args) -> dict:
             result["shapes"][name] = shape
             save(result, Path(args.out), args.write_table)
 
-        measure_shape(torch, n, k, args.rows, args.quick, peak, l2_bytes, keep)
+        measure_shape(torch, n, k, args.rows, args.quick, peak, l2_bytes, keep, args.paths)
         torch.cuda.empty_cache()
     return result
 
@@ -241,6 +258,8 @@ def main() -> None:
     parser.add_argument("--shapes", type=lambda text: text.split(","), default=list(SHAPES),
                         help=f"layer shapes to sweep, of {','.join(SHAPES)}")
     parser.add_argument("--quick", action="store_true", help="a few launches per path")
+    parser.add_argument("--paths", type=lambda text: text.split(","), default=None,
+                        help="only these paths' launches, beside the GPU's tabled one")
     parser.add_argument("--write-table", action="store_true")
     parser.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"))
     args = parser.parse_args()

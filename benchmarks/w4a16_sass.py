@@ -42,10 +42,14 @@ def compile_kernel(kind: str, block_n: int, warps: int, groups: int, block_m: in
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from lmfleet.worker.kernels import triton_w4a16, triton_w4a16_mma
+    from lmfleet.worker.kernels import triton_w4a16, triton_w4a16_mma, triton_w4a16_stack
     from lmfleet.worker.quant.w4_layout import COLUMN_TILE
 
-    if kind == "gemv":
+    if kind == "stack":
+        fn = triton_w4a16_stack.w4a16_stack_kernel
+        constants = {"GROUP": GROUP, "TILE": COLUMN_TILE, "BLOCK_N": block_n, "STACK": groups,
+                     "OFFSET": 128.0, "SPLIT_K": True, "PREFETCH": False}
+    elif kind == "gemv":
         fn = triton_w4a16._w4a16_gemv_kernel
         constants = {"GROUP": GROUP, "TILE": COLUMN_TILE, "GROUPS": groups,
                      "BLOCK_N": block_n, "PREFETCH": False, "SPLIT_K": True}

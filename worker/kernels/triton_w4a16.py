@@ -46,6 +46,7 @@ from lmfleet.worker.kernels.triton_split_k import finish_split_k, num_splits, sp
 from lmfleet.worker.kernels.triton_w4_tiles import column_words, group_words
 from lmfleet.worker.kernels.triton_w4a16_mma import ROWS as MMA_ROWS
 from lmfleet.worker.kernels.triton_w4a16_mma import offset_bits, w4a16_mma_kernel
+from lmfleet.worker.kernels.triton_w4a16_stack import w4a16_stack_kernel
 
 _PACK = 8
 _MAGIC = 0x4B000000  # the float 2^23's bits: OR-ed with a nibble, 2^23 + the nibble
@@ -55,7 +56,7 @@ _MAGIC = 0x4B000000  # the float 2^23's bits: OR-ed with a nibble, 2^23 + the ni
 class W4A16Launch:
     """How one matmul is launched: the path and its tile; splits None = the heuristic."""
 
-    path: str  # "gemv" | "mma" (triton_w4a16_mma.py) | "dot" | "dequant"
+    path: str  # "gemv" | "mma" (triton_w4a16_mma.py) | "stack" (..._stack.py) | "dot" | "dequant"
     block_n: int
     block_k: int  # K per step; gemv (one row a program): whole groups, else one group
     num_warps: int
@@ -66,6 +67,7 @@ class W4A16Launch:
     permute_x: bool = False  # mma: load x in k order and permute it in registers
     prefetch: bool = False  # mma: the next group loaded into registers by hand
     weights_16: bool = False  # mma: zero and scale applied in x's dtype (one rounding)
+    stack: int = 2  # stack (one row): groups stacked as the MMA's rows, a power of two <= 16
 
 
 @triton.jit
@@ -310,7 +312,7 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
         from lmfleet.worker.kernels.w4a16_tuning import tuned_launch
 
         launch = tuned_launch(x.device, M, N, K, group_size) or default_launch(M)
-    if launch.path == "mma" and x.dtype == torch.float32:
+    if launch.path in ("mma", "stack") and x.dtype == torch.float32:
         launch = default_launch(M)  # tensor cores take 16-bit operands: fp32 stays exact
     if launch.path == "dequant":
         return torch.matmul(x, w4_dequantize(packed, zeros, scales, group_size, launch).t())
@@ -329,6 +331,11 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
         if block_m < MMA_ROWS or block_m & (block_m - 1):
             raise ValueError(f"the mma path's row tile is a power of two >= {MMA_ROWS}, "
                              f"got {block_m}")
+    elif launch.path == "stack":
+        block_m, chunk = 1, launch.stack * group_size
+        if M != 1 or launch.stack not in (1, 2, 4, 8, 16) or K % chunk:
+            raise ValueError(f"the stack path takes one row and K a multiple of a power of "
+                             f"two <= 16 groups, got {M} rows, K {K}, stack {launch.stack}")
     elif launch.path == "dot":
         block_m = launch.block_m or _rows_tile(M)
         chunk = _block_k(group_size, launch.block_k)
@@ -353,6 +360,11 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
         _w4a16_gemv_kernel[(M, grid_mn[1], splits)](*args, N, K, per_split, splits, *strides,
                                                     GROUPS=chunk // group_size,
                                                     PREFETCH=launch.num_stages >= 2, **options)
+    elif launch.path == "stack":
+        bits, offset = offset_bits(x.dtype)
+        w4a16_stack_kernel[(grid_mn[1], splits)](
+            *args[:-1], bits, N, K, per_split, splits, *strides[1:], STACK=launch.stack,
+            OFFSET=offset, PREFETCH=launch.prefetch, **options)
     elif launch.path == "mma":
         bits, offset = offset_bits(x.dtype)
         w4a16_mma_kernel[(grid_mn[1], splits, grid_mn[0])](
