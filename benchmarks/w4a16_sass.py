@@ -24,14 +24,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUP = 128
-# (kernel, BLOCK_N, num_warps, GROUPS a step, BLOCK_M, options): the configurations the
-# H100 sweep picked, and the mma kernel's row tiles; options "p" permutes x in registers,
-# "w" scales the weights in 16 bits (SCALE_16)
+# (kernel, BLOCK_N, num_warps, GROUPS a step (stack: groups stacked), BLOCK_M, options): the
+# configurations the H100 sweep picked, and the mma kernel's row tiles; options "p" permutes
+# x in registers, "w" scales the weights in 16 bits (SCALE_16)
 CONFIGS = [("gemv", 128, 2, 1, 1, ""), ("gemv", 256, 4, 1, 1, ""), ("gemv", 128, 4, 2, 1, ""),
            ("mma", 256, 8, 1, 16, ""), ("mma", 64, 4, 1, 16, "p"), ("mma", 64, 4, 1, 16, "pw"),
            ("mma", 128, 8, 1, 16, "p"), ("mma", 256, 8, 1, 16, "p"),
            ("mma", 128, 8, 1, 32, "p"), ("mma", 256, 8, 1, 64, "p"),
-           ("mma", 256, 8, 1, 64, "pw"), ("mma", 128, 8, 1, 128, "p")]
+           ("mma", 256, 8, 1, 64, "pw"), ("mma", 128, 8, 1, 128, "p"),
+           ("stack", 64, 4, 2, 1, ""), ("stack", 128, 4, 2, 1, ""), ("stack", 32, 4, 4, 1, "")]
 POINTERS = {"x_ptr": "*bf16", "w_ptr": "*i32", "zeros_ptr": "*bf16", "scales_ptr": "*bf16",
             "partial_ptr": "*fp32", "out_ptr": "*bf16", "counter_ptr": "*i32"}
 
