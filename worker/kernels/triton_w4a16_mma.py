@@ -53,6 +53,27 @@ def _k_of(GROUP: tl.constexpr):
 
 
 @triton.jit
+def unpack_halves(packed, halves_bits, DTYPE: tl.constexpr, ROWS_OF: tl.constexpr,
+                  GROUP: tl.constexpr):
+    """Packed words (R, G / 8) -> (R, G) OFFSET + code as 16-bit floats of DTYPE, in
+    _k_of's order: one shift and one LOP3 put nibbles i and i + 4 of a word in the two
+    halves of a register OR-ed with OFFSET's bits (`halves_bits`)."""
+    shifts = tl.arange(0, 4) * 4  # (4,)
+    pairs = (((packed[:, None, :] >> shifts[None, :, None]) & 0x000F000F)
+             | halves_bits)  # (R, 4, G / 8): nibbles i and i + 4 as OFFSET + code
+    low = pairs.to(tl.int16)  # (R, 4, G / 8) nibble i
+    high = (pairs >> 16).to(tl.int16)  # nibble i + 4
+    return tl.reshape(tl.join(low, high).to(DTYPE, bitcast=True), (ROWS_OF, GROUP))
+
+
+@triton.jit
+def permute_to_k_of(x, GROUP: tl.constexpr, COLUMNS: tl.constexpr):
+    """x (G, C) in k order -> _k_of's order: k = 8 b + 4 h + a to q = a G / 4 + 2 b + h."""
+    return tl.reshape(tl.permute(tl.reshape(x, (GROUP // 8, 2, 4, COLUMNS)), (2, 0, 1, 3)),
+                      (GROUP, COLUMNS))
+
+
+@triton.jit
 def _group_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols, col_mask,
                 col_words, group, valid, stride_xm, stride_zg, stride_sg, GROUP: tl.constexpr,
                 TILE: tl.constexpr, PERMUTE_X: tl.constexpr):
@@ -95,7 +116,6 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BM,) x's rows, the last tile padded
     row_mask = rows < M
     col_words = column_words(cols, K, GROUP, TILE)  # (BN,)
-    shifts = tl.arange(0, 4) * 4  # (4,)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     group_start = pid_k * groups_per_split
     group_end = tl.minimum(K // GROUP, group_start + groups_per_split)
@@ -113,20 +133,15 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
             packed, x, zero, scale = _group_load(
                 x_ptr, w_ptr, zeros_ptr, scales_ptr, rows, row_mask, cols, col_mask, col_words,
                 group, True, stride_xm, stride_zg, stride_sg, GROUP, TILE, PERMUTE_X)
-        pairs = (((packed[:, None, :] >> shifts[None, :, None]) & 0x000F000F)
-                 | halves_bits)  # (BN, 4, G / 8): nibbles i and i + 4 as OFFSET + code
-        low = pairs.to(tl.int16)  # (BN, 4, G / 8) nibble i
-        high = (pairs >> 16).to(tl.int16)  # nibble i + 4
-        weight = tl.reshape(tl.join(low, high).to(x_ptr.dtype.element_ty, bitcast=True),
-                            (BLOCK_N, GROUP))  # (BN, G) OFFSET + code of k_of
+        weight = unpack_halves(packed, halves_bits, x_ptr.dtype.element_ty, BLOCK_N,
+                               GROUP)  # (BN, G) OFFSET + code in _k_of's order
         if SCALE_16:
             weight = ((weight - (zero + OFFSET).to(weight.dtype)[:, None])
                       * scale[:, None])  # (BN, G) (code - z) * s, rounded to x's dtype
         # over the padded tile even for one row: a second, one-row load of x cost more
         x_sum = tl.sum(x.to(tl.float32), axis=0)  # (BM,)
-        if PERMUTE_X:  # k = 8 b + 4 h + a put at position q = a G / 4 + 2 b + h (_k_of)
-            x = tl.reshape(tl.permute(tl.reshape(x, (GROUP // 8, 2, 4, BLOCK_M)),
-                                      (2, 0, 1, 3)), (GROUP, BLOCK_M))  # (G, BM)
+        if PERMUTE_X:
+            x = permute_to_k_of(x, GROUP, BLOCK_M)  # (G, BM)
         if SCALE_16:
             acc = tl.dot(weight, x, acc)
         else:

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from lmfleet.worker.kernels.triton_split_k import finish_split_k
 from lmfleet.worker.kernels.triton_w4_tiles import column_words, group_words
-from lmfleet.worker.kernels.triton_w4a16_mma import ROWS
+from lmfleet.worker.kernels.triton_w4a16_mma import ROWS, permute_to_k_of, unpack_halves
 
 _COLUMNS = tl.constexpr(ROWS)  # the MMA's narrow side, 16 columns of x
 
@@ -65,7 +65,6 @@ def w4a16_stack_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
     col_mask = cols < N
     col_words = column_words(cols, K, GROUP, TILE)  # (BN,)
-    shifts = tl.arange(0, 4) * 4  # (4,)
     # column c of the product belongs to stack block c
     own = (tl.arange(0, _COLUMNS)[None, None, :]
            == tl.arange(0, STACK)[:, None, None])  # (S, 1, 16)
@@ -86,16 +85,10 @@ def w4a16_stack_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
             packed, x, zero, scale = _stack_load(
                 x_ptr, w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words,
                 step * STACK, True, stride_zg, stride_sg, GROUP, TILE, BLOCK_N, STACK)
-        pairs = (((packed[:, None, :] >> shifts[None, :, None]) & 0x000F000F)
-                 | halves_bits)  # (S BN, 4, G / 8): nibbles i and i + 4 as OFFSET + code
-        low = pairs.to(tl.int16)  # nibble i
-        high = (pairs >> 16).to(tl.int16)  # nibble i + 4
-        weight = tl.reshape(tl.join(low, high).to(x_ptr.dtype.element_ty, bitcast=True),
-                            (STACK * BLOCK_N, GROUP))  # (S BN, G) OFFSET + code of _k_of
+        weight = unpack_halves(packed, halves_bits, x_ptr.dtype.element_ty,
+                               STACK * BLOCK_N, GROUP)  # (S BN, G) OFFSET + code
         x_sum = tl.sum(x.to(tl.float32), axis=0)  # (16,) column s: group s's sum of x
-        # k = 8 b + 4 h + a to position q = a G / 4 + 2 b + h, the weights' k order
-        x = tl.reshape(tl.permute(tl.reshape(x, (GROUP // 8, 2, 4, _COLUMNS)), (2, 0, 1, 3)),
-                       (GROUP, _COLUMNS))  # (G, 16)
+        x = permute_to_k_of(x, GROUP, _COLUMNS)  # (G, 16) in the weights' k order
         products = tl.reshape(tl.dot(weight, x),
                               (STACK, BLOCK_N, _COLUMNS))  # (S, BN, 16) sum (OFFSET + code) x
         mine = tl.sum(tl.where(own, products, 0.0), axis=2)  # (S, BN) block s, column s
