@@ -178,7 +178,8 @@ def sweep(args) -> dict:
     device_name = torch.cuda.get_device_name()
     peak = next((bw for key, bw in PEAK_BYTES_PER_S.items() if key in device_name), None)
     l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
-    result = {"benchmark": "w4a16_kernels", "device": device_name, "group_size": GROUP,
+    result = {"benchmark": "w4a16_kernels", "device": device_name,
+              "capability": list(torch.cuda.get_device_capability()), "group_size": GROUP,
               "peak_bytes_per_s": peak, "torch": torch.__version__, "shapes": {}}
     for name in args.shapes:
         n, k = SHAPES[name]
@@ -221,8 +222,10 @@ def table(result: dict, existing: dict | None = None) -> dict:
             by_rows[rows] = {key: value for key, value in entry["best"].items()
                              if key in fields}
         launches[name] = dict(sorted(by_rows.items(), key=lambda item: int(item[0])))
-    return {"device": result["device"], "group_size": result["group_size"],
-            "measured_by": "benchmarks/w4a16_kernels.py", "launches": launches}
+    capability = result.get("capability") or (existing or {}).get("capability")
+    return {"device": result["device"], "capability": capability,
+            "group_size": result["group_size"], "measured_by": "benchmarks/w4a16_kernels.py",
+            "launches": launches}
 
 
 def plot(result: dict, path: Path) -> None:

@@ -4,7 +4,10 @@ benchmarks/w4a16_kernels.py (the approach vLLM takes for its MoE kernels).
 A table `w4a16_configs/<device name>.json` holds, for one group size and each layer shape
 "NxK" it was measured on, the fastest launch at each measured row count M. A matmul of M
 rows takes the entry of the smallest measured M >= its M (the largest measured M past
-the end). Shapes, group sizes or GPUs without a table use triton_w4a16.default_launch.
+the end). A GPU without a table of its own takes the table of a GPU of the same compute
+capability (an H200 the H100's: the same multiprocessors, more bandwidth), which beats
+the untuned defaults by far; shapes and group sizes no table has use
+triton_w4a16.default_launch.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ from __future__ import annotations
 import bisect
 import functools
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from lmfleet.worker.kernels.triton_w4a16 import W4A16Launch
+
+logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "w4a16_configs"
 
@@ -49,7 +55,27 @@ def tuned_launch(device: torch.device, rows: int, n: int, k: int,
 
 @functools.cache
 def _device_table_path(device_index: int | None) -> Path:
-    return table_path(torch.cuda.get_device_name(device_index))
+    name = torch.cuda.get_device_name(device_index)
+    path = table_for(name, torch.cuda.get_device_capability(device_index))
+    if path is None:
+        return table_path(name)  # none: launch_from_table finds no file
+    if path != table_path(name):
+        logger.info("W4A16: no launch table for %s; using %s's (same compute capability)",
+                    name, path.stem)
+    return path
+
+
+def table_for(device_name: str, capability: tuple[int, int],
+              config_dir: Path = CONFIG_DIR) -> Path | None:
+    """The GPU's own table, else the first (by name) of a GPU of the same compute
+    capability, else None."""
+    own = config_dir / table_path(device_name).name
+    if own.is_file():
+        return own
+    for path in sorted(config_dir.glob("*.json")):
+        if tuple(json.loads(path.read_text()).get("capability") or ()) == tuple(capability):
+            return path
+    return None
 
 
 def launch_from_table(path: Path, rows: int, n: int, k: int,
