@@ -37,6 +37,7 @@ def _stack_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words, 
     words = tl.arange(0, GROUP // 8)  # (G / 8,)
     at = ((first_group + stack)[:, None, None] * group_words(GROUP, TILE)
           + col_words[None, :, None] + words[None, None, :])  # (S, BN, G / 8)
+    # (stack >= 0) is all true: it only broadcasts the columns' mask over the stack
     mask = (col_mask[None, :] & valid) & (stack >= 0)[:, None]  # (S, BN)
     packed = tl.reshape(tl.load(w_ptr + at, mask=mask[:, :, None], other=0),
                         (STACK * BLOCK_N, GROUP // 8))  # (S BN, G / 8)
