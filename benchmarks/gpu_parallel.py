@@ -115,9 +115,8 @@ def fleet_metric(base_url: str, name: str, labels: str) -> float | None:
 def fleet_run(args, extra: list[str], kill_one: bool) -> dict:
     """Serve, run the load through the router (one replica SIGKILLed --kill-after-s into
     the load when `kill_one`), and report the load and the replacement's timing."""
-    from tests.integration.serve_process import WORKER_TOKEN, start_serve
+    from tests.integration.serve_process import start_serve
 
-    os.environ["LMFLEET_WORKER_TOKEN"] = WORKER_TOKEN
     record: dict = {"flags": extra}
     started = time.perf_counter()
     with start_serve([*serve_flags(args), *extra]) as serve:
@@ -130,8 +129,9 @@ def fleet_run(args, extra: list[str], kill_one: bool) -> dict:
 
         def kill_during_load() -> None:
             time.sleep(args.kill_after_s)
-            os.kill(serve.worker_pids[0], signal.SIGKILL)
-            killed.update(pid=serve.worker_pids[0], at=time.perf_counter())
+            victim = serve.worker_pids[0]
+            os.kill(victim, signal.SIGKILL)
+            killed.update(pid=victim, at=time.perf_counter())
 
         killer = threading.Thread(target=kill_during_load, daemon=True)
         load_start = time.perf_counter()

@@ -5,8 +5,8 @@ Each program reads its BN columns' packed words one group (G / 8 int32 a column)
 time and sums them; nothing else. "strided": a column's words contiguous, columns K / 8
 words apart (so a group's step reads BN pieces of G / 2 bytes); "tiled": the BN columns'
 words of one group stored as one contiguous block (the layout the kernels read since).
-Timed as a CUDA graph of 40 launches over 4 rotating copies (past the L2), best of 5,
-over block sizes, warps, pipeline stages and K splits.
+Timed as w4a16_kernels.py times its launches (a CUDA graph over 4 rotating copies, past
+the L2), over block sizes, warps, pipeline stages and K splits.
 
   python3 benchmarks/w4_weight_stream.py --out OUT   (GPU) -> OUT/w4_weight_stream.json
 """
@@ -16,11 +16,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # benchmarks.*
+
+from benchmarks import w4a16_kernels  # noqa: E402
 
 SHAPES = {"gate_up": (28672, 4096), "down": (4096, 14336), "qkv": (6144, 4096)}
 WORDS = 16  # a group of 128 k: 16 int32 a column
@@ -48,33 +55,18 @@ def _stream_kernel(w_ptr, out_ptr, K8, groups_per_split, TILED: tl.constexpr,
 
 def time_us(n: int, k: int, tiled: bool, bn: int, warps: int, stages: int,
             splits: int) -> float:
+    """One launch's time (w4a16_kernels.time_us: a CUDA graph over rotating copies)."""
     k8 = k // 8
     copies = [torch.randint(-2**31, 2**31 - 1, (n, k8), device="cuda", dtype=torch.int32)
               for _ in range(4)]
     out = torch.zeros(n, device="cuda", dtype=torch.int32)
-    grid = (n // bn, splits)
 
-    def launch(i: int) -> None:
-        _stream_kernel[grid](copies[i % 4], out, k8, k8 // WORDS // splits, TILED=tiled,
-                             BN=bn, W=WORDS, STAGES=stages, num_warps=warps)
+    def launch(i: int):
+        return lambda: _stream_kernel[(n // bn, splits)](
+            copies[i], out, k8, k8 // WORDS // splits, TILED=tiled, BN=bn, W=WORDS,
+            STAGES=stages, num_warps=warps)
 
-    for i in range(4):
-        launch(i)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(40):
-            launch(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 40 * 1e3)
-    return best
+    return w4a16_kernels.time_us(torch, launch, len(copies))
 
 
 def main() -> None:

@@ -23,13 +23,15 @@ from lmfleet.worker.kernels.triton_w4a16 import (  # noqa: E402
     w4a16_matmul,
 )
 from lmfleet.worker.quant.awq_format import quantize_rtn  # noqa: E402
-from lmfleet.worker.quant.w4_layout import (  # noqa: E402
-    COLUMN_TILE,
-    column_words,
-    repack_for_gpu,
-)
+from lmfleet.worker.quant.w4_layout import COLUMN_TILE, repack_for_gpu  # noqa: E402
 from tests.unit.w4_tensors import DEVICE, gpu_tensors  # noqa: E402
 
+
+def untiled(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The stored tiles -> (out, in / 8): column n's words in k order, contiguous."""
+    tiles, groups, tile, per_group = packed.shape
+    return (packed.permute(0, 2, 1, 3).reshape(tiles * tile, groups * per_group)
+            [:out_features])
 
 def test_repacked_layout_holds_consecutive_k_of_one_column_in_column_tiles():
     generator = torch.Generator().manual_seed(0)
@@ -45,7 +47,7 @@ def test_repacked_layout_holds_consecutive_k_of_one_column_in_column_tiles():
         word = int(packed[n // tile, p // 4, n % tile, p % 4])
         assert (word >> (4 * j)) & 0xF == int(codes[8 * p + j, n])
     assert not packed[1, :, 80 - tile:].any()  # the padding columns
-    assert torch.equal(column_words(packed, 80)[3], packed[0, :, 3].reshape(8))
+    assert torch.equal(untiled(packed, 80)[3], packed[0, :, 3].reshape(8))
     assert torch.equal(zeros, unpack(qzeros).float())
 
 
@@ -71,7 +73,7 @@ def test_shapes_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="must be"):
         w4a16_matmul(torch.randn(2, 64, device=DEVICE), packed, zeros, scales.half(), 32)
     with pytest.raises(ValueError, match="do not fit"):  # words not in column tiles
-        w4a16_matmul(torch.randn(2, 64, device=DEVICE), column_words(packed, 16), zeros,
+        w4a16_matmul(torch.randn(2, 64, device=DEVICE), untiled(packed, 16), zeros,
                      scales, 32)
 
 

@@ -31,8 +31,8 @@ DTYPES = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [
     (1, 64, 64, 32, 1, 0, False, False), (1, 48, 256, 64, 3, 0, True, True),
     (3, 40, 128, 64, 2, 0, False, True), (16, 32, 256, 128, 1, 0, True, False),
     (40, 32, 128, 64, 2, 16, False, False), (40, 40, 128, 32, 1, 32, True, True)])
-def test_matches_dequantize_then_matmul(dtype, m, n, k, group, splits, block_m, permute_x,
-                                        prefetch):
+def test_matches_the_exact_product(dtype, m, n, k, group, splits, block_m, permute_x,
+                                   prefetch):
     """One row, a few, 16 in one tile and 40 in tiles of 16 and 32 (the last
     padded); column tiles past N masked (48 and 40 columns in tiles of 32); K split 1, 2
     and 3 ways (4 groups cut 2 + 2, 3 + 1); x gathered in the tile's k order, or loaded in

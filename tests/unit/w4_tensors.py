@@ -21,4 +21,3 @@ def gpu_tensors(out_features: int, in_features: int, group: int, dtype: torch.dt
                           group, torch.float32 if exact else dtype).float()
     packed, zeros, gpu_scales = repack_for_gpu(qweight, qzeros, scales, dtype)
     return weight_t, packed.to(DEVICE), zeros.to(DEVICE), gpu_scales.to(DEVICE)
-

@@ -62,7 +62,6 @@ def _multiprocessors(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-
 @triton.jit
 def finish_split_k(acc, rows, cols, row_mask, col_mask, partial_ptr, out_ptr, counter_ptr,
                    tile, pid_k, splits, stride_ps, stride_om, SPLIT_K: tl.constexpr):

@@ -57,19 +57,17 @@ def tuned_launch(device: torch.device, rows: int, n: int, k: int,
 def _device_table_path(device_index: int | None) -> Path:
     name = torch.cuda.get_device_name(device_index)
     path = table_for(name, torch.cuda.get_device_capability(device_index))
-    if path is None:
-        return table_path(name)  # none: launch_from_table finds no file
-    if path != table_path(name):
+    if path is not None and path != table_path(name):
         logger.info("W4A16: no launch table for %s; using %s's (same compute capability)",
                     name, path.stem)
-    return path
+    return path or table_path(name)  # no table: launch_from_table finds no file
 
 
 def table_for(device_name: str, capability: tuple[int, int],
               config_dir: Path = CONFIG_DIR) -> Path | None:
     """The GPU's own table, else the first (by name) of a GPU of the same compute
     capability, else None."""
-    own = config_dir / table_path(device_name).name
+    own = config_dir / table_path(device_name).name  # table_path names it in CONFIG_DIR
     if own.is_file():
         return own
     for path in sorted(config_dir.glob("*.json")):

@@ -56,9 +56,3 @@ def tile_columns(words: torch.Tensor, groups: int) -> torch.Tensor:
     return (padded.reshape(tiles, COLUMN_TILE, groups, width // groups)
             .permute(0, 2, 1, 3).contiguous())  # (tiles, groups, T, g / 8)
 
-
-def column_words(packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The stored tiles -> (out, in / 8): column n's words in k order (tile_columns undone)."""
-    tiles, groups, tile, per_group = packed.shape
-    return (packed.permute(0, 2, 1, 3).reshape(tiles * tile, groups * per_group)
-            [:out_features])
