@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,16 +24,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BF16_DIR = "/tmp/anchor_llama3_8b_random"
 AWQ_DIR = "/tmp/anchor_llama3_8b_awq"
-LMFLEET_RUNS = {"lmfleet-bf16": (BF16_DIR, []), "lmfleet-awq": (AWQ_DIR, []),
-                "lmfleet-kv-int8": (BF16_DIR, ["kv_cache_dtype=int8"]),
-                "lmfleet-kv-fp8": (BF16_DIR, ["kv_cache_dtype=fp8"])}
+# name -> (model, engine options, environment); "-no-pdl": the W4A16 kernels launched
+# without programmatic dependent launch (worker/kernels/triton_pdl.py), to measure it
+LMFLEET_RUNS = {"lmfleet-bf16": (BF16_DIR, [], {}), "lmfleet-awq": (AWQ_DIR, [], {}),
+                "lmfleet-awq-no-pdl": (AWQ_DIR, [], {"LMFLEET_PDL": "0"}),
+                "lmfleet-kv-int8": (BF16_DIR, ["kv_cache_dtype=int8"], {}),
+                "lmfleet-kv-fp8": (BF16_DIR, ["kv_cache_dtype=fp8"], {})}
 ENGINES = (*LMFLEET_RUNS, "lmdeploy-awq")
 
 
-def run(cmd: list[str], limit: float) -> str:
-    print("==", " ".join(cmd), flush=True)
+def run(cmd: list[str], limit: float, env: dict[str, str] | None = None) -> str:
+    print("==", " ".join(cmd), env or "", flush=True)
     try:
-        completed = subprocess.run(cmd, timeout=limit)
+        completed = subprocess.run(cmd, timeout=limit, env={**os.environ, **(env or {})})
         return "ok" if completed.returncode == 0 else f"rc={completed.returncode}"
     except subprocess.TimeoutExpired:
         return f"timeout after {limit:.0f} s"
@@ -117,7 +121,7 @@ def main() -> None:
         write_awq_checkpoint(Path(BF16_DIR), Path(AWQ_DIR), 128, device="cuda")
     result["quantize_s"] = time.time() - start
     print(f"quantized in {result['quantize_s']:.1f} s", flush=True)
-    for name, (model_dir, options) in LMFLEET_RUNS.items():
+    for name, (model_dir, options, env) in LMFLEET_RUNS.items():
         if name not in engines:
             continue
         result_file = out / f"{name}.json"
@@ -125,7 +129,7 @@ def main() -> None:
         result["status"][name] = run(
             [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--run-variant",
              "default", "--model-dir", model_dir, "--device", "cuda", "--result-file",
-             str(result_file), *flags], args.limit_s)
+             str(result_file), *flags], args.limit_s, env)
         if result_file.is_file():
             result["runs"][name] = json.loads(result_file.read_text())
     if args.peer_bench and "lmdeploy-awq" in engines:

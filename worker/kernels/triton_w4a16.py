@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmfleet.worker.kernels.triton_pdl import pdl_enabled, wait_for_inputs
 from lmfleet.worker.kernels.triton_rounding import check_device, check_float
 from lmfleet.worker.kernels.triton_split_k import finish_split_k, num_splits, split_k_counters
 from lmfleet.worker.kernels.triton_w4_tiles import column_words, group_words
@@ -128,10 +129,10 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
                        magic, N, K, steps_per_split, splits, stride_xm, stride_zg, stride_sg,
                        stride_ps, stride_om, GROUP: tl.constexpr, TILE: tl.constexpr,
                        GROUPS: tl.constexpr, BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
-                       SPLIT_K: tl.constexpr):
+                       SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     """One row, BLOCK_N columns; each step takes GROUPS whole groups of K, a (BN, GROUPS,
     G / 8) tile of packed words. PREFETCH loads the next step's tile before the current
-    one is multiplied: the load's latency hides behind the arithmetic."""
+    one is multiplied (the load's latency hides behind the arithmetic), otherwise after."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -145,21 +146,17 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     step_start = pid_k * steps_per_split
     step_end = tl.minimum(K // (GROUP * GROUPS), step_start + steps_per_split)
-    if PREFETCH:
-        next_tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words,
-                                    groups, tile_words, step_start, step_start < step_end,
-                                    stride_zg, stride_sg, GROUP, GROUPS, TILE)
+    # the first step's weights are loaded before waiting for x (triton_pdl.py)
+    tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words, groups,
+                           tile_words, step_start, step_start < step_end, stride_zg,
+                           stride_sg, GROUP, GROUPS, TILE)
+    wait_for_inputs(PDL)
     for step in range(step_start, step_end):
+        packed, zero, scale = tile
         if PREFETCH:
-            packed, zero, scale = next_tile
-            next_tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask,
-                                        col_words, groups, tile_words, step + 1,
-                                        step + 1 < step_end, stride_zg, stride_sg, GROUP,
-                                        GROUPS, TILE)
-        else:
-            packed, zero, scale = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask,
-                                                  col_words, groups, tile_words, step, True,
-                                                  stride_zg, stride_sg, GROUP, GROUPS, TILE)
+            tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words,
+                                   groups, tile_words, step + 1, step + 1 < step_end,
+                                   stride_zg, stride_sg, GROUP, GROUPS, TILE)
         high = _high_half(packed)
         x_at = x_ptr + row * stride_xm + step * GROUPS * GROUP + words * 8  # (S, G / 8) k = 8p
         part = tl.zeros((BLOCK_N, GROUPS, GROUP // 8), dtype=tl.float32)
@@ -170,6 +167,10 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
             part += _nibble(packed, high, j, magic) * (x_j * _nibble_unit(j))[None, :, :]
         acc += tl.sum(scale.to(tl.float32) * (tl.sum(part, axis=2) - zero.to(tl.float32)
                                               * tl.sum(x_sum, axis=1)[None, :]), axis=1)
+        if not PREFETCH:
+            tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words,
+                                   groups, tile_words, step + 1, step + 1 < step_end,
+                                   stride_zg, stride_sg, GROUP, GROUPS, TILE)
     rows = row + tl.arange(0, 1)  # (1,)
     finish_split_k(acc[None, :], rows, cols, rows >= 0, col_mask, partial_ptr, out_ptr,
                    counter_ptr, row * tl.num_programs(1) + pid_n, pid_k, splits, stride_ps,
@@ -201,7 +202,8 @@ def _w4a16_dot_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr,
                       magic, M, N, K, k_per_split, splits, stride_xm, stride_zg, stride_sg,
                       stride_ps, stride_om, GROUP: tl.constexpr, TILE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SPLIT_K: tl.constexpr):
+                      SPLIT_K: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)  # the loop's loads are pipelined: nothing is loaded before it
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -353,8 +355,9 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
     args = (x, packed, zeros, scales, partial, out, counters, _MAGIC)
     strides = (x.stride(0), zeros.stride(0), scales.stride(0),
                partial.stride(0) if splits > 1 else 0, out.stride(0))
+    pdl = pdl_enabled(x.device)
     options = dict(GROUP=group_size, TILE=packed.shape[2], BLOCK_N=launch.block_n,
-                   SPLIT_K=splits > 1,
+                   SPLIT_K=splits > 1, PDL=pdl, launch_pdl=pdl,
                    num_warps=launch.num_warps, num_stages=launch.num_stages)
     if launch.path == "gemv":
         _w4a16_gemv_kernel[(M, grid_mn[1], splits)](*args, N, K, per_split, splits, *strides,

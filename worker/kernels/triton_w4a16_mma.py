@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmfleet.worker.kernels.triton_pdl import wait_for_inputs
 from lmfleet.worker.kernels.triton_split_k import finish_split_k
 from lmfleet.worker.kernels.triton_w4_tiles import column_words, group_words
 
@@ -98,7 +99,7 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, OFFSET: tl.constexpr,
                      SPLIT_K: tl.constexpr,
                      PERMUTE_X: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                     SCALE_16: tl.constexpr = False):
+                     SCALE_16: tl.constexpr = False, PDL: tl.constexpr = False):
     """A program per (column tile, split of K, tile of BLOCK_M rows).
 
     SCALE_16 applies the zero and scale to the 16-bit weights (paired 16-bit instructions,
@@ -107,7 +108,8 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
     compiled away). With num_stages >= 2 Triton's pipeliner copies the next groups' loads
     to shared memory ahead of use (cp.async); PREFETCH instead loads the next group into
     registers before the current one is multiplied, and the pipeliner leaves the loads
-    alone."""
+    alone. Under PDL the program waits first (triton_pdl.py): its first load takes x too."""
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)

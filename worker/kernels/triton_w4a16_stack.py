@@ -19,6 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from lmfleet.worker.kernels.triton_pdl import wait_for_inputs
 from lmfleet.worker.kernels.triton_split_k import finish_split_k
 from lmfleet.worker.kernels.triton_w4_tiles import column_words, group_words
 from lmfleet.worker.kernels.triton_w4a16_mma import ROWS, permute_to_k_of, unpack_halves
@@ -27,12 +28,11 @@ _COLUMNS = tl.constexpr(ROWS)  # the MMA's narrow side, 16 columns of x
 
 
 @triton.jit
-def _stack_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words, first_group,
-                valid, stride_zg, stride_sg, GROUP: tl.constexpr, TILE: tl.constexpr,
-                BLOCK_N: tl.constexpr, STACK: tl.constexpr):
+def _stack_weights(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words, first_group,
+                   valid, stride_zg, stride_sg, GROUP: tl.constexpr, TILE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, STACK: tl.constexpr):
     """STACK groups from first_group: words (STACK * BN, G / 8), group s's columns at rows
-    s * BN ..; x (G, 16) in k order, column s = group s's k, the rest zeros; zeros and
-    scales (STACK, BN). `valid` False loads nothing."""
+    s * BN ..; zeros and scales (STACK, BN). `valid` False loads nothing."""
     stack = tl.arange(0, STACK)  # (S,)
     words = tl.arange(0, GROUP // 8)  # (G / 8,)
     at = ((first_group + stack)[:, None, None] * group_words(GROUP, TILE)
@@ -41,14 +41,20 @@ def _stack_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words, 
     mask = (col_mask[None, :] & valid) & (stack >= 0)[:, None]  # (S, BN)
     packed = tl.reshape(tl.load(w_ptr + at, mask=mask[:, :, None], other=0),
                         (STACK * BLOCK_N, GROUP // 8))  # (S BN, G / 8)
-    columns = tl.arange(0, _COLUMNS)  # (16,) the MMA's narrow side
-    x = tl.load(x_ptr + (first_group + columns)[None, :] * GROUP
-                + tl.arange(0, GROUP)[:, None],
-                mask=(columns < STACK)[None, :] & valid, other=0.0)  # (G, 16)
     group_at = (first_group + stack)[:, None]  # (S, 1)
     zero = tl.load(zeros_ptr + group_at * stride_zg + cols[None, :], mask=mask, other=0.0)
     scale = tl.load(scales_ptr + group_at * stride_sg + cols[None, :], mask=mask, other=0.0)
-    return packed, x, zero, scale  # zero, scale (S, BN)
+    return packed, zero, scale  # zero, scale (S, BN)
+
+
+@triton.jit
+def _stack_x(x_ptr, first_group, valid, GROUP: tl.constexpr, STACK: tl.constexpr):
+    """x (G, 16) in k order for STACK groups from first_group: column s = group s's k, the
+    rest zeros. `valid` False loads nothing."""
+    columns = tl.arange(0, _COLUMNS)  # (16,) the MMA's narrow side
+    return tl.load(x_ptr + (first_group + columns)[None, :] * GROUP
+                   + tl.arange(0, GROUP)[:, None],
+                   mask=(columns < STACK)[None, :] & valid, other=0.0)  # (G, 16)
 
 
 @triton.jit
@@ -57,10 +63,11 @@ def w4a16_stack_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
                        stride_sg, stride_ps, stride_om, GROUP: tl.constexpr,
                        TILE: tl.constexpr, BLOCK_N: tl.constexpr, STACK: tl.constexpr,
                        OFFSET: tl.constexpr, SPLIT_K: tl.constexpr,
-                       PREFETCH: tl.constexpr = False):
+                       PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
     """A program per (column tile, split of K); one row of x; each step takes STACK
-    groups. PREFETCH loads the next step into registers before this one is multiplied
-    (Triton's pipeliner, num_stages >= 2, otherwise)."""
+    groups. PREFETCH loads the next step into registers before this one is multiplied,
+    and under PDL the first step's weights before waiting for x (triton_pdl.py); without
+    it Triton's pipeliner (num_stages >= 2) prefetches, and the program waits first."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
@@ -73,19 +80,27 @@ def w4a16_stack_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
     step_start = pid_k * steps_per_split
     step_end = tl.minimum(K // (GROUP * STACK), step_start + steps_per_split)
     if PREFETCH:
-        next_step = _stack_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, cols, col_mask,
-                                col_words, step_start * STACK, step_start < step_end,
-                                stride_zg, stride_sg, GROUP, TILE, BLOCK_N, STACK)
+        next_weights = _stack_weights(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words,
+                                      step_start * STACK, step_start < step_end, stride_zg,
+                                      stride_sg, GROUP, TILE, BLOCK_N, STACK)
+        wait_for_inputs(PDL)
+        next_x = _stack_x(x_ptr, step_start * STACK, step_start < step_end, GROUP, STACK)
+    else:
+        wait_for_inputs(PDL)
     for step in range(step_start, step_end):
         if PREFETCH:
-            packed, x, zero, scale = next_step
-            next_step = _stack_load(x_ptr, w_ptr, zeros_ptr, scales_ptr, cols, col_mask,
-                                    col_words, (step + 1) * STACK, step + 1 < step_end,
-                                    stride_zg, stride_sg, GROUP, TILE, BLOCK_N, STACK)
+            packed, zero, scale = next_weights
+            x = next_x
+            valid = step + 1 < step_end
+            next_weights = _stack_weights(w_ptr, zeros_ptr, scales_ptr, cols, col_mask,
+                                          col_words, (step + 1) * STACK, valid, stride_zg,
+                                          stride_sg, GROUP, TILE, BLOCK_N, STACK)
+            next_x = _stack_x(x_ptr, (step + 1) * STACK, valid, GROUP, STACK)
         else:
-            packed, x, zero, scale = _stack_load(
-                x_ptr, w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words,
-                step * STACK, True, stride_zg, stride_sg, GROUP, TILE, BLOCK_N, STACK)
+            packed, zero, scale = _stack_weights(
+                w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words, step * STACK, True,
+                stride_zg, stride_sg, GROUP, TILE, BLOCK_N, STACK)
+            x = _stack_x(x_ptr, step * STACK, True, GROUP, STACK)
         weight = unpack_halves(packed, halves_bits, x_ptr.dtype.element_ty,
                                STACK * BLOCK_N, GROUP)  # (S BN, G) OFFSET + code
         x_sum = tl.sum(x.to(tl.float32), axis=0)  # (16,) column s: group s's sum of x
