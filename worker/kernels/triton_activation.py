@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from lmfleet.worker.kernels.triton_pdl import let_next_start, pdl_enabled
+from lmfleet.worker.kernels.triton_pdl import pdl_enabled, start_in_chain
 from lmfleet.worker.kernels.triton_rounding import (
     INTERPRET,
     check_device,
@@ -43,9 +43,9 @@ _BLOCK = 1024  # columns per program: 8 elements a thread at 4 warps, wide vecto
 def _silu_mul_kernel(
     gate_up_ptr, out_ptr, in_row_stride, out_row_stride, inter,
     BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr, LIBDEVICE_EXP: tl.constexpr,
-    LET_NEXT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    let_next_start(LET_NEXT)  # the down projection may follow (triton_pdl.py)
+    start_in_chain(PDL)
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2**31
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
     mask = cols < inter  # (BLOCK,)
@@ -82,7 +82,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[grid](
         gate_up, out, gate_up.stride(0), out.stride(0), inter,
         BLOCK=block, SOFT_BF16=soft_bf16(gate_up.dtype), LIBDEVICE_EXP=not INTERPRET,
-        LET_NEXT=pdl_enabled(gate_up.device),
+        PDL=pdl_enabled(gate_up.device), launch_pdl=pdl_enabled(gate_up.device),
         num_warps=4,
         # No fused multiply-adds, so every product rounds on its own, as torch's do.
         enable_fp_fusion=False,

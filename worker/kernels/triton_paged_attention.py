@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmfleet.worker.kernels.triton_pdl import let_next_start, pdl_enabled
+from lmfleet.worker.kernels.triton_pdl import pdl_enabled, start_in_chain
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,9 +91,9 @@ def _decode_kernel(
     stride_qb, stride_qh, stride_blk, stride_tok, stride_kvh, stride_btb, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_CODEC: tl.constexpr, LET_NEXT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_CODEC: tl.constexpr, PDL: tl.constexpr,
 ):
-    let_next_start(LET_NEXT)  # the output projection may follow (triton_pdl.py)
+    start_in_chain(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -158,9 +158,9 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-    LET_NEXT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    let_next_start(LET_NEXT)
+    start_in_chain(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
@@ -340,14 +340,15 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2], NUM_SPLITS=num_splits,
         DOT_PRECISION=precision, KV_CODEC=_KV_CODECS.get(kv_cache.dtype, 0),
-        LET_NEXT=pdl_enabled(q.device) and num_splits == 1,
+        PDL=pdl_enabled(q.device), launch_pdl=pdl_enabled(q.device),
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
-            SPLITS_P2=triton.next_power_of_2(num_splits), LET_NEXT=pdl_enabled(q.device),
+            SPLITS_P2=triton.next_power_of_2(num_splits), PDL=pdl_enabled(q.device),
+            launch_pdl=pdl_enabled(q.device),
             num_warps=1 if head_dim <= 64 else 2,
         )
 

@@ -1,17 +1,18 @@
-"""Programmatic dependent launch (PDL, compute capability 9.0 and later) for the W4A16
-kernels: a kernel may start while the kernel before it on the stream is still running.
+"""Programmatic dependent launch (PDL, compute capability 9.0 and later) for the kernels of
+a decode step: a kernel may start while the kernel before it on the stream still runs.
 
-At one decode row a W4A16 matmul reads megabytes of packed weights that no earlier kernel
-writes, yet by default it starts only after the norm, SiLU or attention kernel before it
-has finished and the launch latency has passed: the GPU's memory sits idle meanwhile.
-Launched with PDL, the matmul's programs start as soon as the kernel before it lets them
-(`let_next_start`, which the norm, SiLU and decode-attention kernels call first thing),
-load their first step of weights, and only then wait (`wait_for_inputs`) until the kernel
-before has finished and its writes are visible, before they read x or write anything.
+At one decode row the step is some three hundred short kernels, and by default each starts
+only after the one before has finished and the launch latency has passed: the GPU idles
+between them. Launched with PDL, a kernel's programs are resident when the one before
+lets them start, and each begins with `start_in_chain`: wait until the kernel before has
+finished and its writes are visible, then let the next kernel start in turn. The W4A16
+matmuls load their first step of weights before it: megabytes that no kernel writes, read
+while the kernel before still runs.
 
-The rule that keeps this exact: before `wait_for_inputs` a kernel reads only tensors no
-kernel writes while the model runs (weights, zeros, scales) and writes nothing. The kernels
-that follow a PDL kernel are launched as usual and wait for all of it.
+The rule that keeps this exact: before `start_in_chain` a kernel reads only tensors no
+kernel writes while the model runs (weights, zeros, scales) and writes nothing. A kernel
+launched without PDL (torch's, cuBLAS's) waits for everything before it, as usual, and a
+PDL kernel after it starts when it has finished.
 
 The PDL instructions (griddepcontrol) exist only on the GPU, so PDL is a compile-time flag,
 False under Triton's interpreter and on GPUs before Hopper. LMFLEET_PDL=0 turns it off,
@@ -46,16 +47,10 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 
 @triton.jit
-def wait_for_inputs(PDL: tl.constexpr):
-    """Under PDL, block until the kernel before this one has finished and its writes are
-    visible; a no-op otherwise."""
+def start_in_chain(PDL: tl.constexpr):
+    """Under PDL: block until the kernel before this one has finished and its writes are
+    visible, then let the next kernel on the stream start (it waits likewise). A no-op
+    otherwise."""
     if PDL:
         gdc_wait()
-
-
-@triton.jit
-def let_next_start(PDL: tl.constexpr):
-    """Under PDL, let the next kernel on the stream start (it waits for this one's results
-    in its own wait_for_inputs); a no-op otherwise."""
-    if PDL:
         gdc_launch_dependents()

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmfleet.worker.kernels.triton_pdl import let_next_start, pdl_enabled
+from lmfleet.worker.kernels.triton_pdl import pdl_enabled, start_in_chain
 from lmfleet.worker.kernels.triton_rounding import (
     check_device,
     check_float,
@@ -47,9 +47,9 @@ def _add_rms_norm_kernel(
     x_row_stride, delta_row_stride, out_row_stride,
     hidden, eps,
     HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr,
-    SOFT_X: tl.constexpr, SOFT_OUT: tl.constexpr, LET_NEXT: tl.constexpr,
+    SOFT_X: tl.constexpr, SOFT_OUT: tl.constexpr, PDL: tl.constexpr,
 ):
-    let_next_start(LET_NEXT)  # a W4A16 matmul may follow: it loads weights meanwhile
+    start_in_chain(PDL)
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride may pass 2**31
     cols = tl.arange(0, BLOCK)  # (BLOCK,)
     mask = cols < hidden  # (BLOCK,)
@@ -116,7 +116,7 @@ def add_rms_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.T
         hidden, float(eps),
         HAS_DELTA=delta is not None, BLOCK=block,
         SOFT_X=soft_bf16(x.dtype), SOFT_OUT=soft_bf16(out_dtype),
-        LET_NEXT=pdl_enabled(x.device),
+        PDL=pdl_enabled(x.device), launch_pdl=pdl_enabled(x.device),
         num_warps=_num_warps(block),
         # No fused multiply-adds: each product and sum rounds on its own, as torch's do.
         enable_fp_fusion=False,

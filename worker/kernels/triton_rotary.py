@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lmfleet.worker.kernels.triton_pdl import pdl_enabled, start_in_chain
 from lmfleet.worker.kernels.triton_rounding import (
     check_device,
     check_float,
@@ -50,8 +51,9 @@ def _rotary_store_kv_kernel(
     cache_stride_dim,
     num_heads, num_kv_heads, block_size,
     HEAD_DIM: tl.constexpr, HALF_BLOCK: tl.constexpr, BLOCK_HEADS: tl.constexpr,
-    SOFT_BF16: tl.constexpr,
+    SOFT_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
+    start_in_chain(PDL)
     # Program (t, j): token t, heads j * BLOCK_HEADS.. of the q heads followed by the k heads.
     t = tl.program_id(0).to(tl.int64)  # int64: t * row stride may pass 2**31
     half: tl.constexpr = HEAD_DIM // 2
@@ -166,6 +168,7 @@ def rotary_store_kv(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch
         num_heads, num_kv_heads, kv_cache.shape[2],
         HEAD_DIM=head_dim, HALF_BLOCK=half_block, BLOCK_HEADS=block_heads,
         SOFT_BF16=soft_bf16(qkv.dtype),
+        PDL=pdl_enabled(qkv.device), launch_pdl=pdl_enabled(qkv.device),
         num_warps=4,
         # No fused multiply-adds: x * cos and rotate_half(x) * sin round before their sum,
         # as in torch (this is what keeps float32 bit-identical too).

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmfleet.worker.kernels.triton_pdl import pdl_enabled, wait_for_inputs
+from lmfleet.worker.kernels.triton_pdl import pdl_enabled, start_in_chain
 from lmfleet.worker.kernels.triton_rounding import check_device, check_float
 from lmfleet.worker.kernels.triton_split_k import finish_split_k, num_splits, split_k_counters
 from lmfleet.worker.kernels.triton_w4_tiles import column_words, group_words
@@ -150,7 +150,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
     tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words, groups,
                            tile_words, step_start, step_start < step_end, stride_zg,
                            stride_sg, GROUP, GROUPS, TILE)
-    wait_for_inputs(PDL)
+    start_in_chain(PDL)
     for step in range(step_start, step_end):
         packed, zero, scale = tile
         if PREFETCH:
@@ -203,7 +203,7 @@ def _w4a16_dot_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr,
                       stride_ps, stride_om, GROUP: tl.constexpr, TILE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       SPLIT_K: tl.constexpr, PDL: tl.constexpr):
-    wait_for_inputs(PDL)  # the loop's loads are pipelined: nothing is loaded before it
+    start_in_chain(PDL)  # the loop's loads are pipelined: nothing is loaded before it
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)

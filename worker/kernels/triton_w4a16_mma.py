@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmfleet.worker.kernels.triton_pdl import wait_for_inputs
+from lmfleet.worker.kernels.triton_pdl import start_in_chain
 from lmfleet.worker.kernels.triton_split_k import finish_split_k
 from lmfleet.worker.kernels.triton_w4_tiles import column_words, group_words
 
@@ -109,7 +109,7 @@ def w4a16_mma_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, 
     to shared memory ahead of use (cp.async); PREFETCH instead loads the next group into
     registers before the current one is multiplied, and the pipeliner leaves the loads
     alone. Under PDL the program waits first (triton_pdl.py): its first load takes x too."""
-    wait_for_inputs(PDL)
+    start_in_chain(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lmfleet.worker.kernels.triton_pdl import wait_for_inputs
+from lmfleet.worker.kernels.triton_pdl import start_in_chain
 from lmfleet.worker.kernels.triton_split_k import finish_split_k
 from lmfleet.worker.kernels.triton_w4_tiles import column_words, group_words
 from lmfleet.worker.kernels.triton_w4a16_mma import ROWS, permute_to_k_of, unpack_halves
@@ -83,10 +83,10 @@ def w4a16_stack_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
         next_weights = _stack_weights(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words,
                                       step_start * STACK, step_start < step_end, stride_zg,
                                       stride_sg, GROUP, TILE, BLOCK_N, STACK)
-        wait_for_inputs(PDL)
+        start_in_chain(PDL)
         next_x = _stack_x(x_ptr, step_start * STACK, step_start < step_end, GROUP, STACK)
     else:
-        wait_for_inputs(PDL)
+        start_in_chain(PDL)
     for step in range(step_start, step_end):
         if PREFETCH:
             packed, zero, scale = next_weights
