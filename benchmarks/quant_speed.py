@@ -24,9 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BF16_DIR = "/tmp/anchor_llama3_8b_random"
 AWQ_DIR = "/tmp/anchor_llama3_8b_awq"
-# name -> (model, engine options, environment); "-no-pdl": the W4A16 kernels launched
+# name -> (model, engine options, environment); "-no-pdl": the decode kernels launched
 # without programmatic dependent launch (worker/kernels/triton_pdl.py), to measure it
 LMFLEET_RUNS = {"lmfleet-bf16": (BF16_DIR, [], {}), "lmfleet-awq": (AWQ_DIR, [], {}),
+                "lmfleet-bf16-no-pdl": (BF16_DIR, [], {"LMFLEET_PDL": "0"}),
                 "lmfleet-awq-no-pdl": (AWQ_DIR, [], {"LMFLEET_PDL": "0"}),
                 "lmfleet-kv-int8": (BF16_DIR, ["kv_cache_dtype=int8"], {}),
                 "lmfleet-kv-fp8": (BF16_DIR, ["kv_cache_dtype=fp8"], {})}
@@ -65,7 +66,8 @@ def plot(result: dict, path: Path) -> None:
              **{name: call["runs"] for name, call in result.get("calls", {}).items()}}
     bars_of = [(call, name, lmdeploy_numbers(run) if isinstance(run, list) else run)
                for call, runs in calls.items() for name, run in runs.items()]
-    colours = dict(zip(calls, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=False))
+    colours = dict(zip(calls, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"),
+                       strict=False))
     figure, (left, right) = plt.subplots(1, 2, figsize=(4 + 0.9 * len(bars_of), 4.2))
     for axis, key, label in ((left, "test_a_out_tok_s", "Test A output tokens/s"),
                              (right, "test_b_tpot_ms", "Test B batch-1 TPOT ms")):
@@ -78,7 +80,8 @@ def plot(result: dict, path: Path) -> None:
         axis.set_xticks(range(len(bars_of)), [name for _, name, _ in bars_of], rotation=30,
                         ha="right", fontsize=7)
         axis.set_title(label)
-    left.legend(fontsize=7)
+        axis.set_ylim(top=axis.get_ylim()[1] * 1.3)  # room for the legend above the bars
+    left.legend(fontsize=7, ncol=2)
     device = next((run.get("device") for _, _, run in bars_of if run.get("device")), "GPU")
     figure.suptitle(f"Quantization speed, Llama-3-8B-shaped random weights, {device}")
     figure.tight_layout()
