@@ -49,18 +49,19 @@ def compile_kernel(kind: str, block_n: int, warps: int, groups: int, block_m: in
     if kind == "stack":
         fn = triton_w4a16_stack.w4a16_stack_kernel
         constants = {"GROUP": GROUP, "TILE": COLUMN_TILE, "BLOCK_N": block_n, "STACK": groups,
-                     "OFFSET": 128.0, "SPLIT_K": True, "PREFETCH": False}
+                     "OFFSET": 128.0, "SPLIT_K": True, "PREFETCH": False, "PDL": False}
     elif kind == "gemv":
         fn = triton_w4a16._w4a16_gemv_kernel
         constants = {"GROUP": GROUP, "TILE": COLUMN_TILE, "GROUPS": groups,
-                     "BLOCK_N": block_n, "PREFETCH": False, "SPLIT_K": True}
+                     "BLOCK_N": block_n, "PREFETCH": False, "SPLIT_K": True,
+                     "PDL": False}
     else:
         fn = triton_w4a16_mma.w4a16_mma_kernel
         constants = {"GROUP": GROUP, "TILE": COLUMN_TILE, "BLOCK_N": block_n,
                      "BLOCK_M": block_m,
                      "OFFSET": 128.0, "SPLIT_K": True,
                      "PERMUTE_X": "p" in options, "PREFETCH": False,
-                     "SCALE_16": "w" in options}
+                     "SCALE_16": "w" in options, "PDL": False}
     signature = {name: POINTERS.get(name, "constexpr" if name in constants else "i32")
                  for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
