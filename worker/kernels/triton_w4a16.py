@@ -125,6 +125,22 @@ def _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words, gro
 
 
 @triton.jit
+def _gemv_step_sum(packed, zero, scale, x_at, magic, BLOCK_N: tl.constexpr,
+                   GROUP: tl.constexpr, GROUPS: tl.constexpr):
+    """One step's (BN,) share of the product: packed (BN, S, G / 8) words, zero and scale
+    (BN, S), x_at (S, G / 8) pointers to x[8 p] of each word p."""
+    high = _high_half(packed)
+    part = tl.zeros((BLOCK_N, GROUPS, GROUP // 8), dtype=tl.float32)
+    x_sum = tl.zeros((GROUPS, GROUP // 8), dtype=tl.float32)
+    for j in tl.static_range(8):
+        x_j = tl.load(x_at + j).to(tl.float32)  # (S, G / 8) x[8 p + j]
+        x_sum += x_j
+        part += _nibble(packed, high, j, magic) * (x_j * _nibble_unit(j))[None, :, :]
+    return tl.sum(scale.to(tl.float32) * (tl.sum(part, axis=2) - zero.to(tl.float32)
+                                          * tl.sum(x_sum, axis=1)[None, :]), axis=1)
+
+
+@triton.jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr, counter_ptr,
                        magic, N, K, steps_per_split, splits, stride_xm, stride_zg, stride_sg,
                        stride_ps, stride_om, GROUP: tl.constexpr, TILE: tl.constexpr,
@@ -132,7 +148,9 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
                        SPLIT_K: tl.constexpr, PDL: tl.constexpr):
     """One row, BLOCK_N columns; each step takes GROUPS whole groups of K, a (BN, GROUPS,
     G / 8) tile of packed words. PREFETCH loads the next step's tile before the current
-    one is multiplied (the load's latency hides behind the arithmetic), otherwise after."""
+    one is multiplied: the load's latency hides behind the arithmetic. The first step's
+    tile is loaded before waiting for x (triton_pdl.py), and that step is taken before the
+    loop, so the loop is the same with and without PDL."""
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -143,34 +161,34 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
     tile_words = (groups[:, None] * group_words(GROUP, TILE)
                   + tl.arange(0, GROUP // 8)[None, :])  # (S, G / 8) the words in the tiles
     col_words = column_words(cols, K, GROUP, TILE)  # (BN,)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    x_row = x_ptr + row * stride_xm + words * 8  # (S, G / 8) x[8 p] of the first step
     step_start = pid_k * steps_per_split
     step_end = tl.minimum(K // (GROUP * GROUPS), step_start + steps_per_split)
-    # the first step's weights are loaded before waiting for x (triton_pdl.py)
-    tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words, groups,
-                           tile_words, step_start, step_start < step_end, stride_zg,
-                           stride_sg, GROUP, GROUPS, TILE)
+    packed, zero, scale = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask,
+                                          col_words, groups, tile_words, step_start,
+                                          step_start < step_end, stride_zg, stride_sg,
+                                          GROUP, GROUPS, TILE)
     start_in_chain(PDL)
-    for step in range(step_start, step_end):
-        packed, zero, scale = tile
+    if PREFETCH:
+        next_tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words,
+                                    groups, tile_words, step_start + 1,
+                                    step_start + 1 < step_end, stride_zg, stride_sg, GROUP,
+                                    GROUPS, TILE)
+    acc = _gemv_step_sum(packed, zero, scale, x_row + step_start * GROUPS * GROUP, magic,
+                         BLOCK_N, GROUP, GROUPS)  # (BN,) every split has a step
+    for step in range(step_start + 1, step_end):
         if PREFETCH:
-            tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words,
-                                   groups, tile_words, step + 1, step + 1 < step_end,
-                                   stride_zg, stride_sg, GROUP, GROUPS, TILE)
-        high = _high_half(packed)
-        x_at = x_ptr + row * stride_xm + step * GROUPS * GROUP + words * 8  # (S, G / 8) k = 8p
-        part = tl.zeros((BLOCK_N, GROUPS, GROUP // 8), dtype=tl.float32)
-        x_sum = tl.zeros((GROUPS, GROUP // 8), dtype=tl.float32)
-        for j in tl.static_range(8):
-            x_j = tl.load(x_at + j).to(tl.float32)  # (S, G / 8) x[8 p + j]
-            x_sum += x_j
-            part += _nibble(packed, high, j, magic) * (x_j * _nibble_unit(j))[None, :, :]
-        acc += tl.sum(scale.to(tl.float32) * (tl.sum(part, axis=2) - zero.to(tl.float32)
-                                              * tl.sum(x_sum, axis=1)[None, :]), axis=1)
-        if not PREFETCH:
-            tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words,
-                                   groups, tile_words, step + 1, step + 1 < step_end,
-                                   stride_zg, stride_sg, GROUP, GROUPS, TILE)
+            packed, zero, scale = next_tile
+            next_tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask,
+                                        col_words, groups, tile_words, step + 1,
+                                        step + 1 < step_end, stride_zg, stride_sg, GROUP,
+                                        GROUPS, TILE)
+        else:
+            packed, zero, scale = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask,
+                                                  col_words, groups, tile_words, step, True,
+                                                  stride_zg, stride_sg, GROUP, GROUPS, TILE)
+        acc += _gemv_step_sum(packed, zero, scale, x_row + step * GROUPS * GROUP, magic,
+                              BLOCK_N, GROUP, GROUPS)
     rows = row + tl.arange(0, 1)  # (1,)
     finish_split_k(acc[None, :], rows, cols, rows >= 0, col_mask, partial_ptr, out_ptr,
                    counter_ptr, row * tl.num_programs(1) + pid_n, pid_k, splits, stride_ps,
