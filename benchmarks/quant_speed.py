@@ -62,7 +62,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     # one colour per call: engines compare only within the call that ran them
-    calls = {"latest call": result["runs"],
+    calls = {"main call (runs)": result["runs"],
              **{name: call["runs"] for name, call in result.get("calls", {}).items()}}
     bars_of = [(call, name, lmdeploy_numbers(run) if isinstance(run, list) else run)
                for call, runs in calls.items() for name, run in runs.items()]
