@@ -6,7 +6,9 @@ apply (gemv for M <= 8, mma for M <= 16, tl.dot for 4 < M <= 1024, dequantize + 
 for M >= 256), the bf16 torch.matmul of the same shape, and the floor: the 4-bit weight's
 bytes at the GPU's peak memory bandwidth. Timing replays a CUDA graph of REPS calls, rotating over
 enough weight copies (> 2 x L2) that each call reads its weight from HBM, as a decode
-step reading 32 layers does.
+step reading 32 layers does. On Hopper the calls launch with programmatic dependent launch
+as in the engine (worker/kernels/triton_pdl.py), so each starts loading while the one
+before ends; LMFLEET_PDL=0 times them one after another, as the committed table was.
 
   python3 benchmarks/w4a16_kernels.py --out $OUT [--write-table] [--quick]
 Writes OUT/w4a16_kernels.json and, with --write-table, the fastest launch per shape and M
