@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from lmfleet.worker.kernels.triton_pdl import pdl_enabled, start_in_chain
+from lmfleet.worker.kernels.triton_pdl import pdl_options, start_in_chain
 from lmfleet.worker.kernels.triton_rounding import (
     INTERPRET,
     check_device,
@@ -82,7 +82,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[grid](
         gate_up, out, gate_up.stride(0), out.stride(0), inter,
         BLOCK=block, SOFT_BF16=soft_bf16(gate_up.dtype), LIBDEVICE_EXP=not INTERPRET,
-        PDL=pdl_enabled(gate_up.device), launch_pdl=pdl_enabled(gate_up.device),
+        **pdl_options(gate_up.device),
         num_warps=4,
         # No fused multiply-adds, so every product rounds on its own, as torch's do.
         enable_fp_fusion=False,

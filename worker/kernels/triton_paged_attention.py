@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmfleet.worker.kernels.triton_pdl import pdl_enabled, start_in_chain
+from lmfleet.worker.kernels.triton_pdl import pdl_options, start_in_chain
 
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -331,6 +331,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
                                device=q.device)
     else:
         part_o = part_lse = out  # unused: the kernel writes out directly
+    pdl = pdl_options(q.device)
     # K and V are kv_cache[0], kv_cache[1]: same strides, different base pointers.
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, kv_cache[0], kv_cache[1], block_tables, seq_lens, out, part_o, part_lse,
@@ -340,15 +341,14 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2], NUM_SPLITS=num_splits,
         DOT_PRECISION=precision, KV_CODEC=_KV_CODECS.get(kv_cache.dtype, 0),
-        PDL=pdl_enabled(q.device), launch_pdl=pdl_enabled(q.device),
+        **pdl,
         num_warps=num_warps, num_stages=num_stages,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
-            SPLITS_P2=triton.next_power_of_2(num_splits), PDL=pdl_enabled(q.device),
-            launch_pdl=pdl_enabled(q.device),
+            SPLITS_P2=triton.next_power_of_2(num_splits), **pdl,
             num_warps=1 if head_dim <= 64 else 2,
         )
 

@@ -41,6 +41,13 @@ def pdl_enabled(device: torch.device) -> bool:
                        torch.cuda.current_device()) >= (9, 0)
 
 
+def pdl_options(device: torch.device) -> dict[str, bool]:
+    """The launch keywords of a kernel that begins with start_in_chain: its PDL flag and
+    Triton's launch_pdl, both pdl_enabled(device)."""
+    enabled = pdl_enabled(device)
+    return {"PDL": enabled, "launch_pdl": enabled}
+
+
 @functools.cache
 def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)

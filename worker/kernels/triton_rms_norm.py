@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmfleet.worker.kernels.triton_pdl import pdl_enabled, start_in_chain
+from lmfleet.worker.kernels.triton_pdl import pdl_options, start_in_chain
 from lmfleet.worker.kernels.triton_rounding import (
     check_device,
     check_float,
@@ -116,7 +116,7 @@ def add_rms_norm(x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.T
         hidden, float(eps),
         HAS_DELTA=delta is not None, BLOCK=block,
         SOFT_X=soft_bf16(x.dtype), SOFT_OUT=soft_bf16(out_dtype),
-        PDL=pdl_enabled(x.device), launch_pdl=pdl_enabled(x.device),
+        **pdl_options(x.device),
         num_warps=_num_warps(block),
         # No fused multiply-adds: each product and sum rounds on its own, as torch's do.
         enable_fp_fusion=False,

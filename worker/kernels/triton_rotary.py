@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmfleet.worker.kernels.triton_pdl import pdl_enabled, start_in_chain
+from lmfleet.worker.kernels.triton_pdl import pdl_options, start_in_chain
 from lmfleet.worker.kernels.triton_rounding import (
     check_device,
     check_float,
@@ -168,7 +168,7 @@ def rotary_store_kv(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch
         num_heads, num_kv_heads, kv_cache.shape[2],
         HEAD_DIM=head_dim, HALF_BLOCK=half_block, BLOCK_HEADS=block_heads,
         SOFT_BF16=soft_bf16(qkv.dtype),
-        PDL=pdl_enabled(qkv.device), launch_pdl=pdl_enabled(qkv.device),
+        **pdl_options(qkv.device),
         num_warps=4,
         # No fused multiply-adds: x * cos and rotate_half(x) * sin round before their sum,
         # as in torch (this is what keeps float32 bit-identical too).

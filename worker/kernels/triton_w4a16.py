@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmfleet.worker.kernels.triton_pdl import pdl_enabled, start_in_chain
+from lmfleet.worker.kernels.triton_pdl import pdl_options, start_in_chain
 from lmfleet.worker.kernels.triton_rounding import check_device, check_float
 from lmfleet.worker.kernels.triton_split_k import finish_split_k, num_splits, split_k_counters
 from lmfleet.worker.kernels.triton_w4_tiles import column_words, group_words
@@ -161,21 +161,20 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
     tile_words = (groups[:, None] * group_words(GROUP, TILE)
                   + tl.arange(0, GROUP // 8)[None, :])  # (S, G / 8) the words in the tiles
     col_words = column_words(cols, K, GROUP, TILE)  # (BN,)
-    x_row = x_ptr + row * stride_xm + words * 8  # (S, G / 8) x[8 p] of the first step
+    x_row = x_ptr + row * stride_xm + words * 8  # (S, G / 8) x[8 p] of step 0
     step_start = pid_k * steps_per_split
     step_end = tl.minimum(K // (GROUP * GROUPS), step_start + steps_per_split)
     packed, zero, scale = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask,
-                                          col_words, groups, tile_words, step_start,
-                                          step_start < step_end, stride_zg, stride_sg,
-                                          GROUP, GROUPS, TILE)
-    start_in_chain(PDL)
+                                          col_words, groups, tile_words, step_start, True,
+                                          stride_zg, stride_sg, GROUP, GROUPS, TILE)
+    start_in_chain(PDL)  # every split has a step: the one just loaded
     if PREFETCH:
         next_tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words,
                                     groups, tile_words, step_start + 1,
                                     step_start + 1 < step_end, stride_zg, stride_sg, GROUP,
                                     GROUPS, TILE)
     acc = _gemv_step_sum(packed, zero, scale, x_row + step_start * GROUPS * GROUP, magic,
-                         BLOCK_N, GROUP, GROUPS)  # (BN,) every split has a step
+                         BLOCK_N, GROUP, GROUPS)  # (BN,)
     for step in range(step_start + 1, step_end):
         if PREFETCH:
             packed, zero, scale = next_tile
@@ -373,9 +372,8 @@ def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, zeros: torch.Tensor,
     args = (x, packed, zeros, scales, partial, out, counters, _MAGIC)
     strides = (x.stride(0), zeros.stride(0), scales.stride(0),
                partial.stride(0) if splits > 1 else 0, out.stride(0))
-    pdl = pdl_enabled(x.device)
     options = dict(GROUP=group_size, TILE=packed.shape[2], BLOCK_N=launch.block_n,
-                   SPLIT_K=splits > 1, PDL=pdl, launch_pdl=pdl,
+                   SPLIT_K=splits > 1, **pdl_options(x.device),
                    num_warps=launch.num_warps, num_stages=launch.num_stages)
     if launch.path == "gemv":
         _w4a16_gemv_kernel[(M, grid_mn[1], splits)](*args, N, K, per_split, splits, *strides,
