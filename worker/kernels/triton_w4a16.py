@@ -165,16 +165,17 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, zeros_ptr, scales_ptr, partial_ptr, out_ptr
     step_start = pid_k * steps_per_split
     step_end = tl.minimum(K // (GROUP * GROUPS), step_start + steps_per_split)
     packed, zero, scale = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask,
-                                          col_words, groups, tile_words, step_start, True,
-                                          stride_zg, stride_sg, GROUP, GROUPS, TILE)
-    start_in_chain(PDL)  # every split has a step: the one just loaded
+                                          col_words, groups, tile_words, step_start,
+                                          step_start < step_end, stride_zg, stride_sg,
+                                          GROUP, GROUPS, TILE)
+    start_in_chain(PDL)
     if PREFETCH:
         next_tile = _gemv_step_load(w_ptr, zeros_ptr, scales_ptr, cols, col_mask, col_words,
                                     groups, tile_words, step_start + 1,
                                     step_start + 1 < step_end, stride_zg, stride_sg, GROUP,
                                     GROUPS, TILE)
     acc = _gemv_step_sum(packed, zero, scale, x_row + step_start * GROUPS * GROUP, magic,
-                         BLOCK_N, GROUP, GROUPS)  # (BN,)
+                         BLOCK_N, GROUP, GROUPS)  # (BN,) every split has a step
     for step in range(step_start + 1, step_end):
         if PREFETCH:
             packed, zero, scale = next_tile
